@@ -1,0 +1,136 @@
+"""User image folders, read with Pillow (torchvision is not required).
+
+Two layouts are accepted for a domain ``<root>/<domain>``:
+
+- Office-31 style: ``<root>/<domain>/images/<class>/<file>``
+- plain ImageFolder: ``<root>/<domain>/<class>/<file>``
+
+Classes are the sorted class-folder names (torchvision ``ImageFolder``'s convention, so a teacher
+trained with torchvision keeps its class indices). Files are found recursively inside each class
+folder and sorted, which makes the image order, and so the saved split indices, reproducible.
+
+Images are decoded eagerly into one preallocated uint8 array of the final size (N, C, S, S): only one
+full-resolution image per worker thread is alive at a time, so memory stays at the size of the result
+(Office-31 at 32x32: 4110 x 3 x 32 x 32 bytes = 12.6 MB).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+# Same extension list as torchvision.datasets.folder.IMG_EXTENSIONS (lower case; matching ignores case).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        raise ImportError("reading image folders needs Pillow; run `pip install pillow`") from None
+    return Image
+
+
+def _subdirs(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def class_root(path: str) -> str:
+    """Return the folder whose subfolders are the classes, detecting the Office-31 ``images/`` level.
+
+    The ``images`` level is assumed only when it is the sole subfolder and itself contains folders, so a
+    plain layout with a class literally named "images" next to other classes still works.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"domain folder not found: {path}")
+    subs = _subdirs(path)
+    if subs == ["images"] and _subdirs(os.path.join(path, "images")):
+        return os.path.join(path, "images")
+    return path
+
+
+def scan_folder(path: str) -> tuple[list[str], list[str], list[int]]:
+    """List (class_names, image_paths, labels) of a domain folder in either layout."""
+    croot = class_root(path)
+    classes = _subdirs(croot)
+    if not classes:
+        raise ValueError(
+            f"no class folders in {croot}: expected <domain>/<class>/<image> or <domain>/images/<class>/<image>"
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(croot, name), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found.extend(
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
+            )
+        if not found:
+            raise ValueError(
+                f"class folder {os.path.join(croot, name)} holds no images (extensions {', '.join(IMG_EXTENSIONS)})"
+            )
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    return classes, paths, labels
+
+
+def _decode(path: str, size: int, grayscale: bool) -> np.ndarray:
+    Image = _pil()
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if grayscale else "RGB")
+            # Bilinear with Pillow's built-in antialiasing: what torchvision's Resize does on PIL images.
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_images(
+    paths: list[str], size: int = 32, *, grayscale: bool = False, chunk_size: int = 256, workers: int | None = None
+) -> torch.Tensor:
+    """Decode and resize ``paths`` into a (N, C, size, size) uint8 tensor (C = 1 if grayscale else 3).
+
+    Work is done ``chunk_size`` images at a time on a small thread pool (Pillow releases the GIL while
+    decoding), writing straight into the preallocated result.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"image_size: expected a positive int, got {size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    channels = 1 if grayscale else 3
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(paths), chunk_size):
+            chunk = paths[start : start + chunk_size]
+            for j, arr in enumerate(pool.map(lambda p: _decode(p, size, grayscale), chunk)):
+                out[start + j] = arr
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def resolve_test_folder(root: str, test_folder: str) -> str:
+    """``test_folder`` may be a path, or a domain name under ``root``."""
+    if os.path.isdir(test_folder):
+        return test_folder
+    candidate = os.path.join(root, test_folder)
+    if os.path.isdir(candidate):
+        return candidate
+    raise ValueError(f"test_folder: no folder at {test_folder!r} or {candidate!r}")
+
+
+def check_same_classes(reference: list[str], ref_name: str, other: list[str], other_name: str) -> None:
+    """Every domain must have the same class folders, otherwise label indices would silently disagree."""
+    if reference != other:
+        missing = sorted(set(reference) - set(other))
+        extra = sorted(set(other) - set(reference))
+        raise ValueError(
+            f"class folders differ between domains {ref_name!r} and {other_name!r}: "
+            f"missing in {other_name!r}: {missing or 'none'}; only in {other_name!r}: {extra or 'none'}"
+        )

@@ -1,0 +1,47 @@
+// The op schemas, registered once. Backends add implementations with TORCH_LIBRARY_IMPL:
+// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). The math behind each op is derived in
+// docs/ops-design.md; the Triton backend registers the same signatures under augkd_triton.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import augkd._C` only needs to load this shared object; registration happens in static
+// initialisers, so the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(augkd, m) {
+  m.def(
+      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+      "int ignore_index, bool t2_scale, int teacher_format) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "kd_loss_bwd(Tensor grad_loss, Tensor grad_lse_t, Tensor student, Tensor teacher, Tensor? target, "
+      "Tensor stats, float temperature, float alpha, int ignore_index, bool t2_scale, int teacher_format, "
+      "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+  m.def("uncertainty_fwd(Tensor logits, float temperature) -> (Tensor energy, Tensor entropy)");
+  m.def(
+      "uncertainty_bwd(Tensor grad_energy, Tensor grad_entropy, Tensor logits, Tensor energy, "
+      "Tensor entropy, float temperature) -> Tensor");
+  m.def("latent_mixup_fwd(Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) -> Tensor");
+  m.def(
+      "latent_mixup_bwd(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) "
+      "-> (Tensor grad_z, Tensor grad_mask, Tensor grad_psi, Tensor grad_s)");
+  m.def(
+      "pixel_mixup_fwd(Tensor generated, Tensor real, Tensor? s, float s_scalar, Tensor? mean, "
+      "Tensor? std) -> Tensor");
+  m.def(
+      "pixel_mixup_bwd(Tensor grad_out, Tensor generated, Tensor real, Tensor? s, float s_scalar, "
+      "Tensor? mean, Tensor? std) -> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)");
+}
+
+// Lets Python ask whether the CUDA kernels were compiled into this build.
+TORCH_LIBRARY_FRAGMENT(augkd, m) {
+  m.def("built_with_cuda() -> bool", []() -> bool {
+#ifdef AUGKD_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
