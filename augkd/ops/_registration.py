@@ -1,0 +1,158 @@
+"""Fake (meta) implementations and autograd formulas for the kernel ops, written once and attached to
+every namespace that implements the schemas: `augkd` (C++ CPU/CUDA) and `augkd_triton` (Triton).
+
+Fakes let torch.compile / FakeTensor trace the opaque C++ ops; the autograd glue routes each forward
+op's backward to the same backend's `*_bwd` op, which recomputes from the few per-row stats the
+forward saved (the flash-attention pattern: no B x C buffer is kept between forward and backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import compute_dtype
+
+_registered: set[tuple[str, str]] = set()
+
+
+def _zeros_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.zeros((rows,), dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------- fakes (shapes and dtypes only)
+
+def _fake_kd_fwd(student, teacher, target, temperature, alpha, ignore_index, t2_scale, teacher_format):
+    acc = compute_dtype(student.dtype)
+    rows = student.shape[0]
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, 4), dtype=acc)
+
+
+def _fake_kd_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
+                 ignore_index, t2_scale, teacher_format, student_grad, teacher_grad):
+    gs = torch.empty_like(student) if student_grad else student.new_empty((0,))
+    gt = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    return gs, gt
+
+
+def _fake_unc_fwd(logits, temperature):
+    acc = compute_dtype(logits.dtype)
+    rows = logits.shape[0]
+    return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
+
+
+def _fake_unc_bwd(grad_energy, grad_entropy, logits, energy, entropy, temperature):
+    return torch.empty_like(logits)
+
+
+def _fake_latent_fwd(z, mask, psi, s, s_scalar):
+    return torch.empty_like(z)
+
+
+def _fake_latent_bwd(grad_out, z, mask, psi, s, s_scalar):
+    gs = torch.empty_like(s) if s is not None else z.new_empty((0,))
+    return torch.empty_like(z), torch.empty_like(mask), torch.empty_like(psi), gs
+
+
+def _fake_pixel_fwd(generated, real, s, s_scalar, mean, std):
+    return torch.empty_like(generated)
+
+
+def _fake_pixel_bwd(grad_out, generated, real, s, s_scalar, mean, std):
+    gs = torch.empty_like(s) if s is not None else generated.new_empty((0,))
+    return torch.empty_like(generated), torch.empty_like(real), gs
+
+
+FAKES = {
+    "kd_loss_fwd": _fake_kd_fwd, "kd_loss_bwd": _fake_kd_bwd,
+    "uncertainty_fwd": _fake_unc_fwd, "uncertainty_bwd": _fake_unc_bwd,
+    "latent_mixup_fwd": _fake_latent_fwd, "latent_mixup_bwd": _fake_latent_bwd,
+    "pixel_mixup_fwd": _fake_pixel_fwd, "pixel_mixup_bwd": _fake_pixel_bwd,
+}
+
+
+# ---------------------------------------------------------------- autograd
+
+def _kd_setup(ctx, inputs, output):
+    student, teacher, target, temperature, alpha, ignore_index, t2_scale, teacher_format = inputs
+    ctx.save_for_backward(student, teacher, target, output[1])
+    ctx.args = (temperature, alpha, ignore_index, t2_scale, teacher_format)
+
+
+def _kd_backward_for(bwd):
+    def backward(ctx, grad_loss, grad_stats):
+        student, teacher, target, stats = ctx.saved_tensors
+        rows = stats.shape[0]
+        grad_loss = _zeros_rows(stats, rows) if grad_loss is None else grad_loss.contiguous()
+        grad_lse_t = _zeros_rows(stats, rows) if grad_stats is None else grad_stats[:, 1].contiguous()
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gs, gt = bwd(grad_loss, grad_lse_t, student, teacher, target, stats, *ctx.args, need_s, need_t)
+        return (gs if need_s else None, gt if need_t else None) + (None,) * 6
+    return backward
+
+
+def _unc_setup(ctx, inputs, output):
+    logits, temperature = inputs
+    ctx.save_for_backward(logits, output[0], output[1])
+    ctx.temperature = temperature
+
+
+def _unc_backward_for(bwd):
+    def backward(ctx, grad_energy, grad_entropy):
+        logits, energy, entropy = ctx.saved_tensors
+        rows = energy.shape[0]
+        ge = _zeros_rows(energy, rows) if grad_energy is None else grad_energy.contiguous()
+        gh = _zeros_rows(entropy, rows) if grad_entropy is None else grad_entropy.contiguous()
+        return bwd(ge, gh, logits, energy, entropy, ctx.temperature), None
+    return backward
+
+
+def _latent_setup(ctx, inputs, output):
+    z, mask, psi, s, s_scalar = inputs
+    ctx.save_for_backward(z, mask, psi, s)
+    ctx.s_scalar = s_scalar
+
+
+def _latent_backward_for(bwd):
+    def backward(ctx, grad_out):
+        z, mask, psi, s = ctx.saved_tensors
+        gz, gm, gp, gs = bwd(grad_out.contiguous(), z, mask, psi, s, ctx.s_scalar)
+        return gz, gm, gp, (gs if s is not None else None), None
+    return backward
+
+
+def _pixel_setup(ctx, inputs, output):
+    generated, real, s, s_scalar, mean, std = inputs
+    ctx.save_for_backward(generated, real, s, mean, std)
+    ctx.s_scalar = s_scalar
+
+
+def _pixel_backward_for(bwd):
+    def backward(ctx, grad_out):
+        generated, real, s, mean, std = ctx.saved_tensors
+        gg, gr, gs = bwd(grad_out.contiguous(), generated, real, s, ctx.s_scalar, mean, std)
+        return gg, gr, (gs if s is not None else None), None, None, None
+    return backward
+
+
+AUTOGRAD = {
+    "kd_loss": (_kd_setup, _kd_backward_for),
+    "uncertainty": (_unc_setup, _unc_backward_for),
+    "latent_mixup": (_latent_setup, _latent_backward_for),
+    "pixel_mixup": (_pixel_setup, _pixel_backward_for),
+}
+
+
+def register(namespace: str, *, fakes: bool) -> None:
+    """Attach autograd (and, for opaque ops, fakes) to `torch.ops.<namespace>`; idempotent."""
+    ns = getattr(torch.ops, namespace)
+    if fakes:
+        for name, fake in FAKES.items():
+            if (namespace, "fake:" + name) not in _registered:
+                torch.library.register_fake(f"{namespace}::{name}", fake)
+                _registered.add((namespace, "fake:" + name))
+    for family, (setup, backward_for) in AUTOGRAD.items():
+        if (namespace, family) in _registered:
+            continue
+        bwd = getattr(ns, f"{family}_bwd").default
+        torch.library.register_autograd(f"{namespace}::{family}_fwd", backward_for(bwd), setup_context=setup)
+        _registered.add((namespace, family))

@@ -1,0 +1,153 @@
+"""Backend selection for the fused ops.
+
+Backends (one schema, several implementations side by side):
+  triton  Triton kernels (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1, for testing)
+  cuda    CUDA C++ kernels from the extension (CUDA tensors)
+  cpu     vectorised, multi-threaded C++ kernels from the extension (CPU tensors)
+  torch   plain differentiable torch code: runs everywhere, the fallback
+
+"auto" picks per call from the tensors' device: CUDA -> triton, else cuda, else torch;
+CPU -> cpu, else torch. Override with the AUGKD_BACKEND environment variable (read at import) or
+`with augkd.ops.use_backend("torch"): ...`. Asking for a backend that cannot run raises
+BackendUnavailable with the reason; "auto" never raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+CHOICES = ("auto",) + BACKENDS
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested explicitly but cannot run these inputs."""
+
+
+def _parse(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {name!r}")
+    return value
+
+
+_requested: str = _parse(os.environ.get("AUGKD_BACKEND", "auto") or "auto", "AUGKD_BACKEND")
+
+
+def requested() -> str:
+    """The backend asked for now: 'auto' or a backend name."""
+    return _requested
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block on backend `name` ('auto', 'triton', 'cuda', 'cpu', 'torch')."""
+    global _requested
+    previous, _requested = _requested, _parse(name, "use_backend(name)")
+    try:
+        yield
+    finally:
+        _requested = previous
+
+
+def _triton_module():
+    # Imported on first use: importing triton costs time that CPU-only users should not pay.
+    from . import _registration
+    from . import triton as triton_backend
+
+    if triton_backend.AVAILABLE:
+        # triton_op bodies are traceable, so they need no fake implementation, only autograd.
+        _registration.register("augkd_triton", fakes=False)
+    return triton_backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run tensors on `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs CPU tensors; got a {device.type} tensor"
+        if not _extension.LOADED:
+            return f"the extension augkd._C is not loaded ({_extension.WHY_NOT_LOADED})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors; got a {device.type} tensor"
+        if not _extension.LOADED:
+            return f"the extension augkd._C is not loaded ({_extension.WHY_NOT_LOADED})"
+        if not _extension.BUILT_WITH_CUDA:
+            return "augkd._C was built without CUDA kernels (nvcc or a CUDA build of torch was missing)"
+        return None
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            return (f"the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+                    f"got a {device.type} tensor")
+        module = _triton_module()
+        if not module.AVAILABLE:
+            return f"triton is unavailable: {module.WHY_UNAVAILABLE}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def select(device: torch.device) -> str:
+    """The backend that runs the next op call on `device`."""
+    if _requested != "auto":
+        reason = why_unavailable(_requested, device)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {_requested!r} was requested but cannot run: {reason}")
+        return _requested
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for backend in order:
+        if why_unavailable(backend, device) is None:
+            return backend
+    return "torch"
+
+
+def ops_namespace(backend: str):
+    """torch.ops namespace holding the backend's registered ops (triton and C++ backends)."""
+    if backend == "triton":
+        _triton_module()
+        return torch.ops.augkd_triton
+    return torch.ops.augkd
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    device: str
+    available: bool
+    detail: str
+
+
+def status() -> list[BackendStatus]:
+    """Availability of each backend on each device type this machine has."""
+    rows = []
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for backend in BACKENDS:
+        for device in devices:
+            reason = why_unavailable(backend, device)
+            if reason is not None and "runs " in reason and "got a" in reason:
+                continue  # backend does not target this device type at all
+            rows.append(BackendStatus(backend, device.type, reason is None, reason or "ready"))
+    if not torch.cuda.is_available():
+        for backend in ("triton", "cuda"):
+            if not any(r.name == backend for r in rows):
+                detail = "no CUDA device visible"
+                if backend == "cuda":
+                    detail += "; CUDA kernels " + ("compiled in" if _extension.BUILT_WITH_CUDA else "not built")
+                else:
+                    module = _triton_module()
+                    detail += "; triton " + ("importable" if module.AVAILABLE else f"missing ({module.WHY_UNAVAILABLE})")
+                rows.append(BackendStatus(backend, "cuda", False, detail))
+    return rows

@@ -1,0 +1,186 @@
+"""latent_mixup / anchor_mix / pixel_mixup on every backend here against float64 references,
+covering every broadcasting case (mask (B,L)/(1,L); s float, per-sample, single-element tensor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from augkd.ops import anchor_mix, latent_mixup, pixel_mixup, use_backend
+
+from .matrix import BACKENDS_HERE, as_leaf, assert_close, small_enough
+
+LATENTS = [1, 100, 256, 4096]
+S_KINDS = ["0", "0.3", "1", "per_sample", "per_sample_flat", "single_tensor"]
+
+
+def make_s(kind, rows, shape_per_sample, gen):
+    if kind in ("0", "0.3", "1"):
+        return float(kind)
+    if kind == "per_sample":
+        return torch.rand(shape_per_sample, generator=gen, dtype=torch.float64)
+    if kind == "per_sample_flat":
+        return torch.rand(rows, generator=gen, dtype=torch.float64)
+    return torch.rand(1, 1, generator=gen, dtype=torch.float64)
+
+
+def independent_latent(z, m, psi, s):
+    """The issue's definition, written as two steps: anchor output, then mixup with z."""
+    if isinstance(s, torch.Tensor) and s.dim() == 1:
+        s = s.unsqueeze(1)  # per-sample (B,) weights act on rows
+    anchored = m * psi + (1 - m) * z
+    return (1 - s) * anchored + s * z
+
+
+def grads_of(out, leaves, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    return torch.autograd.grad(out, leaves, g, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("width", LATENTS)
+@pytest.mark.parametrize("mask_rows", ["B", "1"])
+@pytest.mark.parametrize("s_kind", S_KINDS)
+def test_latent_mixup(backend, width, mask_rows, s_kind):
+    rows = 5
+    small_enough(backend, rows * width)
+    gen = torch.Generator().manual_seed(width + len(s_kind))
+    z = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    psi = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    mask = torch.rand(rows if mask_rows == "B" else 1, width, generator=gen, dtype=torch.float64)
+    s = make_s(s_kind, rows, (rows, 1), gen)
+
+    def evaluate(fn, dtype):
+        leaves = [as_leaf(x, dtype) for x in (z, mask, psi)]
+        s_ = as_leaf(s, dtype) if isinstance(s, torch.Tensor) else s
+        out = fn(*leaves, s_)
+        all_leaves = leaves + ([s_] if isinstance(s, torch.Tensor) else [])
+        return out, grads_of(out, all_leaves)
+
+    with use_backend(backend):
+        out, grads = evaluate(latent_mixup, torch.float32)
+    ref, ref_grads = evaluate(independent_latent, torch.float64)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, torch.float32, "output")
+    for name, g, r in zip(("z", "mask", "psi", "s"), grads, ref_grads):
+        assert g.shape == r.shape, f"grad {name} shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert_close(g, r, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_anchor_mix_is_latent_mixup_at_zero(backend):
+    z, psi, m = torch.randn(4, 10), torch.randn(4, 10), torch.rand(4, 10)
+    with use_backend(backend):
+        torch.testing.assert_close(anchor_mix(z, m, psi), m * psi + (1 - m) * z)
+
+
+IMAGES = [(3, 3, 32, 32), (4, 1, 16, 16), (2, 3, 7, 5), (1, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("shape", IMAGES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("s_kind", S_KINDS)
+@pytest.mark.parametrize("normalise", [False, True])
+def test_pixel_mixup(backend, shape, s_kind, normalise):
+    rows, channels = shape[:2]
+    gen = torch.Generator().manual_seed(sum(shape) + len(s_kind))
+    g = torch.rand(shape, generator=gen, dtype=torch.float64)
+    r = torch.rand(shape, generator=gen, dtype=torch.float64)
+    s = make_s(s_kind, rows, (rows, 1, 1, 1), gen)
+    mean = [0.1 * (c + 1) for c in range(channels)] if normalise else None
+    std = [0.2 + 0.1 * c for c in range(channels)] if normalise else None
+
+    def independent(g_, r_, s_):
+        s_b = s_.reshape(-1, 1, 1, 1) if isinstance(s_, torch.Tensor) else s_
+        out = (1 - s_b) * g_ + s_b * r_
+        if normalise:
+            out = (out - torch.tensor(mean, dtype=out.dtype).view(1, -1, 1, 1)) / torch.tensor(
+                std, dtype=out.dtype).view(1, -1, 1, 1)
+        return out
+
+    def evaluate(fn, dtype):
+        leaves = [as_leaf(x, dtype) for x in (g, r)]
+        s_ = as_leaf(s, dtype) if isinstance(s, torch.Tensor) else s
+        out = fn(*leaves, s_)
+        return out, grads_of(out, leaves + ([s_] if isinstance(s, torch.Tensor) else []))
+
+    with use_backend(backend):
+        out, grads = evaluate(lambda a, b, c: pixel_mixup(a, b, c, mean=mean, std=std), torch.float32)
+    ref, ref_grads = evaluate(independent, torch.float64)
+    assert_close(out, ref, torch.float32, "output")
+    for name, gr, rr in zip(("generated", "real", "s"), grads, ref_grads):
+        assert gr.shape == rr.shape, f"grad {name} shape {tuple(gr.shape)} != {tuple(rr.shape)}"
+        assert_close(gr, rr, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(backend, dtype):
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter supports float32 only; GPU tests cover half precision")
+    z, psi, m = torch.randn(8, 64).to(dtype), torch.randn(8, 64).to(dtype), torch.rand(1, 64).to(dtype)
+    s = torch.rand(8, 1).to(dtype)
+    with use_backend(backend):
+        out = latent_mixup(z, m, psi, s)
+        img = pixel_mixup(z.view(8, 1, 8, 8), psi.view(8, 1, 8, 8), 0.3, mean=[0.5], std=[0.25])
+    assert out.dtype == dtype and img.dtype == dtype
+    ref = independent_latent(z.double(), m.double(), psi.double(), s.double())
+    assert_close(out, ref, dtype, "latent")
+    ref_img = ((0.7 * z.double() + 0.3 * psi.double()).view(8, 1, 8, 8) - 0.5) / 0.25
+    assert_close(img, ref_img, dtype, "pixel")
+
+
+def test_gradcheck_float64():
+    from augkd.ops import _extension
+    z, psi = (torch.randn(3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    m = torch.rand(1, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(3, 1, dtype=torch.float64, requires_grad=True)
+    g, r = (torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    s4 = torch.rand(2, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    for backend in ("torch",) + (("cpu",) if _extension.LOADED else ()):
+        with use_backend(backend):
+            assert torch.autograd.gradcheck(latent_mixup, (z, m, psi, s)), backend
+            assert torch.autograd.gradcheck(
+                lambda a, b, c: pixel_mixup(a, b, c, mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7]), (g, r, s4)), backend
+
+
+def test_differentiable_normalisation_stats_get_gradients():
+    g, r = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    mean = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
+    std = torch.tensor([0.5, 0.6, 0.7], requires_grad=True)
+    out = pixel_mixup(g, r, 0.4, mean=mean, std=std)
+    out.sum().backward()
+    assert mean.grad is not None and std.grad is not None and mean.grad.shape == (3,)
+
+
+BAD = [
+    ("mask width", lambda: latent_mixup(torch.randn(4, 5), torch.rand(4, 6), torch.randn(4, 5), 0.1),
+     ValueError, r"mask must have shape \(4, 5\) or \(1, 5\)"),
+    ("mask rows", lambda: latent_mixup(torch.randn(4, 5), torch.rand(2, 5), torch.randn(4, 5), 0.1),
+     ValueError, "mask must have shape"),
+    ("psi shape", lambda: latent_mixup(torch.randn(4, 5), torch.rand(4, 5), torch.randn(4, 6), 0.1),
+     ValueError, "psi must have the same shape as z"),
+    ("z rank", lambda: latent_mixup(torch.randn(4, 5, 1), torch.rand(4, 5), torch.randn(4, 5, 1), 0.1),
+     ValueError, r"z must have shape \(B, L\)"),
+    ("s shape", lambda: latent_mixup(torch.randn(4, 5), torch.rand(4, 5), torch.randn(4, 5), torch.rand(3, 1)),
+     ValueError, "s must be a float or a tensor of shape"),
+    ("s type", lambda: latent_mixup(torch.randn(4, 5), torch.rand(4, 5), torch.randn(4, 5), "half"),
+     TypeError, "s must be a float or a tensor"),
+    ("image shapes", lambda: pixel_mixup(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 5), 0.5),
+     ValueError, "real must have the same shape as generated"),
+    ("mean length", lambda: pixel_mixup(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 0.5, mean=[0.5, 0.5]),
+     ValueError, r"mean must have one value per channel \(3\), got 2"),
+    ("std length", lambda: pixel_mixup(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 0.5, std=[1.0] * 4),
+     ValueError, r"std must have one value per channel \(3\), got 4"),
+    ("zero std", lambda: pixel_mixup(torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4), 0.5, std=[0.0]),
+     ValueError, "std must be non-zero"),
+    ("image rank", lambda: pixel_mixup(torch.rand(2, 16), torch.rand(2, 16), 0.5),
+     ValueError, r"generated must have shape \(B, C, H, W\)"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(name, call, error, message):
+    with pytest.raises(error, match=message):
+        call()
