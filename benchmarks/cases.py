@@ -1,0 +1,155 @@
+"""Benchmark cases shared by the pytest-benchmark suite and the report script.
+
+Each case builds its inputs once and offers one forward+backward callable per provider:
+  eager    the formula as a torch user writes it
+  compile  torch.compile of that same formula (compile time excluded by warm-up)
+  augkd    the fused op (auto backend: C++ on CPU tensors, Triton/CUDA on GPU tensors)
+  liger    Liger-Kernel's KL path, on GPU when liger_kernel is installed (KD loss only)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import augkd.ops as ops
+
+T_KD, ALPHA = 4.0, 0.5
+
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple
+    build: Callable[[torch.device, torch.dtype], dict]  # -> {"inputs": ..., "leaves": [...], "grad": ...}
+    formulas: dict[str, Callable]                        # provider -> fn(**inputs) -> output
+    buffer_elems: int                                     # elements of one "B x C" buffer, the memory unit
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}{self.shape}"
+
+
+# ---------------------------------------------------------------- formulas, as users write them
+
+def kd_eager(s, t, y):
+    kl = F.kl_div(F.log_softmax(s / T_KD, -1), F.log_softmax(t / T_KD, -1), reduction="batchmean",
+                  log_target=True) * T_KD * T_KD
+    return ALPHA * kl + (1 - ALPHA) * F.cross_entropy(s, y)
+
+
+def kd_augkd(s, t, y):
+    return ops.kd_loss(s, t, y, temperature=T_KD, alpha=ALPHA, reduction="batchmean")
+
+
+def kd_liger(s, t, y):
+    from liger_kernel.transformers.functional import liger_kl_div  # imported only when benchmarked
+
+    kl = liger_kl_div(F.log_softmax(s / T_KD, -1), F.log_softmax(t / T_KD, -1), log_target=True,
+                      reduction="batchmean") * T_KD * T_KD
+    return ALPHA * kl + (1 - ALPHA) * F.cross_entropy(s, y)
+
+
+def unc_eager(z):
+    u = z / 1.0
+    log_p = F.log_softmax(u, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    energy = -torch.logsumexp(u, -1)
+    return energy.sum() + entropy.sum()
+
+
+def unc_augkd(z):
+    energy, entropy = ops.uncertainty(z)
+    return energy.sum() + entropy.sum()
+
+
+def latent_eager(z, m, psi, s):
+    return (1 - s) * (m * psi + (1 - m) * z) + s * z
+
+
+def latent_augkd(z, m, psi, s):
+    return ops.latent_mixup(z, m, psi, s)
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def pixel_eager(g, r, s, mean, std):
+    return ((1 - s) * g + s * r - mean) / std
+
+
+def pixel_augkd(g, r, s, mean, std):
+    return ops.pixel_mixup(g, r, s, mean=MEAN, std=STD)
+
+
+def _with_compile(eager, fused, extra=None):
+    providers = {"eager": eager, "compile": torch.compile(eager, dynamic=False), "augkd": fused}
+    providers.update(extra or {})
+    return providers
+
+
+# ---------------------------------------------------------------- input builders
+
+def _kd_inputs(rows, classes):
+    def build(device, dtype):
+        s = torch.randn(rows, classes, device=device, dtype=dtype).mul_(3).requires_grad_()
+        t = torch.randn(rows, classes, device=device, dtype=dtype).mul_(3)
+        y = torch.randint(0, classes, (rows,), device=device)
+        return {"inputs": {"s": s, "t": t, "y": y}, "leaves": [s], "grad": None}
+    return build
+
+
+def _unc_inputs(rows, classes):
+    def build(device, dtype):
+        z = torch.randn(rows, classes, device=device, dtype=dtype).mul_(3).requires_grad_()
+        return {"inputs": {"z": z}, "leaves": [z], "grad": None}
+    return build
+
+
+def _latent_inputs(rows, width):
+    def build(device, dtype):
+        z, psi = (torch.randn(rows, width, device=device, dtype=dtype).requires_grad_() for _ in range(2))
+        m = torch.rand(rows, width, device=device, dtype=dtype).requires_grad_()
+        grad = torch.randn(rows, width, device=device, dtype=dtype)
+        return {"inputs": {"z": z, "m": m, "psi": psi, "s": 0.3}, "leaves": [z, m, psi], "grad": grad}
+    return build
+
+
+def _pixel_inputs(shape):
+    def build(device, dtype):
+        g = torch.rand(shape, device=device, dtype=dtype).requires_grad_()
+        r = torch.rand(shape, device=device, dtype=dtype)
+        mean = torch.tensor(MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+        grad = torch.randn(shape, device=device, dtype=dtype)
+        return {"inputs": {"g": g, "r": r, "s": 0.3, "mean": mean, "std": std}, "leaves": [g], "grad": grad}
+    return build
+
+
+def all_cases(*, gpu: bool = False) -> list[Case]:
+    kd_extra = {"liger": kd_liger} if gpu else None
+    kd_shapes = [(4096, 1000), (512, 32000), (64, 31), (16, 131072)]
+    cases = [Case("kd_loss", shape, _kd_inputs(*shape), _with_compile(kd_eager, kd_augkd, kd_extra),
+                  shape[0] * shape[1]) for shape in kd_shapes]
+    cases += [Case("uncertainty", shape, _unc_inputs(*shape), _with_compile(unc_eager, unc_augkd),
+                   shape[0] * shape[1]) for shape in [(4096, 1000), (512, 32000)]]
+    cases += [Case("latent_mixup", shape, _latent_inputs(*shape), _with_compile(latent_eager, latent_augkd),
+                   shape[0] * shape[1]) for shape in [(4096, 256), (65536, 100)]]
+    shape = (2048, 3, 32, 32)
+    cases.append(Case("pixel_mixup", shape, _pixel_inputs(shape), _with_compile(pixel_eager, pixel_augkd),
+                      2048 * 3 * 32 * 32))
+    return cases
+
+
+def step(case_inputs: dict, formula: Callable) -> None:
+    """One forward+backward; gradients are reset to None first so every step allocates them afresh."""
+    for leaf in case_inputs["leaves"]:
+        leaf.grad = None
+    out = formula(**case_inputs["inputs"])
+    if case_inputs["grad"] is None:
+        out.backward()
+    else:
+        out.backward(case_inputs["grad"])
