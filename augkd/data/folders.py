@@ -15,7 +15,10 @@ full-resolution image per worker thread is alive at a time, so memory stays at t
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -92,18 +95,56 @@ def _decode(path: str, size: int, grayscale: bool) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def _cache_key(paths: list[str], size: int, grayscale: bool) -> str:
+    """Hash of everything the decoded array depends on: the files (path, size, mtime) and the options."""
+    h = hashlib.sha256(json.dumps({"size": size, "grayscale": grayscale, "version": 1}).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
 def load_images(
-    paths: list[str], size: int = 32, *, grayscale: bool = False, chunk_size: int = 256, workers: int | None = None
+    paths: list[str],
+    size: int = 32,
+    *,
+    grayscale: bool = False,
+    chunk_size: int = 256,
+    workers: int | None = None,
+    cache_dir: str | None = None,
 ) -> torch.Tensor:
     """Decode and resize ``paths`` into a (N, C, size, size) uint8 tensor (C = 1 if grayscale else 3).
 
     Work is done ``chunk_size`` images at a time on a small thread pool (Pillow releases the GIL while
-    decoding), writing straight into the preallocated result.
+    decoding), writing straight into the preallocated result. With ``cache_dir`` the result is stored as
+    an ``.npz`` keyed by the file list, sizes, modification times and options, and reused next time.
     """
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"image_size: expected a positive int, got {size!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = os.path.join(cache_dir, f"images-{_cache_key(paths, size, grayscale)}.npz")
+        if os.path.isfile(cache_path):
+            with np.load(cache_path) as cached:
+                return torch.from_numpy(cached["images"].copy())
+    result = _decode_all(paths, size, grayscale, chunk_size, workers)
+    if cache_path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".images-", suffix=".npz", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, images=result.numpy())
+            os.replace(tmp, cache_path)  # atomic: a concurrent run never reads half a file
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return result
+
+
+def _decode_all(paths: list[str], size: int, grayscale: bool, chunk_size: int, workers: int | None) -> torch.Tensor:
     channels = 1 if grayscale else 3
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     workers = workers or min(8, os.cpu_count() or 1)
