@@ -56,11 +56,21 @@ def use_backend(name: str):
         _requested = previous
 
 
+class _TritonMissing:
+    AVAILABLE = False
+
+    def __init__(self, why: str):
+        self.WHY_UNAVAILABLE = why
+
+
 def _triton_module():
     # Imported on first use: importing triton costs time that CPU-only users should not pay.
     from . import _registration
-    from . import triton as triton_backend
 
+    try:
+        from . import triton as triton_backend
+    except Exception as exc:  # a broken backend package must not take the other backends down
+        return _TritonMissing(f"augkd.ops.triton failed to import: {type(exc).__name__}: {exc}")
     if triton_backend.AVAILABLE:
         # triton_op bodies are traceable, so they need no fake implementation, only autograd.
         _registration.register("augkd_triton", fakes=False)
