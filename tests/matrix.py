@@ -42,15 +42,15 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """Compare to a float64 expectation; atol scales with the expectation's magnitude, NaN must match NaN,
-    infinities must match exactly."""
+    """Compare to a float64 expectation; atol scales with the expectation's magnitude (plus a floor of a
+    few epsilons of `dtype`, for expectations that are exactly 0), NaN must match NaN, infinities exactly."""
     rtol, atol = tolerance(dtype)
     expected = expected.detach().to(torch.float64)
     actual = actual.detach().to(torch.float64)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     finite = expected[torch.isfinite(expected)]
     scale = float(finite.abs().max()) if finite.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(scale, 1e-30) + 1e-12,
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale + 4 * torch.finfo(dtype).eps,
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 

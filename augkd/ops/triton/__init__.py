@@ -1,0 +1,38 @@
+"""Triton backend of the augkd ops: fused forward / backward kernels registered as
+``augkd_triton::<name>`` with the schemas of csrc/schemas.cpp (math: docs/ops-design.md).
+
+``AVAILABLE`` says whether the ops are registered; ``WHY_UNAVAILABLE`` gives the reason when not
+(importing this package never raises); ``OPS`` maps op names to ``torch.ops.augkd_triton.<name>``.
+Under TRITON_INTERPRET=1 (set before importing triton) the ops also run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+OP_NAMES = (
+    "kd_loss_fwd",
+    "kd_loss_bwd",
+    "uncertainty_fwd",
+    "uncertainty_bwd",
+    "latent_mixup_fwd",
+    "latent_mixup_bwd",
+    "pixel_mixup_fwd",
+    "pixel_mixup_bwd",
+)
+
+AVAILABLE = False
+WHY_UNAVAILABLE = ""
+OPS: dict = {}
+INTERPRET = False  # TRITON_INTERPRET=1: kernels run in the interpreter, on CPU tensors too
+
+try:
+    import torch
+
+    from . import kd_loss, mixup, uncertainty  # noqa: F401  (registers the ops)
+    from ._common import INTERPRET
+
+    OPS = {name: getattr(torch.ops.augkd_triton, name) for name in OP_NAMES}
+    AVAILABLE = True
+except Exception as exc:  # triton missing or broken, or an incompatible torch
+    WHY_UNAVAILABLE = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["AVAILABLE", "WHY_UNAVAILABLE", "OPS", "OP_NAMES", "INTERPRET"]

@@ -1,0 +1,178 @@
+"""Shared helpers of the Triton backend: block sizes, warps, dtypes, op registration.
+
+The op schemas are the ones of csrc/schemas.cpp (namespace ``augkd``), registered again under
+``augkd_triton``; the math lives in docs/ops-design.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+import threading
+from typing import Callable, Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+NAMESPACE = "augkd_triton"
+
+# Schemas, copied verbatim from csrc/schemas.cpp (without the op name) so that both backends
+# expose the same signature; ``int`` stays ``int`` (an inferred schema would say SymInt).
+SCHEMAS = {
+    "kd_loss_fwd": "(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+    "int ignore_index, bool t2_scale, int teacher_format) -> (Tensor loss, Tensor stats)",
+    "kd_loss_bwd": "(Tensor grad_loss, Tensor grad_lse_t, Tensor student, Tensor teacher, Tensor? target, "
+    "Tensor stats, float temperature, float alpha, int ignore_index, bool t2_scale, int teacher_format, "
+    "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)",
+    "uncertainty_fwd": "(Tensor logits, float temperature) -> (Tensor energy, Tensor entropy)",
+    "uncertainty_bwd": "(Tensor grad_energy, Tensor grad_entropy, Tensor logits, Tensor energy, "
+    "Tensor entropy, float temperature) -> Tensor",
+    "latent_mixup_fwd": "(Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) -> Tensor",
+    "latent_mixup_bwd": "(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) "
+    "-> (Tensor grad_z, Tensor grad_mask, Tensor grad_psi, Tensor grad_s)",
+    "pixel_mixup_fwd": "(Tensor generated, Tensor real, Tensor? s, float s_scalar, Tensor? mean, "
+    "Tensor? std) -> Tensor",
+    "pixel_mixup_bwd": "(Tensor grad_out, Tensor generated, Tensor real, Tensor? s, float s_scalar, "
+    "Tensor? mean, Tensor? std) -> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)",
+}
+
+
+def _interpreting() -> bool:
+    """True when TRITON_INTERPRET made @triton.jit return interpreter functions."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - very old triton
+        return False
+
+    @triton.jit
+    def _probe():
+        pass
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+INTERPRET = _interpreting()
+
+# ---------------------------------------------------------------------------------------------
+# block sizes
+
+MIN_BLOCK = 16
+ROW_BLOCK = 4096  # columns per step of the row kernels (online softmax sweeps)
+TILE = 4096  # elements per program of the elementwise kernels
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def max_block(n: int) -> Iterator[None]:
+    """Cap every block size (tests use it to force the multi-block online updates on small C)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"max_block needs a power of two, got {n}")
+    prev = getattr(_state, "max_block", None)
+    _state.max_block = n
+    try:
+        yield
+    finally:
+        _state.max_block = prev
+
+
+def block_size(n: int, cap: int) -> int:
+    """min(next_pow2(n), cap), at least MIN_BLOCK, at most a forced max_block()."""
+    b = max(MIN_BLOCK, min(triton.next_power_of_2(max(int(n), 1)), cap))
+    forced = getattr(_state, "max_block", None)
+    return b if forced is None else min(b, forced)
+
+
+def tile_shape(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of a 2-D tile of about TILE elements for a (rows, cols) array."""
+    bc = block_size(cols, min(TILE, 1024))
+    br = max(1, min(triton.next_power_of_2(max(int(rows), 1)), TILE // bc))
+    forced = getattr(_state, "max_block", None)
+    if forced is not None:
+        br = min(br, forced)
+    return br, bc
+
+
+def warps(block: int) -> int:
+    """4 warps up to 1024 lanes, 8 for 2048, 16 from 4096."""
+    return min(16, max(4, block // 256))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Compute / per-row output dtype: fp64 for fp64 input, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_f32(x: float) -> tuple[float, float]:
+    """(hi, lo) with hi = fp32(x), lo = fp32(x - hi): compiled Triton passes Python floats as fp32,
+    so fp64 kernels rebuild the scalar as hi + lo (~48 bits) with scalar(); fp32 kernels get hi."""
+    x = float(x)
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond the fp32 range: nothing sensible to split
+        return x, 0.0
+    lo = x - hi
+    return hi, lo if math.isfinite(lo) else 0.0
+
+
+@triton.jit
+def scalar(hi, lo, ACC: tl.constexpr):
+    """A Python float argument in the compute dtype (Inductor passes fp64, Triton fp32)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+def empty0(like: torch.Tensor) -> torch.Tensor:
+    """The (0,) tensor returned for a gradient that was not asked for."""
+    return like.new_empty((0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+
+
+def launch_enabled() -> bool:
+    """False while an interpreter-mode fake (shape-only) implementation runs: skip the launch."""
+    return not getattr(_state, "fake", False)
+
+
+def register(name: str, fn: Callable) -> object:
+    """Register ``fn`` as ``augkd_triton::<name>`` with the schema of csrc/schemas.cpp.
+
+    Compiled Triton (the normal case): ``torch.library.triton_op``, so torch.compile traces into
+    the launches (``wrap_triton``) and Inductor sees the kernels; ``fn`` doubles as the fake impl.
+
+    TRITON_INTERPRET=1: ``wrap_triton`` hands back the raw interpreter function, which would run
+    (and read data pointers) on fake tensors, and triton_op's functional decomposition would then
+    drop the kernels from a compiled graph. So in that mode the same function is registered as an
+    opaque ``torch.library.custom_op`` (CPU and CUDA tensors alike), with a fake impl that runs
+    ``fn`` for its allocations only (launch_enabled() is False there). Same name, same schema.
+    """
+    qualname = f"{NAMESPACE}::{name}"
+    schema = SCHEMAS[name]
+    if not INTERPRET:
+        return torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
+
+    op = torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema)
+
+    def fake(*args, **kwargs):
+        prev = getattr(_state, "fake", False)
+        _state.fake = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _state.fake = prev
+
+    op.register_fake(fake)
+    return op
+
+
+def contig(*ts: Optional[torch.Tensor]) -> tuple:
+    """The kernels index rows densely; the front-end passes contiguous tensors (a no-op then)."""
+    return tuple(None if t is None else t.contiguous() for t in ts)
+
+
+def opt(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A tensor argument for an optional input the kernel will not read (its HAS_* flag is off)."""
+    return like if t is None else t
