@@ -322,3 +322,40 @@ def test_bad_input_names_the_argument(backend, name, call, error, message):
     with use_backend(backend), pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")
                                              .replace(")", r"\)")):
         call(s, t, y)
+
+
+# ---------------------------------------------------------------- semantics every backend must share
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_zero_weight_term_is_left_out(backend):
+    """alpha = 0 drops the KL term: an infinite KL (student -inf where the teacher is not) stays out,
+    instead of 0 * inf = NaN; alpha = 1 likewise drops an infinite CE (target class at -inf)."""
+    s = torch.randn(3, 8, dtype=torch.float64)
+    t = torch.randn(3, 8, dtype=torch.float64)
+    s[0, 2] = -math.inf
+    y = torch.tensor([1, 4, 7])
+    cfg = dict(temperature=2.0, alpha=0.0, reduction="none", target="plain", weight=False, fmt="logits")
+    loss, grads = run(backend, s, t, y, None, cfg, torch.float32)
+    assert torch.isfinite(loss).all() and torch.isfinite(grads[0]).all(), (loss, grads[0])
+    ce = torch.logsumexp(s, -1) - s.gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(loss.double(), ce, rtol=1e-5, atol=1e-6)
+    s2 = torch.randn(3, 8, dtype=torch.float64)
+    t2 = t.clone()
+    s2[1, 4] = t2[1, 4] = -math.inf  # class 4 absent from both: KL finite, CE of row 1 (target 4) infinite
+    cfg1 = dict(cfg, alpha=1.0)
+    loss1, grads1 = run(backend, s2, t2, y, None, cfg1, torch.float32)
+    assert torch.isfinite(loss1).all() and torch.isfinite(grads1[0]).all(), (loss1, grads1[0])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if getattr(b, "values", [b])[0] != "torch"])
+def test_out_of_range_target_is_a_nan_row_inside_the_kernel(backend):
+    """The front-end rejects such labels on CPU in eager mode; the kernels (used on GPUs and under
+    torch.compile, where no check runs) must give a NaN loss row and a NaN gradient row, never garbage."""
+    from augkd.ops import backends
+    ns = backends.ops_namespace(backend)
+    s, t = torch.randn(3, 10), torch.randn(3, 10)
+    y = torch.tensor([2, 10, -100])  # row 1 out of range, row 2 ignored
+    loss, stats = ns.kd_loss_fwd(s, t, y, 2.0, 0.5, -100, True, 0)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and loss[2] == 0
+    gs, gt = ns.kd_loss_bwd(torch.ones(3), torch.zeros(3), s, t, y, stats, 2.0, 0.5, -100, True, 0, True, True)
+    assert torch.isnan(gs[1]).all() and torch.isfinite(gs[0]).all() and torch.all(gs[2] == 0)

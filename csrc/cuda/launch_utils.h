@@ -1,0 +1,72 @@
+// Small host-side helpers shared by the CUDA launchers (csrc/cuda/*.cu).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "reduce.cuh"  // RowMode
+
+namespace augkd::cuda {
+
+constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit
+constexpr int64_t kMaxGridY = 65535;       // gridDim.y limit (the kernels loop over the rest)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t next_pow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+inline bool aligned16(const at::Tensor& x) {
+  return (reinterpret_cast<uintptr_t>(x.data_ptr()) & 15u) == 0;
+}
+
+// The kernels read and write 16-byte vectors and need every tensor of a launch to start on a 16-byte
+// boundary (then two rows of the same width share their misalignment in every tensor). Fresh
+// allocations are aligned; a view with a storage offset is copied (rare: the front-end passes
+// contiguous tensors, usually whole allocations).
+inline at::Tensor aligned_input(const at::Tensor& x) {
+  return aligned16(x) ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
+// Layout of a forward row kernel (kd_loss, uncertainty), see RowMode:
+//   C <= kWarpRowMaxCols                 one warp per row;
+//   fewer rows than 2 x the SM count     each row split into parts of >= kMinSplitCols columns, so
+//                                        that about 2 blocks per SM run (partial states + merge);
+//   otherwise                            one block per row.
+// Block sizes give each thread about 4 vectors of the row (or part): 128 .. kMaxRowThreads threads.
+constexpr int64_t kWarpRowMaxCols = 1024;
+constexpr int64_t kMinSplitCols = 8192;
+
+struct FwdLayout {
+  RowMode mode;
+  int threads;        // per block (kBlock, kSplit)
+  int64_t parts;      // kSplit: parts per row
+  int64_t part_cols;  // kSplit: columns per part (a multiple of the vector width)
+};
+
+inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int64_t sm_count) {
+  if (cols <= kWarpRowMaxCols) return {RowMode::kWarp, kWarp * kRowWarps, 1, cols};
+  int64_t parts = 1;
+  if (rows < 2 * sm_count) parts = std::min(ceil_div(2 * sm_count, rows), cols / kMinSplitCols);
+  int64_t part_cols = cols;
+  if (parts > 1) {
+    part_cols = ceil_div(ceil_div(cols, parts), vec) * vec;
+    parts = ceil_div(cols, part_cols);
+  }
+  const int64_t want = next_pow2(ceil_div(part_cols, vec * 4));
+  const int threads = static_cast<int>(std::clamp<int64_t>(want, 128, kMaxRowThreads));
+  return {parts > 1 ? RowMode::kSplit : RowMode::kBlock, threads, std::max<int64_t>(parts, 1), part_cols};
+}
+
+inline void check_cuda(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernels, got ", x.device());
+}
+
+}  // namespace augkd::cuda

@@ -1,0 +1,170 @@
+// Math helpers, the online-softmax rescaling primitives, and warp / block reductions of partial states.
+//
+// Online softmax (docs/ops-design.md, section 1 "One pass with online softmax"): a partial sum
+// d = sum_j exp(x_j - m) is measured from its running maximum m. Moving it to a larger maximum M
+// multiplies it by r = exp(m - M); while m is still -inf (every x seen so far was -inf, or the part
+// is empty) the sum is 0 and r must be 0, never exp(-inf - -inf) = NaN. Merging two partial states is
+// the same rescaling applied to both sides, then a sum: merge(a, b) = rebase(a, M) + rebase(b, M).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace augkd::cuda {
+
+// Everything that is not a kernel or a shuffle is __host__ __device__, so that a host program can run
+// the same per-thread code (sweeps, merges, finalisation) to check the algorithm without a GPU.
+#define AUGKD_HD __host__ __device__ __forceinline__
+
+// exp / log of the compute type. We compile with --use_fast_math: for fp32 the device exp is the
+// ex2.approx-based __expf (about 2 ulp plus an error growing with |x|; here x is a distance to the
+// running maximum or to a logsumexp, so x <= 0 and large |x| only occurs for terms that are
+// negligible next to exp(0) = 1), which is well inside the tolerance of these losses; log is __logf
+// (lg2.approx). fp64 uses the full-precision exp / log (fast math does not touch double). The host
+// versions (emulation only) are std::exp / std::log.
+AUGKD_HD float exp_(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+AUGKD_HD double exp_(double x) { return std::exp(x); }
+AUGKD_HD float log_(float x) {
+#ifdef __CUDA_ARCH__
+  return __logf(x);
+#else
+  return std::log(x);
+#endif
+}
+AUGKD_HD double log_(double x) { return std::log(x); }
+// max that ignores a NaN operand (fmax): NaN never becomes a running maximum; a NaN input still
+// reaches the sums through exp(NaN - m) = NaN, so the row stays NaN.
+AUGKD_HD float max_(float a, float b) { return std::fmax(a, b); }
+AUGKD_HD double max_(double a, double b) { return std::fmax(a, b); }
+// Correctly rounded division (the fast-math '/' is approximate); used once per row.
+AUGKD_HD float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+AUGKD_HD double div_rn(double a, double b) { return a / b; }
+
+template <typename A>
+AUGKD_HD A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+template <typename A>
+AUGKD_HD A quiet_nan() {
+  return std::numeric_limits<A>::quiet_NaN();
+}
+
+// r = exp(m_old - m_new) to move a partial sum from max m_old to max m_new >= m_old;
+// 1 when the maximum did not move (also -inf -> -inf), 0 when m_old == -inf < m_new.
+template <typename A>
+AUGKD_HD A rescale(A m_old, A m_new) {
+  if (m_old == m_new) return A(1);
+  return m_old == neg_inf<A>() ? A(0) : exp_(m_old - m_new);
+}
+
+// dm = m_new - m_old, 0 when the maximum did not move (so -inf -> -inf gives 0, not NaN).
+template <typename A>
+AUGKD_HD A shift(A m_old, A m_new) {
+  return m_old == m_new ? A(0) : m_new - m_old;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Reductions of a partial state. A state type S provides:
+//   static S identity();                 the empty state
+//   void merge(const S& other);          *this <- merge(*this, other), commutative bitwise
+//   S shfl_xor(int lane_mask) const;     the state of lane (lane ^ lane_mask)
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+constexpr int kRowWarps = 8;          // rows per block in the warp-per-row layout of the row kernels
+constexpr int kMaxRowThreads = 512;   // largest block of a forward row kernel (__launch_bounds__: at most
+                                      // 128 registers per thread, so a block always fits an SM)
+constexpr int kTileThreads = 256;     // block of the backward (column tile, row) kernels
+
+// Butterfly over a full warp: every lane ends with the merge of all 32 lanes (the lanes may differ in
+// the last bit where the compiler contracts a*b + c into an fma with the operands swapped, so callers
+// read lane 0). The order of the merges is fixed, so the result is deterministic run to run.
+template <typename S>
+__device__ __forceinline__ S warp_reduce(S s) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) s.merge(s.shfl_xor(off));
+  return s;
+}
+
+// Block-wide reduction (blockDim.x a multiple of 32, <= 1024; blockDim.y == 1). The result is valid in
+// warp 0 (all of its lanes). `smem` holds 32 states; the leading __syncthreads makes it safe to call
+// in a loop (the previous call's readers are done before this call's writers start).
+template <typename S>
+__device__ __forceinline__ S block_reduce(S s, S* smem) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  s = warp_reduce(s);
+  __syncthreads();
+  if (lane == 0) smem[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < nwarps ? smem[lane] : S::identity();
+    s = warp_reduce(s);
+  }
+  return s;
+}
+
+// Row layouts of the forward row kernels (kd_loss and uncertainty):
+enum class RowMode : int {
+  kWarp,   // one warp per row, blockDim = (32, kRowWarps); rows loop by gridDim.x * kRowWarps
+  kBlock,  // one block per row (blockDim.x a multiple of 32); rows loop by gridDim.x
+  kSplit,  // blockIdx.x = a part of `part_cols` columns of a row, blockIdx.y = the row (looping by
+           // gridDim.y); each block writes its partial state to ws[row * gridDim.x + part], and a
+           // merge kernel folds the parts of a row in order. For a few long rows.
+};
+
+// Threads of a group and the rows / columns one group works on.
+template <RowMode MODE>
+struct RowGroup {
+  int rank, size;
+  int64_t row0, stride, begin, part_cols;
+  __device__ __forceinline__ explicit RowGroup(int64_t part_cols_) {
+    rank = threadIdx.x;
+    size = MODE == RowMode::kWarp ? kWarp : blockDim.x;
+    part_cols = part_cols_;
+    if constexpr (MODE == RowMode::kWarp) {
+      row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+      stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+      begin = 0;
+    } else if constexpr (MODE == RowMode::kBlock) {
+      row0 = blockIdx.x;
+      stride = gridDim.x;
+      begin = 0;
+    } else {
+      row0 = blockIdx.y;
+      stride = gridDim.y;
+      begin = static_cast<int64_t>(blockIdx.x) * part_cols;
+    }
+  }
+  __device__ __forceinline__ int64_t end(int64_t cols) const {
+    return MODE == RowMode::kSplit ? min(cols, begin + part_cols) : cols;
+  }
+};
+
+// Plain sums (mixup reductions).
+template <typename A>
+struct SumState {
+  A v;
+  AUGKD_HD static SumState identity() { return {A(0)}; }
+  AUGKD_HD void merge(const SumState& o) { v = v + o.v; }
+  __device__ SumState shfl_xor(int m) const { return {__shfl_xor_sync(kFullMask, v, m)}; }
+};
+
+}  // namespace augkd::cuda

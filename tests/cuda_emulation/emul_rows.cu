@@ -1,0 +1,501 @@
+// Host emulation of the augkd row kernels (kd_loss, uncertainty); build and run: tests/cuda_emulation/run.sh.
+// Runs the same __host__ __device__ per-thread code (sweep_range + visitors + state merges + row
+// finalisation) for every "thread" of a group in turn, reduces with the butterfly order of warp_reduce /
+// block_reduce, and compares with a double-precision reference and (fp64, small C) finite differences.
+// Not covered: the device intrinsics (__expf, __logf, __fdiv_rn) and the shuffles themselves.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "kd_loss.cuh"
+#include "uncertainty.cuh"
+
+using namespace augkd::cuda;
+
+static int failures = 0;
+#define CHECK_CLOSE(what, got, want, tol)                                                                  \
+  do {                                                                                                     \
+    double g_ = (got), w_ = (want);                                                                        \
+    bool ok_ = (std::isnan(g_) && std::isnan(w_)) || (std::isinf(g_) && std::isinf(w_) && (g_ > 0) == (w_ > 0)) || \
+               std::fabs(g_ - w_) <= (tol) * (1 + std::fabs(w_));                                          \
+    if (!ok_) {                                                                                            \
+      if (failures < 40) std::printf("FAIL %s: got %.9g want %.9g\n", what, g_, w_);                        \
+      ++failures;                                                                                          \
+    }                                                                                                      \
+  } while (0)
+
+// Emulated butterfly over 32 lanes: lane i merges lane i ^ off, all lanes in lock step.
+template <typename S>
+void emu_warp_reduce(std::vector<S>& lanes) {
+  for (int off = 16; off > 0; off >>= 1) {
+    std::vector<S> prev = lanes;
+    for (int i = 0; i < 32; ++i) lanes[i].merge(prev[i ^ off]);
+  }
+}
+
+// Emulated group reduction: size threads (32 = warp mode, else block mode); returns the state of rank 0.
+template <typename S>
+S emu_group_reduce(std::vector<S> st, int size) {
+  const int nw = size / 32;
+  std::vector<S> smem(nw);
+  for (int w = 0; w < nw; ++w) {
+    std::vector<S> lanes(st.begin() + 32 * w, st.begin() + 32 * w + 32);
+    emu_warp_reduce(lanes);
+    smem[w] = lanes[0];
+  }
+  if (size == 32) return smem[0];
+  std::vector<S> lanes(32, S::identity());
+  for (int i = 0; i < nw; ++i) lanes[i] = smem[i];
+  emu_warp_reduce(lanes);
+  return lanes[0];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// KD
+// ---------------------------------------------------------------------------------------------------------
+
+struct KdCase {
+  int64_t rows, cols;
+  double T, alpha;
+  bool t2, has_target;
+  int fmt;
+  int64_t ignore_index;
+};
+
+template <typename T, bool NEED1>
+void emu_kd_fwd(const KdFwdParams<T>& p, int size, int64_t parts) {
+  using A = acc_type<T>;
+  using S = KdState<A, NEED1>;
+  const int64_t part_cols = parts > 1 ? (p.cols + parts - 1) / parts : p.cols;
+  for (int64_t row = 0; row < p.rows; ++row) {
+    const T* s_row = p.student + row * p.cols;
+    const T* t_row = p.teacher + row * p.cols;
+    std::vector<S> part_states;
+    for (int64_t part = 0; part < parts; ++part) {
+      const int64_t begin = part * part_cols;
+      const int64_t end = std::min(p.cols, begin + part_cols);
+      std::vector<S> st(size);
+      for (int r = 0; r < size; ++r) {
+        KdFwdVisitor<T, NEED1> v{s_row, t_row, p.inv_t, p.fmt, S::identity()};
+        sweep_range<kVec<T>, kKdUnroll>(s_row, begin, end, r, size, v);
+        st[r] = v.st;
+      }
+      part_states.push_back(emu_group_reduce(st, size));
+    }
+    S st = part_states[0];
+    for (size_t k = 1; k < part_states.size(); ++k) st.merge(part_states[k]);
+    int64_t y;
+    A s_y;
+    kd_read_target(p, row, y, s_y);
+    kd_write_row<T, NEED1>(p, row, st, y, s_y);
+  }
+}
+
+template <typename T>
+void emu_kd_bwd(const KdBwdParams<T>& p, int size, int64_t tile) {
+  for (int64_t row = 0; row < p.rows; ++row) {
+    const int64_t off = row * p.cols;
+    for (int64_t begin = 0; begin < p.cols; begin += tile) {
+      const int64_t end = std::min(p.cols, begin + tile);
+      for (int r = 0; r < size; ++r) {
+        KdBwdVisitor<T> v{p, p.student + off, p.teacher + off,
+                          p.grad_student ? p.grad_student + off : nullptr,
+                          p.grad_teacher ? p.grad_teacher + off : nullptr,
+                          p.stats[row * 4 + 0], p.stats[row * 4 + 1], p.stats[row * 4 + 2], p.stats[row * 4 + 3],
+                          p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
+        if (p.target != nullptr) {
+          v.y = p.target[row];
+          v.ignored = v.y == p.ignore_index;
+          v.bad = !v.ignored && (v.y < 0 || v.y >= p.cols);
+        }
+        sweep_range<kVec<T>, kBwdUnroll>(p.student + off, begin, end, r, size, v);
+      }
+    }
+  }
+}
+
+// double reference of one row: returns loss, stats; the function of (s, t) used for finite differences.
+struct KdRef {
+  double loss, lse_s, lse_t, lse_1, kl;
+};
+KdRef kd_ref_row(const std::vector<double>& s, const std::vector<double>& t, int64_t y, const KdCase& c,
+                 bool has_target) {
+  const int64_t C = s.size();
+  std::vector<double> u(C), w(C);
+  double ms = -INFINITY, mt = -INFINITY, m1 = -INFINITY;
+  for (int64_t j = 0; j < C; ++j) {
+    u[j] = s[j] / c.T;
+    w[j] = (c.fmt == 2 ? std::log(t[j]) : t[j]) / c.T;
+    ms = std::fmax(ms, u[j]);
+    mt = std::fmax(mt, w[j]);
+    m1 = std::fmax(m1, s[j]);
+  }
+  double ds = 0, dt = 0, d1 = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    ds += u[j] == -INFINITY ? 0.0 : std::exp(u[j] - ms);
+    dt += w[j] == -INFINITY ? 0.0 : std::exp(w[j] - mt);
+    d1 += s[j] == -INFINITY ? 0.0 : std::exp(s[j] - m1);
+  }
+  KdRef r;
+  // torch convention: logsumexp of an all -inf row is -inf
+  auto lse = [](double m, double d) { return m == -INFINITY ? (std::isnan(d) ? NAN : -INFINITY) : m + std::log(d); };
+  r.lse_s = lse(ms, ds);
+  r.lse_t = lse(mt, dt);
+  r.lse_1 = has_target ? lse(m1, d1) : 0;
+  double kl = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    const double pt = std::exp(w[j] - r.lse_t);
+    if (pt != 0) kl += pt * ((w[j] - r.lse_t) - (u[j] - r.lse_s));
+  }
+  r.kl = kl;
+  const double cc = c.t2 ? c.T * c.T : 1.0;
+  double loss = c.alpha != 0 ? c.alpha * cc * kl : 0.0;
+  if (has_target) {
+    if (y == c.ignore_index) {
+      loss = 0;
+    } else if (y < 0 || y >= C) {
+      loss = NAN;
+    } else if (c.alpha != 1) {
+      loss += (1 - c.alpha) * (r.lse_1 - s[y]);
+    }
+  }
+  r.loss = loss;
+  return r;
+}
+
+template <typename T>
+T from_double(double x) {
+  return static_cast<T>(static_cast<float>(x));
+}
+template <>
+double from_double<double>(double x) {
+  return x;
+}
+
+template <typename T>
+void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, int64_t tile, const char* tag,
+                 int special, int misalign) {
+  using A = acc_type<T>;
+  const int64_t B = c.rows, C = c.cols;
+  std::normal_distribution<double> nd(0.0, 3.0);
+  // storage with a misalignment of `misalign` elements at the base (the launchers never pass one; the
+  // emulation checks the head / tail split with row starts at all offsets)
+  std::vector<T> s_store(B * C + 16), t_store(B * C + 16);
+  T* s = s_store.data() + misalign;
+  T* t = t_store.data() + misalign;
+  std::vector<int64_t> y(B);
+  std::uniform_int_distribution<int64_t> yd(0, C - 1);
+  for (int64_t i = 0; i < B * C; ++i) {
+    s[i] = from_double<T>(nd(rng));
+    double tv = nd(rng);
+    if (c.fmt == 1) tv = tv - 10;  // any shift: log-probs are logits shifted per row
+    if (c.fmt == 2) tv = std::exp(tv / 3);  // unnormalised probabilities are fine for the math (softmax of log)
+    t[i] = from_double<T>(tv);
+  }
+  for (int64_t b = 0; b < B; ++b) y[b] = yd(rng);
+  if (special & 1) {  // masked teacher classes
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < C; j += 3) t[b * C + j] = from_double<T>(c.fmt == 2 ? 0.0 : -INFINITY);
+  }
+  if (special & 2 && B > 1) s[1 * C + C / 2] = from_double<T>(NAN);  // NaN row 1
+  if (special & 4 && B > 2) y[2] = c.ignore_index;
+  if (special & 8 && B > 3) y[3] = C + 5;  // out of range
+  if (special & 16) {  // very large logits
+    for (int64_t i = 0; i < B * C; ++i) s[i] = from_double<T>(static_cast<double>(static_cast<A>(s[i])) + 5000.0);
+  }
+
+  std::vector<A> loss(B), stats(B * 4);
+  KdFwdParams<T> p{};
+  p.student = s;
+  p.teacher = t;
+  p.target = c.has_target ? y.data() : nullptr;
+  p.loss = loss.data();
+  p.stats = stats.data();
+  p.rows = B;
+  p.cols = C;
+  p.ignore_index = c.ignore_index;
+  p.inv_t = static_cast<A>(1.0 / c.T);
+  const double cc = c.t2 ? c.T * c.T : 1.0;
+  p.alpha_c = static_cast<A>(c.alpha * cc);
+  p.one_minus_alpha = static_cast<A>(1.0 - c.alpha);
+  p.use_kl = c.alpha != 0;
+  p.use_ce = c.has_target && c.alpha != 1;
+  p.fmt = c.fmt;
+  const bool need1 = c.has_target && c.T != 1.0;
+  if (need1) emu_kd_fwd<T, true>(p, size, parts);
+  else emu_kd_fwd<T, false>(p, size, parts);
+
+  const double tol = sizeof(A) == 8 ? 1e-10 : ((special & 16) ? 2e-3 : 2e-4);
+  char what[256];
+  std::vector<double> gs_ref(B * C), gt_ref(B * C);
+  std::vector<double> gl(B), gls(B);
+  std::normal_distribution<double> gd(0.0, 1.0);
+  for (int64_t b = 0; b < B; ++b) {
+    gl[b] = gd(rng);
+    gls[b] = gd(rng);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> sr(C), tr(C);
+    for (int64_t j = 0; j < C; ++j) {
+      sr[j] = static_cast<double>(static_cast<A>(s[b * C + j]));
+      tr[j] = static_cast<double>(static_cast<A>(t[b * C + j]));
+    }
+    const KdRef r = kd_ref_row(sr, tr, y[b], c, c.has_target);
+    std::snprintf(what, sizeof what, "%s kd loss row %ld", tag, (long)b);
+    CHECK_CLOSE(what, loss[b], r.loss, tol);
+    std::snprintf(what, sizeof what, "%s kd lse_s row %ld", tag, (long)b);
+    CHECK_CLOSE(what, stats[b * 4 + 0], r.lse_s, tol);
+    std::snprintf(what, sizeof what, "%s kd lse_t row %ld", tag, (long)b);
+    CHECK_CLOSE(what, stats[b * 4 + 1], r.lse_t, tol);
+    std::snprintf(what, sizeof what, "%s kd lse_1 row %ld", tag, (long)b);
+    CHECK_CLOSE(what, stats[b * 4 + 2], r.lse_1, tol);
+    std::snprintf(what, sizeof what, "%s kd KL row %ld", tag, (long)b);
+    CHECK_CLOSE(what, stats[b * 4 + 3], r.kl, tol);
+
+    // reference gradients by central differences of the double reference (loss and lse_t), only for
+    // finite, smooth rows and double storage (to check the doc's formulas themselves)
+    if (sizeof(T) == 8 && C <= 64 && !(special & 2) && !std::isnan(r.loss)) {
+      for (int64_t j = 0; j < C; ++j) {
+        const double h = 1e-6;
+        auto f = [&](std::vector<double> ss, std::vector<double> tt) {
+          KdRef q = kd_ref_row(ss, tt, y[b], c, c.has_target);
+          return gl[b] * q.loss + gls[b] * q.lse_t;
+        };
+        std::vector<double> sp = sr, sm = sr;
+        sp[j] += h;
+        sm[j] -= h;
+        gs_ref[b * C + j] = (f(sp, tr) - f(sm, tr)) / (2 * h);
+        if (c.fmt == 2 && tr[j] == 0) {
+          gt_ref[b * C + j] = 0;
+        } else if (std::isinf(tr[j])) {
+          gt_ref[b * C + j] = 0;
+        } else {
+          std::vector<double> tp = tr, tm = tr;
+          const double ht = c.fmt == 2 ? h * tr[j] : h;
+          tp[j] += ht;
+          tm[j] -= ht;
+          gt_ref[b * C + j] = (f(sr, tp) - f(sr, tm)) / (2 * ht);
+        }
+      }
+    }
+  }
+  // backward
+  std::vector<A> glA(B), glsA(B);
+  for (int64_t b = 0; b < B; ++b) {
+    glA[b] = static_cast<A>(gl[b]);
+    glsA[b] = static_cast<A>(gls[b]);
+  }
+  std::vector<T> gs_store(B * C + 16), gt_store(B * C + 16);
+  T* gs = gs_store.data() + misalign;
+  T* gt = gt_store.data() + misalign;
+  KdBwdParams<T> q{};
+  q.grad_loss = glA.data();
+  q.grad_lse_t = glsA.data();
+  q.student = s;
+  q.teacher = t;
+  q.target = p.target;
+  q.stats = stats.data();
+  q.grad_student = gs;
+  q.grad_teacher = gt;
+  q.rows = B;
+  q.cols = C;
+  q.ignore_index = c.ignore_index;
+  q.temperature = static_cast<A>(c.T);
+  q.inv_t = static_cast<A>(1.0 / c.T);
+  q.ks = static_cast<A>(c.alpha * cc / c.T);
+  q.alpha_c = static_cast<A>(c.alpha * cc);
+  q.kce = static_cast<A>(1.0 - c.alpha);
+  q.use_kl = c.alpha != 0;
+  q.use_ce = c.has_target && c.alpha != 1;
+  q.t_is_one = c.T == 1.0;
+  q.fmt = c.fmt;
+  emu_kd_bwd<T>(q, size, tile);
+  // analytic reference in double from the doc formulas (all cases), and finite differences (double, small C)
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> sr(C), tr(C);
+    for (int64_t j = 0; j < C; ++j) {
+      sr[j] = static_cast<double>(static_cast<A>(s[b * C + j]));
+      tr[j] = static_cast<double>(static_cast<A>(t[b * C + j]));
+    }
+    const KdRef r = kd_ref_row(sr, tr, y[b], c, c.has_target);
+    const bool ignored = c.has_target && y[b] == c.ignore_index;
+    const bool bad = c.has_target && !ignored && (y[b] < 0 || y[b] >= C);
+    for (int64_t j = 0; j < C; ++j) {
+      const double u = sr[j] / c.T, w = (c.fmt == 2 ? std::log(tr[j]) : tr[j]) / c.T;
+      const double ps = std::exp(u - r.lse_s), pt = std::exp(w - r.lse_t);
+      double d = 0;
+      if (!ignored) {
+        if (c.alpha != 0) d += c.alpha * cc / c.T * (ps - pt);
+        if (c.has_target && c.alpha != 1) d += (1 - c.alpha) * (std::exp(sr[j] - r.lse_1) - (j == y[b] ? 1 : 0));
+        d = bad ? NAN : gl[b] * d;
+      }
+      double dw = gls[b] * pt;
+      if (!ignored && c.alpha != 0) dw += gl[b] * c.alpha * cc * (pt == 0 ? 0 : pt * ((w - r.lse_t) - (u - r.lse_s) - r.kl));
+      const double gtv = c.fmt == 2 ? (tr[j] == 0 ? 0 : dw / (c.T * tr[j])) : dw / c.T;
+      const double gtol = sizeof(A) == 8 ? 1e-9 : ((special & 16) ? 2e-2 : 1e-4);
+      // fp16 / bf16 outputs: one rounding of the fp32 value
+      const double otol = sizeof(T) == 2 ? (std::is_same_v<T, c10::BFloat16> ? 1e-2 : 2e-3) : gtol;
+      std::snprintf(what, sizeof what, "%s kd grad_s [%ld,%ld]", tag, (long)b, (long)j);
+      CHECK_CLOSE(what, static_cast<double>(static_cast<A>(gs[b * C + j])), d, otol);
+      std::snprintf(what, sizeof what, "%s kd grad_t [%ld,%ld]", tag, (long)b, (long)j);
+      CHECK_CLOSE(what, static_cast<double>(static_cast<A>(gt[b * C + j])), gtv, otol);
+      if (sizeof(T) == 8 && C <= 64 && !(special & 2) && !std::isnan(r.loss)) {
+        std::snprintf(what, sizeof what, "%s kd FD grad_s [%ld,%ld]", tag, (long)b, (long)j);
+        CHECK_CLOSE(what, d, gs_ref[b * C + j], 1e-5);
+        std::snprintf(what, sizeof what, "%s kd FD grad_t [%ld,%ld]", tag, (long)b, (long)j);
+        CHECK_CLOSE(what, gtv, gt_ref[b * C + j], 1e-5);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Uncertainty
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T>
+void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, int64_t parts, int64_t tile,
+                  const char* tag, int special, int misalign) {
+  using A = acc_type<T>;
+  using S = EntropyState<A>;
+  std::normal_distribution<double> nd(0.0, 3.0);
+  std::vector<T> z_store(B * C + 16);
+  T* z = z_store.data() + misalign;
+  for (int64_t i = 0; i < B * C; ++i) z[i] = from_double<T>(nd(rng));
+  if (special & 1)
+    for (int64_t i = 0; i < B * C; i += 3) z[i] = from_double<T>(-INFINITY);
+  if (special & 2 && B > 1) z[C + C / 2] = from_double<T>(NAN);
+  std::vector<A> energy(B), entropy(B);
+  UncFwdParams<T> p{z, energy.data(), entropy.data(), B, C, static_cast<A>(T_), static_cast<A>(1.0 / T_)};
+  const int64_t part_cols = parts > 1 ? (C + parts - 1) / parts : C;
+  for (int64_t row = 0; row < B; ++row) {
+    std::vector<S> ps;
+    for (int64_t part = 0; part < parts; ++part) {
+      const int64_t begin = part * part_cols, end = std::min(C, begin + part_cols);
+      std::vector<S> st(size);
+      for (int r = 0; r < size; ++r) {
+        UncFwdVisitor<T> v{z + row * C, p.inv_t, S::identity()};
+        sweep_range<kVec<T>, kUncUnroll>(z + row * C, begin, end, r, size, v);
+        st[r] = v.st;
+      }
+      ps.push_back(emu_group_reduce(st, size));
+    }
+    S st = ps[0];
+    for (size_t k = 1; k < ps.size(); ++k) st.merge(ps[k]);
+    unc_write_row(p, row, st);
+  }
+  std::vector<A> ge(B), gh(B);
+  std::normal_distribution<double> gd(0.0, 1.0);
+  for (int64_t b = 0; b < B; ++b) {
+    ge[b] = static_cast<A>(gd(rng));
+    gh[b] = static_cast<A>(gd(rng));
+  }
+  std::vector<T> gz_store(B * C + 16);
+  T* gz = gz_store.data() + misalign;
+  UncBwdParams<T> q{ge.data(), gh.data(), z, energy.data(), entropy.data(), gz, B, C, tile,
+                    static_cast<A>(T_), static_cast<A>(1.0 / T_)};
+  for (int64_t row = 0; row < B; ++row) {
+    const int64_t off = row * C;
+    for (int64_t begin = 0; begin < C; begin += tile) {
+      const int64_t end = std::min(C, begin + tile);
+      for (int r = 0; r < size; ++r) {
+        UncBwdVisitor<T> v{z + off, gz + off, q.inv_t, div_rn(-energy[row], q.temperature), entropy[row], ge[row],
+                           gh[row]};
+        sweep_range<kVec<T>, kUncBwdUnroll>(z + off, begin, end, r, size, v);
+      }
+    }
+  }
+  const double tol = sizeof(A) == 8 ? 1e-10 : 2e-4;
+  char what[256];
+  for (int64_t b = 0; b < B; ++b) {
+    double m = -INFINITY;
+    std::vector<double> u(C);
+    for (int64_t j = 0; j < C; ++j) {
+      u[j] = static_cast<double>(static_cast<A>(z[b * C + j])) / T_;
+      m = std::fmax(m, u[j]);
+    }
+    double d = 0;
+    for (int64_t j = 0; j < C; ++j) d += u[j] == -INFINITY ? 0.0 : std::exp(u[j] - m);
+    const double lse = m == -INFINITY ? (std::isnan(d) ? NAN : -INFINITY) : m + std::log(d);
+    double H = 0;
+    for (int64_t j = 0; j < C; ++j) {
+      const double pj = std::exp(u[j] - lse);
+      if (pj != 0) H -= pj * (u[j] - lse);
+    }
+    std::snprintf(what, sizeof what, "%s unc energy row %ld", tag, (long)b);
+    CHECK_CLOSE(what, energy[b], -T_ * lse, tol);
+    std::snprintf(what, sizeof what, "%s unc entropy row %ld", tag, (long)b);
+    CHECK_CLOSE(what, entropy[b], H, tol);
+    for (int64_t j = 0; j < C; ++j) {
+      const double pj = std::exp(u[j] - lse);
+      const double g = -static_cast<double>(ge[b]) * pj - (pj == 0 ? 0 : static_cast<double>(gh[b]) * pj * (u[j] - lse + H) / T_);
+      const double otol = sizeof(T) == 2 ? (std::is_same_v<T, c10::BFloat16> ? 1e-2 : 2e-3) : (sizeof(A) == 8 ? 1e-9 : 1e-4);
+      std::snprintf(what, sizeof what, "%s unc grad [%ld,%ld]", tag, (long)b, (long)j);
+      CHECK_CLOSE(what, static_cast<double>(static_cast<A>(gz[b * C + j])), g, otol);
+    }
+    // finite differences of (energy, entropy) in double
+    if (sizeof(T) == 8 && C <= 64 && !(special & 2)) {
+      auto f = [&](std::vector<double> uu) {
+        double mm = -INFINITY;
+        for (double x : uu) mm = std::fmax(mm, x);
+        double dd = 0;
+        for (double x : uu) dd += std::exp(x - mm);
+        const double l = mm + std::log(dd);
+        double h = 0;
+        for (double x : uu) {
+          const double pp = std::exp(x - l);
+          if (pp != 0) h -= pp * (x - l);
+        }
+        return static_cast<double>(ge[b]) * (-T_ * l) + static_cast<double>(gh[b]) * h;
+      };
+      for (int64_t j = 0; j < C; ++j) {
+        if (std::isinf(u[j])) continue;
+        const double hh = 1e-6;
+        std::vector<double> up = u, um = u;
+        up[j] += hh / T_;
+        um[j] -= hh / T_;
+        const double fd = (f(up) - f(um)) / (2 * hh);
+        std::snprintf(what, sizeof what, "%s unc FD grad [%ld,%ld]", tag, (long)b, (long)j);
+        CHECK_CLOSE(what, static_cast<double>(gz[b * C + j]), fd, 1e-5);
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_all(std::mt19937& rng, const char* dt) {
+  const int64_t Cs[] = {1, 2, 3, 7, 17, 64, 100, 1000, 1023, 1025, 4099, 20000};
+  int idx = 0;
+  for (int64_t C : Cs) {
+    for (int special : {0, 1, 2 | 4 | 8, 16, 1 | 2 | 4 | 8}) {
+      for (int mis : {0, 1}) {
+        const int64_t B = 5;
+        const int size = C <= 1024 ? 32 : 128 * ((idx % 4) + 1);
+        const int64_t parts = C > 8192 ? 1 + (idx % 3) * 2 : 1;
+        const int64_t tile = C <= 1024 ? C : 256 * kVec<T> * 4;
+        const int fmt = idx % 3;
+        const double T_ = (idx % 4 == 0) ? 1.0 : 2.5;
+        const double alpha = (idx % 5 == 0) ? 0.0 : (idx % 5 == 1 ? 1.0 : 0.7);
+        KdCase c{B, C, T_, alpha, (idx % 2) == 0, (idx % 6) != 5, fmt, -100};
+        char tag[160];
+        std::snprintf(tag, sizeof tag, "[%s C=%ld sp=%d mis=%d size=%d parts=%ld fmt=%d T=%g a=%g tgt=%d]", dt, (long)C,
+                      special, mis, size, (long)parts, fmt, T_, alpha, (int)c.has_target);
+        if (!((special & 16) && fmt == 2)) run_kd_case<T>(c, rng, size, parts, tile, tag, special, mis);
+        if (!(special & 16)) run_unc_case<T>(B, C, T_, rng, size, parts, tile, tag, special, mis);
+        ++idx;
+      }
+    }
+  }
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  run_all<double>(rng, "f64");
+  run_all<float>(rng, "f32");
+  run_all<c10::Half>(rng, "f16");
+  run_all<c10::BFloat16>(rng, "bf16");
+  std::printf("failures: %d\n", failures);
+  return failures != 0;
+}
