@@ -106,7 +106,7 @@ def _cpu_isa_flags() -> list[str]:
         return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2",
                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if isa == "avx2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     if isa == "generic":
         return []
     sys.exit(f"AUGKD_CPU_ISA must be auto, avx512, avx2 or generic, got {isa!r}")
@@ -117,7 +117,7 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc"), str(ROOT / "kernels")]
-    cxx = opt + ["-std=c++20", "-fopenmp"] + _cpu_isa_flags()
+    cxx = opt + ["-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"] + _cpu_isa_flags()
     define_macros = []
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):

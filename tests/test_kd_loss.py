@@ -359,3 +359,36 @@ def test_out_of_range_target_is_a_nan_row_inside_the_kernel(backend):
     assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and loss[2] == 0
     gs, gt = ns.kd_loss_bwd(torch.ones(3), torch.zeros(3), s, t, y, stats, 2.0, 0.5, -100, True, 0, True, True)
     assert torch.isnan(gs[1]).all() and torch.isfinite(gs[0]).all() and torch.all(gs[2] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("which", ["student_only", "teacher_only"])
+def test_one_sided_gradients(backend, which):
+    """The usual KD step detaches the teacher (student grad only); AuG-KD's generator loss needs both;
+    a frozen student with a trained teacher is the mirror case. Each path must match on its own."""
+    cfg = dict(temperature=4.0, alpha=0.5, reduction="mean", target="some_ignored", weight=False, fmt="logits")
+    s, t, target, _ = make_inputs(33, 257, cfg)
+    needs = {"student_only": (True, False), "teacher_only": (False, True)}[which]
+    results = {}
+    for name, dtype in ((backend, torch.float32), ("torch", torch.float64)):
+        s_ = as_leaf(s, dtype, needs[0])
+        t_ = as_leaf(t, dtype, needs[1])
+        with use_backend(name):
+            loss = kd_loss(s_, t_, target, temperature=4.0, alpha=0.5, reduction="mean")
+        (grad,) = torch.autograd.grad(loss * 1.7, [s_ if needs[0] else t_])
+        results[name] = (loss, grad)
+    assert_close(results[backend][0], results["torch"][0], torch.float32, "loss")
+    assert_close(results[backend][1], results["torch"][1], torch.float32, which)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_empty_batch(backend):
+    s = torch.randn(0, 7, requires_grad=True)
+    t = torch.randn(0, 7)
+    with use_backend(backend):
+        for reduction in ("sum", "mean", "batchmean"):
+            loss = kd_loss(s, t, torch.zeros(0, dtype=torch.long), alpha=0.5, reduction=reduction)
+            assert loss.item() == 0.0
+        loss.backward()
+        assert kd_loss(s, t, reduction="none").shape == (0,)
+    assert s.grad.shape == (0, 7)

@@ -184,3 +184,12 @@ BAD = [
 def test_bad_input(name, call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_empty_batch(backend):
+    z = torch.randn(0, 4, requires_grad=True)
+    with use_backend(backend):
+        out = latent_mixup(z, torch.rand(1, 4), torch.randn(0, 4), 0.5)
+        img = pixel_mixup(torch.rand(0, 3, 2, 2), torch.rand(0, 3, 2, 2), 0.5)
+    assert out.shape == (0, 4) and img.shape == (0, 3, 2, 2)

@@ -134,3 +134,10 @@ def test_gradcheck_float64():
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_empty_batch(backend):
+    with use_backend(backend):
+        e, h = uncertainty(torch.randn(0, 5))
+    assert e.shape == (0,) and h.shape == (0,)

@@ -1,0 +1,294 @@
+// Mixup, CPU: augkd::latent_mixup_fwd/_bwd and augkd::pixel_mixup_fwd/_bwd (docs/ops-design.md section 3).
+//
+//   latent_mixup(z, m, psi, s) = z + (1 - s_i) m_ij (psi_ij - z_ij)           z, psi (B, L); m (B, L) or (1, L)
+//     k = (1 - s_i) m_ij, dlt = psi - z:  grad_z = g (1 - k), grad_psi = g k,
+//     grad_m = g (1 - s_i) dlt (summed over rows for a (1, L) mask), grad_s_i = -sum_j g m_ij dlt
+//   pixel_mixup(g, r, s, mean, std) = (g + s_i (r - g) - mean_c) / std_c                 (B, C, H, W)
+//     grad_g = go (1 - s_i) / std_c, grad_r = go s_i / std_c, grad_s_i = sum_{c,h,w} go (r - g) / std_c
+// Elementwise sweeps, rows (or image planes) in parallel. Reductions accumulate in acc_t and are combined
+// in a fixed order (per-row sums; a (1, L) mask gradient is summed per chunk of rows, the chunks then added
+// in order), so results do not depend on the thread count.
+#include "cpu/vec_utils.h"  // first: see the note on warnings there
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "op_checks.h"
+
+namespace augkd::cpu {
+namespace {
+
+bool present(const std::optional<at::Tensor>& x) {
+  return x.has_value() && x->defined();
+}
+
+// s_i as acc_t: from the tensor when given, else the scalar.
+template <typename scalar_t>
+struct MixS {
+  const scalar_t* ptr;
+  acc_t<scalar_t> scalar;
+  acc_t<scalar_t> operator()(int64_t i) const { return ptr ? static_cast<acc_t<scalar_t>>(ptr[i]) : scalar; }
+};
+
+template <typename scalar_t>
+MixS<scalar_t> mix_s(const std::optional<at::Tensor>& s, double s_scalar) {
+  return {present(s) ? s->const_data_ptr<scalar_t>() : nullptr, static_cast<acc_t<scalar_t>>(s_scalar)};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// latent mixup
+// ------------------------------------------------------------------------------------------------------------
+
+at::Tensor latent_mixup_fwd_cpu(const at::Tensor& z, const at::Tensor& mask, const at::Tensor& psi,
+                                const std::optional<at::Tensor>& s, double s_scalar) {
+  checks::check_latent_mixup_fwd(z, mask, psi, s);
+  const int64_t B = z.size(0), L = z.size(1);
+  const bool row_mask = mask.size(0) == B;
+  at::Tensor out = new_output_like(z);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "latent_mixup_fwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<A>;
+    constexpr int64_t W = V::size();
+    const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
+    const scalar_t* m_ptr = mask.const_data_ptr<scalar_t>();
+    const scalar_t* p_ptr = psi.const_data_ptr<scalar_t>();
+    scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+    const auto s_of = mix_s<scalar_t>(s, s_scalar);
+    at::parallel_for(0, B, row_grain(L), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const V k(A(1) - s_of(i));
+        const scalar_t* zr = z_ptr + i * L;
+        const scalar_t* pr = p_ptr + i * L;
+        const scalar_t* mr = m_ptr + (row_mask ? i * L : 0);
+        scalar_t* orow = o_ptr + i * L;
+        vec_loop<W>(0, L, [&](int64_t j, int64_t n) {
+          const V zv = load(zr + j, n);
+          const V dlt = load(pr + j, n) - zv;
+          store(orow + j, at::vec::fmadd(k * load(mr + j, n), dlt, zv), n);
+        });
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& mask, const at::Tensor& psi,
+    const std::optional<at::Tensor>& s, double s_scalar) {
+  checks::check_latent_mixup_bwd(grad_out, z, mask, psi, s);
+  const int64_t B = z.size(0), L = z.size(1);
+  const bool row_mask = mask.size(0) == B;
+  const bool want_s = present(s);
+  at::Tensor grad_z = new_output_like(z);
+  at::Tensor grad_psi = new_output_like(psi);
+  at::Tensor grad_mask = new_output_like(mask);
+  at::Tensor grad_s = want_s ? at::empty_like(*s) : at::empty({0}, z.options());
+
+  // (1, L) mask: rows are cut into a number of chunks that depends on B and L only; each chunk sums its
+  // rows into its own acc_t row of `partial`, and the chunk rows are then added in order.
+  const int64_t n_chunks =
+      row_mask ? 1 : std::clamp<int64_t>(B * L / 65536, 1, std::min<int64_t>(64, std::max<int64_t>(B, 1)));
+  const int64_t chunk_rows = (B + n_chunks - 1) / std::max<int64_t>(n_chunks, 1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "latent_mixup_bwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<A>;
+    constexpr int64_t W = V::size();
+    const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
+    const scalar_t* m_ptr = mask.const_data_ptr<scalar_t>();
+    const scalar_t* p_ptr = psi.const_data_ptr<scalar_t>();
+    scalar_t* gz_ptr = grad_z.mutable_data_ptr<scalar_t>();
+    scalar_t* gp_ptr = grad_psi.mutable_data_ptr<scalar_t>();
+    scalar_t* gm_ptr = grad_mask.mutable_data_ptr<scalar_t>();
+    scalar_t* gs_ptr = want_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+    const auto s_of = mix_s<scalar_t>(s, s_scalar);
+
+    // One row: writes grad_z, grad_psi; grad_mask row into gm (scalar_t, row mask) or adds it into
+    // acc (acc_t, shared mask); returns -sum_j g m dlt when WANT_S.
+    auto do_row = [&](int64_t i, auto shared_mask, auto want_s_t, A* acc) -> A {
+      constexpr bool SHARED = decltype(shared_mask)::value;
+      constexpr bool WS = decltype(want_s_t)::value;
+      const A one_minus_s = A(1) - s_of(i);
+      const V v_oms(one_minus_s), v_one(A(1));
+      const int64_t off = i * L;
+      const scalar_t* mr = m_ptr + (SHARED ? 0 : off);
+      V vsum(A(0));
+      vec_loop<W>(0, L, [&](int64_t j, int64_t n) {
+        const V g = load(go_ptr + off + j, n);
+        const V zv = load(z_ptr + off + j, n);
+        const V dlt = load(p_ptr + off + j, n) - zv;
+        const V m = load(mr + j, n);
+        const V gk = g * v_oms * m;  // g k
+        store(gp_ptr + off + j, gk, n);
+        store(gz_ptr + off + j, g - gk, n);
+        const V gdlt = g * dlt;
+        if constexpr (SHARED) {
+          const V prev = V::loadu(acc + j, n);
+          at::vec::fmadd(gdlt, v_oms, prev).store(acc + j, n);
+        } else {
+          store(gm_ptr + off + j, gdlt * v_oms, n);
+        }
+        if constexpr (WS) vsum = at::vec::fmadd(gdlt, m, vsum);
+      });
+      if constexpr (WS) return -hsum(vsum);
+      return A(0);
+    };
+
+    with_bool(want_s, [&](auto ws) {
+      if (row_mask) {
+        at::parallel_for(0, B, row_grain(L), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const A r = do_row(i, std::false_type{}, ws, nullptr);
+            if constexpr (decltype(ws)::value) gs_ptr[i] = static_cast<scalar_t>(r);
+          }
+        });
+      } else {
+        std::vector<A> partial(static_cast<size_t>(n_chunks * L), A(0));
+        at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            A* acc = partial.data() + c * L;
+            const int64_t r1 = std::min(B, (c + 1) * chunk_rows);
+            for (int64_t i = c * chunk_rows; i < r1; ++i) {
+              const A r = do_row(i, std::true_type{}, ws, acc);
+              if constexpr (decltype(ws)::value) gs_ptr[i] = static_cast<scalar_t>(r);
+            }
+          }
+        });
+        at::parallel_for(0, L, 16384, [&](int64_t j0, int64_t j1) {
+          vec_loop<W>(j0, j1, [&](int64_t j, int64_t n) {
+            V sum = V::loadu(partial.data() + j, n);
+            for (int64_t c = 1; c < n_chunks; ++c) sum += V::loadu(partial.data() + c * L + j, n);
+            store(gm_ptr + j, sum, n);
+          });
+        });
+      }
+    });
+  });
+  return {grad_z, grad_mask, grad_psi, grad_s};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// pixel mixup
+// ------------------------------------------------------------------------------------------------------------
+
+// Per channel: mean_c (0 when None) and 1 / std_c (1 when None).
+struct ChannelNorm {
+  const float* mean;
+  const float* std;
+  double mean_of(int64_t c) const { return mean ? mean[c] : 0.0; }
+  double inv_std_of(int64_t c) const { return std ? 1.0 / std[c] : 1.0; }
+};
+
+ChannelNorm channel_norm(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
+  return {present(mean) ? mean->const_data_ptr<float>() : nullptr,
+          present(std_dev) ? std_dev->const_data_ptr<float>() : nullptr};
+}
+
+at::Tensor pixel_mixup_fwd_cpu(const at::Tensor& generated, const at::Tensor& real,
+                               const std::optional<at::Tensor>& s, double s_scalar,
+                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
+  checks::check_pixel_mixup_fwd(generated, real, s, mean, std_dev);
+  const int64_t B = generated.size(0), C = generated.size(1);
+  const int64_t HW = generated.size(2) * generated.size(3);
+  at::Tensor out = new_output_like(generated);
+  const ChannelNorm norm = channel_norm(mean, std_dev);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, generated.scalar_type(), "pixel_mixup_fwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<A>;
+    constexpr int64_t W = V::size();
+    const scalar_t* g_ptr = generated.const_data_ptr<scalar_t>();
+    const scalar_t* r_ptr = real.const_data_ptr<scalar_t>();
+    scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+    const auto s_of = mix_s<scalar_t>(s, s_scalar);
+    at::parallel_for(0, B * C, row_grain(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C;
+        const V v_s(s_of(p / C));
+        const V v_inv(static_cast<A>(norm.inv_std_of(c)));
+        const V v_shift(static_cast<A>(-norm.mean_of(c) * norm.inv_std_of(c)));
+        const int64_t off = p * HW;
+        vec_loop<W>(0, HW, [&](int64_t j, int64_t n) {
+          const V gv = load(g_ptr + off + j, n);
+          const V mixed = at::vec::fmadd(v_s, load(r_ptr + off + j, n) - gv, gv);
+          store(o_ptr + off + j, at::vec::fmadd(mixed, v_inv, v_shift), n);
+        });
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& generated, const at::Tensor& real,
+    const std::optional<at::Tensor>& s, double s_scalar, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& std_dev) {
+  checks::check_pixel_mixup_bwd(grad_out, generated, real, s, mean, std_dev);
+  const int64_t B = generated.size(0), C = generated.size(1);
+  const int64_t HW = generated.size(2) * generated.size(3);
+  const bool want_s = present(s);
+  at::Tensor grad_g = new_output_like(generated);
+  at::Tensor grad_r = new_output_like(real);
+  at::Tensor grad_s = want_s ? at::empty_like(*s) : at::empty({0}, generated.options());
+  const ChannelNorm norm = channel_norm(mean, std_dev);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, generated.scalar_type(), "pixel_mixup_bwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<A>;
+    constexpr int64_t W = V::size();
+    const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* g_ptr = generated.const_data_ptr<scalar_t>();
+    const scalar_t* r_ptr = real.const_data_ptr<scalar_t>();
+    scalar_t* gg_ptr = grad_g.mutable_data_ptr<scalar_t>();
+    scalar_t* gr_ptr = grad_r.mutable_data_ptr<scalar_t>();
+    const auto s_of = mix_s<scalar_t>(s, s_scalar);
+    // per-plane sums of go (r - g) / std_c, added per image in channel order below
+    std::vector<A> plane_sum(want_s ? static_cast<size_t>(B * C) : 0);
+    with_bool(want_s, [&](auto ws) {
+      constexpr bool WS = decltype(ws)::value;
+      at::parallel_for(0, B * C, row_grain(HW), [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const A s_i = s_of(p / C);
+          const A inv_std = static_cast<A>(norm.inv_std_of(p % C));
+          const V v_kr(s_i * inv_std), v_kg((A(1) - s_i) * inv_std);
+          const int64_t off = p * HW;
+          V vsum(A(0));
+          vec_loop<W>(0, HW, [&](int64_t j, int64_t n) {
+            const V go = load(go_ptr + off + j, n);
+            store(gg_ptr + off + j, go * v_kg, n);
+            store(gr_ptr + off + j, go * v_kr, n);
+            if constexpr (WS) {
+              vsum = at::vec::fmadd(go, load(r_ptr + off + j, n) - load(g_ptr + off + j, n), vsum);
+            }
+          });
+          if constexpr (WS) plane_sum[p] = hsum(vsum) * inv_std;
+        }
+      });
+    });
+    if (want_s) {
+      scalar_t* gs_ptr = grad_s.mutable_data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        A sum = 0;
+        for (int64_t c = 0; c < C; ++c) sum += plane_sum[b * C + c];
+        gs_ptr[b] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+  return {grad_g, grad_r, grad_s};
+}
+
+}  // namespace
+}  // namespace augkd::cpu
+
+TORCH_LIBRARY_IMPL(augkd, CPU, m) {
+  m.impl("latent_mixup_fwd", &augkd::cpu::latent_mixup_fwd_cpu);
+  m.impl("latent_mixup_bwd", &augkd::cpu::latent_mixup_bwd_cpu);
+  m.impl("pixel_mixup_fwd", &augkd::cpu::pixel_mixup_fwd_cpu);
+  m.impl("pixel_mixup_bwd", &augkd::cpu::pixel_mixup_bwd_cpu);
+}
