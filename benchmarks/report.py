@@ -5,10 +5,11 @@
 Providers are timed interleaved (one call of each in turn, `repeats` rounds) so that load on a shared
 machine hits them alike; the table gives medians and ratios measured in the same run.
 
-Peak extra memory (CPU): the kernel's per-process high-water mark (VmHWM) is reset before one
-forward+backward and read after it, minus the resident size before. malloc's mmap threshold is pinned
-(MALLOC_MMAP_THRESHOLD_) so freed large buffers go back to the OS and every step's allocations are
-counted afresh. On CUDA: torch.cuda.max_memory_allocated over the step, minus what was allocated before.
+Timing runs in this process, with the allocator as users have it. Peak extra memory (CPU) is measured
+in a child process whose malloc mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_), so that freed large
+buffers go back to the OS and every step's allocations are counted afresh: the kernel's high-water mark
+(VmHWM) is reset before one forward+backward and read after it, minus the resident size before.
+On CUDA: torch.cuda.max_memory_allocated over the step, minus what was allocated before.
 Memory is also given in units of one B x C buffer (the gradient the step must return).
 """
 
@@ -20,15 +21,14 @@ import statistics
 import sys
 import time
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # must be set before the process starts: re-exec
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.report", *sys.argv[1:]])
+import json
+import subprocess
 
-import torch  # noqa: E402
+import torch
 
-from augkd.ops import _extension, backends  # noqa: E402
+from augkd.ops import _extension, backends
 
-from .cases import all_cases, step  # noqa: E402
+from .cases import all_cases, step
 
 
 def _status_kib(field: str) -> int:
@@ -69,16 +69,65 @@ def time_interleaved(built_by_provider, formulas, repeats, device):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _providers(case) -> dict:
+    formulas = dict(case.formulas)
+    if "liger" in formulas:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            formulas.pop("liger")
+    return formulas
+
+
+def memory_child(cases, device) -> None:
+    """Print {case name: {provider: peak extra bytes}} as JSON (run with MALLOC_MMAP_THRESHOLD_ pinned)."""
+    result = {}
+    for case in cases:
+        result[case.name] = {}
+        for name, formula in _providers(case).items():
+            built = case.build(device, torch.float32)
+            step(built, formula)
+            step(built, formula)
+            result[case.name][name] = peak_extra_bytes(built, formula, device)
+            del built
+    print(json.dumps(result))
+
+
+def measure_memory(argv, device, cases) -> dict:
+    if device.type == "cuda":
+        out = {}
+        for case in cases:
+            out[case.name] = {}
+            for name, formula in _providers(case).items():
+                built = case.build(device, torch.float32)
+                step(built, formula)
+                out[case.name][name] = peak_extra_bytes(built, formula, device)
+        return out
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.report", *argv, "--memory-child"], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--only", default=None, help="op name filter, e.g. kd_loss")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     cases = [c for c in all_cases(gpu=gpu) if args.only is None or c.op == args.only]
+    if args.memory_child:
+        memory_child(cases, device)
+        return
+    memory = measure_memory([a for a in argv if a != "--memory-child"], device, cases)
 
     lines = [f"device {device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}), "
              f"torch {torch.__version__}, fp32, forward+backward, median of {args.repeats} interleaved rounds; "
@@ -87,25 +136,21 @@ def main(argv=None) -> None:
              "| op | shape | provider | time (ms) | eager / this | compile / this | peak extra (MiB) | in B x C buffers |",
              "|---|---|---|---|---|---|---|---|"]
     for case in cases:
-        formulas = dict(case.formulas)
-        if "liger" in formulas:
-            try:
-                import liger_kernel  # noqa: F401
-            except ImportError:
-                formulas.pop("liger")
+        formulas = _providers(case)
         built = {name: case.build(device, torch.float32) for name in formulas}
         for name, formula in formulas.items():  # warm-up, compile
             step(built[name], formula)
             step(built[name], formula)
         medians = time_interleaved(built, formulas, args.repeats, device)
         unit = case.buffer_elems * 4
-        for name, formula in formulas.items():
-            peak = peak_extra_bytes(built[name], formula, device)
+        for name in formulas:
+            peak = memory[case.name][name]
             lines.append(
                 f"| {case.op} | {'x'.join(map(str, case.shape))} | {name} | {medians[name] * 1e3:.2f} | "
                 f"{medians['eager'] / medians[name]:.2f}x | {medians['compile'] / medians[name]:.2f}x | "
                 f"{peak / 2**20:.1f} | {peak / unit:.2f} |")
-        print(lines[-len(formulas):] and "\n".join(lines[-len(formulas):]), file=sys.stderr, flush=True)
+        print("\n".join(lines[-len(formulas):]), file=sys.stderr, flush=True)
+        del built
     table = "\n".join(lines)
     print(table)
     if args.out:
