@@ -1,0 +1,79 @@
+"""What every stage receives: the config, the device, the data (already on the device), the run paths,
+the logger and the progress-bar policy."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..data import DomainShift, Split, normalize
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by the test hook AUGKD_DEBUG_KILL_AFTER=<stage>:<epoch> right after that epoch's checkpoint."""
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    device: torch.device
+    data: DomainShift
+    run_dir: str
+    log: logging.Logger
+    quiet: bool = False
+    resume: bool = False
+    # Stage name -> directory for that stage's resumable state and final artefact. The pipeline points
+    # shareable stages (teacher, Module 1, Module 2) at a cache when `augkd compare` runs.
+    stage_dirs: dict[str, str] = field(default_factory=dict)
+    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    @property
+    def mean(self):
+        return self.data.mean
+
+    @property
+    def std(self):
+        return self.data.std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.data.mean, self.data.std)
+
+    def stage_dir(self, stage: str) -> str:
+        d = self.stage_dirs.get(stage, os.path.join(self.run_dir, "checkpoints"))
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def bar(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", leave: bool = False):
+        """tqdm with ETA, silent when --quiet or when stderr is not a terminal (logs, CI)."""
+        disable = self.quiet or not sys.stderr.isatty()
+        return tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True)
+
+
+def split_to(split: Split, device: torch.device) -> Split:
+    return Split(split.images.to(device), split.labels.to(device))
+
+
+def data_to(data: DomainShift, device: torch.device) -> DomainShift:
+    """The whole benchmark fits in memory: move it once instead of per batch."""
+    from ..data import Domain
+
+    def dom(d: Domain) -> Domain:
+        return Domain(d.name, split_to(d.train, device), split_to(d.val, device), split_to(d.test, device))
+
+    return DomainShift(
+        name=data.name,
+        teacher=dom(data.teacher),
+        student=dom(data.student),
+        num_classes=data.num_classes,
+        image_shape=tuple(data.image_shape),
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        class_names=list(data.class_names),
+        splits=data.splits,
+    )

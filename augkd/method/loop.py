@@ -1,0 +1,125 @@
+"""The epoch loop shared by every stage: per-epoch metrics, best-epoch tracking, resumable checkpoints.
+
+A stage hands over its stateful objects (models, optimizers, schedulers), its explicit torch.Generators
+and two callbacks: ``train_epoch(e)`` and ``evaluate(e)``, each returning a dict of numbers. The loop
+writes one CSV row per epoch, keeps an in-memory copy of the best epoch's weights, and every
+``checkpoint_every`` epochs saves everything needed to continue: the objects' state, the best snapshot,
+the history and all RNG states. Resuming restores exactly that, so the continued run draws the same
+random numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..report import write_csv
+from . import checkpoint as ckpt
+from .context import Context, SimulatedKill
+from .evaluation import is_better
+
+KILL_ENV = "AUGKD_DEBUG_KILL_AFTER"
+
+
+@dataclass
+class LoopResult:
+    best_epoch: int
+    best_row: dict[str, Any]
+    best_states: dict[str, dict[str, torch.Tensor]]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _kill_requested(stage: str, epoch: int) -> bool:
+    spec = os.environ.get(KILL_ENV, "")
+    if ":" not in spec:
+        return False
+    name, ep = spec.rsplit(":", 1)
+    return name == stage and ep.strip().isdigit() and int(ep) == epoch
+
+
+def run_epochs(
+    ctx: Context,
+    stage: str,
+    epochs: int,
+    *,
+    objects: dict[str, Any],
+    generators: dict[str, torch.Generator],
+    best_modules: dict[str, nn.Module],
+    train_epoch: Callable[[int], dict[str, Any]],
+    evaluate: Callable[[int], dict[str, Any]],
+    select_key: Callable[[dict[str, Any]], tuple],
+    describe: Callable[[dict[str, Any]], str] | None = None,
+) -> LoopResult:
+    """Run ``epochs`` epochs of ``stage`` (resuming from its checkpoint when ``ctx.resume``)."""
+    state_path = os.path.join(ctx.stage_dir(stage), f"{stage}_state.pt")
+    csv_path = os.path.join(ctx.run_dir, "metrics", f"{stage}.csv")
+    history: list[dict[str, Any]] = []
+    best_key: tuple | None = None
+    best_epoch = -1
+    best_row: dict[str, Any] = {}
+    best_states = {k: ckpt.cpu_state_dict(m) for k, m in best_modules.items()}
+    start = 0
+    elapsed = 0.0
+
+    if ctx.resume and os.path.isfile(state_path):
+        state = ckpt.load(state_path, ctx.device)
+        if state.get("stage") != stage:
+            raise RuntimeError(f"{state_path}: checkpoint of stage {state.get('stage')!r}, expected {stage!r}")
+        for name, obj in objects.items():
+            obj.load_state_dict(state["objects"][name])
+        ckpt.restore_rng(state["rng"], generators)
+        history = state["history"]
+        best_key = state["best"]["key"]
+        best_epoch = state["best"]["epoch"]
+        best_row = state["best"]["row"]
+        best_states = state["best"]["states"]
+        elapsed = state.get("seconds", 0.0)
+        start = state["epoch"] + 1
+        ctx.log.info("%s: resuming after epoch %d of %d (%s)", stage, start - 1, epochs, state_path)
+
+    bar = ctx.bar(total=epochs, desc=stage, leave=False)
+    bar.update(start)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch}
+        row.update(train_epoch(epoch))
+        row.update(evaluate(epoch))
+        elapsed += time.perf_counter() - t0
+        row["seconds"] = round(elapsed, 3)
+        history.append(row)
+        key = select_key(row)
+        if is_better(key, best_key):
+            best_key, best_epoch, best_row = key, epoch, dict(row)
+            best_states = {k: ckpt.cpu_state_dict(m) for k, m in best_modules.items()}
+        write_csv(csv_path, history)
+        if describe is not None:
+            ctx.log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, describe(row))
+            bar.set_postfix_str(describe(row)[:80])
+        bar.update(1)
+        last = epoch == epochs - 1
+        if last or (epoch + 1) % ctx.cfg.checkpoint_every == 0:
+            ckpt.atomic_save(
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "objects": {name: obj.state_dict() for name, obj in objects.items()},
+                    "rng": ckpt.capture_rng(generators),
+                    "best": {"key": best_key, "epoch": best_epoch, "row": best_row, "states": best_states},
+                    "history": history,
+                    "seconds": elapsed,
+                    "splits": ctx.data.splits,
+                },
+                state_path,
+            )
+            if _kill_requested(stage, epoch):
+                bar.close()
+                raise SimulatedKill(f"{KILL_ENV}: simulated kill after {stage} epoch {epoch}")
+    bar.close()
+    if epochs == 0:
+        write_csv(csv_path, history)
+    return LoopResult(best_epoch, best_row, best_states, history, elapsed)

@@ -1,0 +1,107 @@
+"""Config: presets, methods, typing of overrides, files, and the error messages."""
+import pytest
+
+from augkd.config import ConfigError, build_config, load_file, parse_overrides, to_toml
+
+
+def test_defaults_are_paper_faithful():
+    cfg = build_config({})
+    assert cfg.method == "augkd" and cfg.preset == "faithful"
+    assert cfg.mixup.kd_target == "teacher" and cfg.mixup.normalize_real
+    assert cfg.mixup.u_schedule == "tied" and cfg.anchor.mask_penalty == "per_sample"
+    assert cfg.anchor.scheduler_step == "epoch" and cfg.df.step_encoder_scheduler
+
+
+def test_official_method_applies_the_released_behaviour():
+    cfg = build_config({"method": "official"})
+    assert cfg.preset == "official"
+    assert cfg.mixup.kd_target == "student" and not cfg.mixup.normalize_real
+    assert cfg.mixup.u_schedule == "constant" and cfg.mixup.u == 0.5
+    assert cfg.anchor.mask_penalty == "batch_sum" and cfg.anchor.scheduler_step == "batch"
+    assert cfg.mixup.scheduler_step == "batch" and not cfg.df.step_encoder_scheduler
+    assert cfg.anchor.eval_encoder_input == "normalized"
+
+
+def test_user_keys_win_over_the_preset():
+    cfg = build_config({"preset": "official", "mixup.u_schedule": "tied"})
+    assert cfg.mixup.u_schedule == "tied" and cfg.mixup.kd_target == "student"
+
+
+def test_ablation_methods():
+    assert not build_config({"method": "no-anchor"}).mixup.use_anchor
+    assert not build_config({"method": "no-mixup"}).mixup.mix_samples
+
+
+def test_overrides_are_typed():
+    cfg = build_config(parse_overrides(
+        ["mixup.epochs=7", "mixup.lr=0.01", "mixup.normalize_real=false", "df.generator_hidden=[8,4]",
+         "data.val_per_class=none", "data.teacher_domains=a,b"]
+    ))
+    assert cfg.mixup.epochs == 7 and cfg.mixup.lr == 0.01 and cfg.mixup.normalize_real is False
+    assert cfg.df.generator_hidden == [8, 4] and cfg.data.val_per_class is None
+    assert cfg.data.teacher_domains == ["a", "b"]
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({"mixup.epoch": 3})
+    assert "mixup.epoch" in str(err.value) and "mixup.epochs" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [("mixup.epochs", "ten", "int"), ("mixup.lr", "fast", "float"), ("mixup.normalize_real", "maybe", "bool"),
+     ("anchor.mask_penalty", "l2", "'per_sample'"), ("mixup.epochs", 2.5, "int"), ("seed", True, "int")],
+)
+def test_wrong_type_names_key_and_type(key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        build_config({key: value})
+    assert key in str(err.value) and expected in str(err.value)
+
+
+def test_bad_values():
+    with pytest.raises(ConfigError, match="mixup.b"):
+        build_config({"mixup.b": 1.5})
+    with pytest.raises(ConfigError, match="data.root"):
+        build_config({"data.setting": "folders"})
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = build_config({"method": "official", "mixup.epochs": 3, "df.encoder_hidden": [4, 8]})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    again = build_config(load_file(str(path)))
+    assert again == cfg
+
+
+def test_yaml_file_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("method: dfkd\nmixup:\n  epochs: 4\n")
+    cfg = build_config(load_file(str(y)))
+    assert cfg.method == "dfkd" and cfg.mixup.epochs == 4
+    with pytest.raises(ConfigError, match="not found"):
+        load_file(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("mixup = [")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_file(str(bad))
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["mixup.epochs"])
+
+
+def test_example_configs_load():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    files = sorted(glob.glob(os.path.join(root, "*.toml")))
+    assert files
+    for f in files:
+        build_config(load_file(f))
+
+
+def test_digits_example_config_matches_the_defaults():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "digits-shift.toml")
+    assert build_config(load_file(path)) == build_config({})

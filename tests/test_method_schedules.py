@@ -1,0 +1,42 @@
+"""Module 3's f(e) and u(e) schedules against the released formulas."""
+import pytest
+
+from augkd.method.schedules import kd_weight_u, mixup_factor
+
+
+@pytest.mark.parametrize("kind", ["linear", "step"])
+def test_start_end_and_beyond(kind):
+    E, a, b = 100, 0.6, 0.2
+    assert mixup_factor(0, E, a, b, kind) == pytest.approx(b)
+    assert mixup_factor(60, E, a, b, kind) == pytest.approx(1.0)  # e = a * E
+    assert mixup_factor(99, E, a, b, kind) == 1.0
+    assert mixup_factor(1000, E, a, b, kind) == 1.0
+
+
+def test_linear_midpoint():
+    # f(e) = min(1, b + (1 - b) e / (a E)): e = 30 of a E = 60 -> 0.2 + 0.8 * 0.5
+    assert mixup_factor(30, 100, 0.6, 0.2, "linear") == pytest.approx(0.6)
+    assert mixup_factor(59, 100, 0.6, 0.2, "linear") == pytest.approx(0.2 + 0.8 * 59 / 60)
+
+
+def test_step_is_quantised_to_tenths():
+    # f(e) = min(1, b + (1 - b) trunc(10 e / (a E)) / 10)
+    assert mixup_factor(5, 100, 0.6, 0.2, "step") == pytest.approx(0.2)  # 10*5/60 = 0.83 -> 0
+    assert mixup_factor(6, 100, 0.6, 0.2, "step") == pytest.approx(0.2 + 0.8 * 0.1)
+    assert mixup_factor(35, 100, 0.6, 0.2, "step") == pytest.approx(0.2 + 0.8 * 0.5)  # 5.83 -> 5
+    assert mixup_factor(59, 100, 0.6, 0.2, "step") == pytest.approx(0.2 + 0.8 * 0.9)
+
+
+def test_monotone_non_decreasing():
+    for kind in ("linear", "step"):
+        vals = [mixup_factor(e, 40, 0.6, 0.2, kind) for e in range(40)]
+        assert all(x <= y for x, y in zip(vals, vals[1:]))
+
+
+def test_u_schedules():
+    assert kd_weight_u(0.3, "tied") == pytest.approx(0.3)
+    assert kd_weight_u(0.3, "constant", 0.5) == 0.5
+    with pytest.raises(ValueError):
+        kd_weight_u(0.3, "nope")
+    with pytest.raises(ValueError):
+        mixup_factor(0, 10, 0.6, 0.2, "nope")
