@@ -8,14 +8,7 @@ import os
 from typing import Any, Sequence
 
 import torch
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+from .atomic import write_text
 
 
 def _plain(v: Any) -> Any:
@@ -31,7 +24,7 @@ def _plain(v: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(_plain(obj), indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(_plain(obj), indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str) -> Any:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from ..atomic import atomic_path
 
 # Same extension list as torchvision.datasets.folder.IMG_EXTENSIONS (lower case; matching ignores case).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -131,16 +131,8 @@ def load_images(
                 return torch.from_numpy(cached["images"].copy())
     result = _decode_all(paths, size, grayscale, chunk_size, workers)
     if cache_path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".images-", suffix=".npz", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, images=result.numpy())
-            os.replace(tmp, cache_path)  # atomic: a concurrent run never reads half a file
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(cache_path, ".npz") as tmp, open(tmp, "wb") as fh:  # a concurrent run never reads half a file
+            np.savez(fh, images=result.numpy())
     return result
 
 

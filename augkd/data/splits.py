@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+from ..atomic import atomic_path
 
 SPLIT_NAMES = ("train", "val", "test")
 TEACHER_STREAM, STUDENT_STREAM = 0, 1
@@ -161,18 +161,8 @@ def save_splits(path: str | os.PathLike, splits: dict) -> None:
     """Write ``splits`` as JSON, atomically (a crash never leaves a half-written file)."""
     if not isinstance(splits, dict):
         raise ValueError(f"splits: expected a dict, got {type(splits).__name__}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".splits-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(splits, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as fh:
+        json.dump(splits, fh)
 
 
 def load_splits(path: str | os.PathLike) -> dict:

@@ -5,29 +5,17 @@ A checkpoint is written to a temporary file in the same directory and moved into
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+from ..atomic import atomic_path
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: str, device: torch.device | str = "cpu") -> Any:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from ..atomic import atomic_path
 
 WRAPPER_KEYS = ("state_dict", "model")
 
@@ -119,11 +119,7 @@ def save_state(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.Pat
     sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError("model: expected an nn.Module or a dict of tensors")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, os.path.splitext(path)[1]) as tmp:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
@@ -131,8 +127,3 @@ def save_state(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.Pat
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, tmp)
         else:
             torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
