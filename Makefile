@@ -28,7 +28,7 @@ run: build          ## the main job: AuG-KD on the embedded digits-shift default
 	$(BIN)/augkd run $(ARGS)
 
 test: build         ## the test suite (no GPU needed; GPU cases skip with a reason)
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -rs tests $(ARGS)
 
 bench: build        ## pytest-benchmark of the ops (CPU)
 	$(BIN)/python -m pytest -q benchmarks $(ARGS)
