@@ -126,10 +126,15 @@ def select(device: torch.device) -> str:
 
 def ops_namespace(backend: str):
     """torch.ops namespace holding the backend's registered ops (triton and C++ backends)."""
+    return getattr(torch.ops, namespace_name(backend))
+
+
+def namespace_name(backend: str) -> str:
+    """Name of the torch.ops namespace of a kernel backend: augkd_triton or augkd (C++ CPU/CUDA)."""
     if backend == "triton":
-        _triton_module()
-        return torch.ops.augkd_triton
-    return torch.ops.augkd
+        _triton_module()  # imports and registers the Triton ops on first use
+        return "augkd_triton"
+    return "augkd"
 
 
 @dataclass

@@ -3,16 +3,18 @@ per-sample weights, ignored rows, in one pass over the logits (see docs/ops-desi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import _checks, backends, reference
+from . import _checks, _registration, backends, reference
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 OP = "kd_loss"
 
 
-def _validate(student, teacher, target, weight, temperature, alpha, reduction, teacher_format, ignore_index):
+def _validate(student, teacher, target, weight, temperature, alpha, reduction, teacher_format, ignore_index,
+              check_range=True):
     _checks.tensor(OP, "student_logits", student)
     _checks.tensor(OP, "teacher_logits", teacher)
     if student.dim() < 1 or student.shape[-1] < 1:
@@ -39,14 +41,17 @@ def _validate(student, teacher, target, weight, temperature, alpha, reduction, t
                              f"dimension), got {tuple(target.shape)}")
         if target.device != student.device:
             raise ValueError(f"{OP}: target must be on {student.device}, got {target.device}")
-        # A range check reads the labels (a host sync on GPUs): CPU tensors in eager mode only. Elsewhere
-        # the kernels turn an out-of-range label into a NaN row instead of reading out of bounds.
-        if _checks.eager() and target.device.type == "cpu" and target.numel():
+        # A range check reads the labels (a host sync on GPUs): CPU tensors in eager mode only, and not for
+        # the C++ CPU backend, whose kernel raises the same error while it reads the labels anyway.
+        # Elsewhere the kernels turn an out-of-range label into a NaN row instead of reading out of bounds.
+        if check_range and _checks.eager() and target.device.type == "cpu" and target.numel():
             classes = student.shape[-1]
-            bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-            if bool(bad.any()):
-                first = int(target[bad].flatten()[0])
-                raise ValueError(f"{OP}: target holds class index {first}, outside [0, {classes}) "
+            labels = target.detach().reshape(-1).to(torch.int64).numpy()
+            # as unsigned, a negative label is huge: one comparison finds labels < 0 and >= C (numpy: a few
+            # microseconds, where the same test as torch ops costs ~10 us on small batches)
+            bad = (labels.view(np.uint64) >= classes) & (labels != ignore_index)
+            if bad.any():
+                raise ValueError(f"{OP}: target holds class index {int(labels[bad][0])}, outside [0, {classes}) "
                                  f"(and not ignore_index={ignore_index})")
     if weight is not None:
         _checks.tensor(OP, "weight", weight)
@@ -58,15 +63,13 @@ def _validate(student, teacher, target, weight, temperature, alpha, reduction, t
     return temperature, alpha
 
 
-def _per_row(student, teacher, target, temperature, alpha, ignore_index, t2_scale, fmt):
-    """(loss rows, lse_t rows) from the backend chosen for these tensors."""
-    backend = backends.select(student.device)
+def _per_row(backend, student, teacher, target, temperature, alpha, ignore_index, t2_scale, fmt, want_lse_t):
+    """(loss rows, lse_t rows or None) from `backend`."""
     if backend == "torch":
         return reference.kd_loss_rows(student, teacher, target, temperature, alpha, ignore_index, t2_scale, fmt)
-    ns = backends.ops_namespace(backend)
-    loss, stats = ns.kd_loss_fwd(student.contiguous(), teacher.contiguous(), target, temperature, alpha,
-                                 ignore_index, t2_scale, fmt)
-    return loss, stats[:, 1]
+    loss, stats = _registration.call(backends.namespace_name(backend), "kd_loss", student.contiguous(),
+                                     teacher.contiguous(), target, temperature, alpha, ignore_index, t2_scale, fmt)
+    return loss, (stats[:, 1] if want_lse_t else None)  # slicing only when asked: each op costs us
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None, *,
@@ -104,16 +107,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         The loss (fp32; fp64 for fp64 inputs): a scalar, or per row for ``"none"``; with
         ``return_teacher_energy`` a pair ``(loss, energy)``.
     """
+    backend = backends.select(student_logits.device) if isinstance(student_logits, torch.Tensor) else "torch"
     temperature, alpha = _validate(student_logits, teacher_logits, target, weight, temperature, alpha,
-                                   reduction, teacher_format, ignore_index)
+                                   reduction, teacher_format, ignore_index, check_range=backend != "cpu")
     lead = student_logits.shape[:-1]
     classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, classes)
     teacher = teacher_logits.reshape(-1, classes)
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
     fmt = reference.TEACHER_FORMATS[teacher_format]
-    rows, lse_t = _per_row(student, teacher, flat_target, temperature, alpha, int(ignore_index),
-                           bool(t2_scale), fmt)
+    rows, lse_t = _per_row(backend, student, teacher, flat_target, temperature, alpha, int(ignore_index),
+                           bool(t2_scale), fmt, return_teacher_energy)
     if weight is not None:
         rows = rows * weight.reshape(-1).to(rows.dtype)
     if reduction == "none":
@@ -121,10 +125,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     elif reduction == "sum":
         loss = rows.sum()
     elif reduction == "batchmean":
-        loss = rows.sum() / max(rows.shape[0], 1)
+        loss = rows.mean() if rows.shape[0] else rows.sum()  # sum / B; 0 (not NaN) for an empty batch
     else:  # mean over rows not ignored; counted on the device (no host sync), never 0/0
         if flat_target is None:
-            loss = rows.sum() / max(rows.shape[0], 1)
+            loss = rows.mean() if rows.shape[0] else rows.sum()
         else:
             count = (flat_target != ignore_index).sum().clamp_min(1)
             loss = rows.sum() / count.to(rows.dtype)

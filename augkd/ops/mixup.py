@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from . import _checks, backends, reference
+from . import _checks, _registration, backends, reference
 
 
 def _mix_weight(op: str, s, rows: int, like: torch.Tensor, shapes: str):
@@ -64,8 +64,8 @@ def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> t
     if backend == "torch":
         return reference.latent_mixup(z, mask.to(z.dtype), psi, s_tensor.unsqueeze(1) if s_tensor is not None
                                       else s_scalar)
-    ns = backends.ops_namespace(backend)
-    return ns.latent_mixup_fwd(z.contiguous(), mask.to(z.dtype).contiguous(), psi.contiguous(), s_tensor, s_scalar)
+    return _registration.call(backends.namespace_name(backend), "latent_mixup", z.contiguous(),
+                              mask.to(z.dtype).contiguous(), psi.contiguous(), s_tensor, s_scalar)
 
 
 def anchor_mix(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def pixel_mixup(generated: torch.Tensor, real: torch.Tensor, s, mean: Sequence[f
     if backend == "torch":
         s_arg = s_tensor.view(rows, 1, 1, 1) if s_tensor is not None else s_scalar
         return reference.pixel_mixup(generated, real, s_arg, mean_t, std_t)
-    ns = backends.ops_namespace(backend)
     mean_f = None if mean_t is None else mean_t.to(torch.float32).contiguous()
     std_f = None if std_t is None else std_t.to(torch.float32).contiguous()
-    return ns.pixel_mixup_fwd(generated.contiguous(), real.contiguous(), s_tensor, s_scalar, mean_f, std_f)
+    return _registration.call(backends.namespace_name(backend), "pixel_mixup", generated.contiguous(),
+                              real.contiguous(), s_tensor, s_scalar, mean_f, std_f)

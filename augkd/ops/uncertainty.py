@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, backends, reference
+from . import _checks, _registration, backends, reference
 
 OP = "uncertainty"
 
@@ -29,7 +29,8 @@ def uncertainty(logits: torch.Tensor, *, temperature: float = 1.0) -> tuple[torc
     if backend == "torch":
         energy, entropy = reference.uncertainty(flat, temperature)
     else:
-        energy, entropy = backends.ops_namespace(backend).uncertainty_fwd(flat.contiguous(), temperature)
+        energy, entropy = _registration.call(backends.namespace_name(backend), "uncertainty", flat.contiguous(),
+                                             temperature)
     return energy.reshape(lead), entropy.reshape(lead)
 
 

@@ -197,6 +197,13 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   const bool has_target = target.has_value() && target->defined();
   const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
   const bool lse1_separate = has_target && temperature != 1.0;
+  // On the CPU a bad label can be reported without a device sync: raise the front-end's ValueError here
+  // (the Python check is skipped for this backend; GPU kernels give a NaN row instead).
+  for (int64_t i = 0; has_target && i < B; ++i) {
+    const int64_t y = y_ptr[i];
+    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < C), "kd_loss: target holds class index ", y,
+                      ", outside [0, ", C, ") (and not ignore_index=", ignore_index, ")");
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
