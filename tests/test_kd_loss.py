@@ -396,3 +396,17 @@ def test_empty_batch(backend):
         loss.backward()
         assert kd_loss(s, t, reduction="none").shape == (0,)
     assert s.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_llm_vocabulary_262144_classes(backend):
+    """The issue's upper bound: one sweep per row over 262144 classes (many blocks), ignored row included."""
+    small_enough(backend, 3 * 262144)
+    cfg = dict(temperature=4.0, alpha=0.5, reduction="none", target="plain", weight=False, fmt="logits")
+    s, t, _, _ = make_inputs(3, 262144, cfg, gen_seed=11)
+    y = torch.tensor([5, 262143, -100])
+    loss, grads = run(backend, s, t, y, None, cfg, torch.float32)
+    ref, ref_grads = run("torch", s, t, y, None, cfg, torch.float64)
+    assert_close(loss, ref, torch.float32, "loss")
+    for name, g, r in zip(("grad student", "grad teacher"), grads, ref_grads):
+        assert_close(g, r, torch.float32, name)
