@@ -76,6 +76,16 @@ inline void check_same_dtype(const char* op, const char* name, const at::Tensor&
               " (", ref.scalar_type(), "), got ", x.scalar_type());
 }
 
+// `x` must be defined, contiguous, and have the shape, dtype and device of `ref` (its partner input).
+inline void check_like(const char* op, const char* name, const at::Tensor& x, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(x.defined(), op, ": ", name, " must be a defined tensor");
+  check_same_shape(op, name, x, ref_name, ref);
+  check_same_dtype(op, name, x, ref_name, ref);
+  check_same_device(op, name, x, ref_name, ref);
+  check_contiguous(op, name, x);
+}
+
 inline void check_dtype(const char* op, const char* name, const at::Tensor& x, c10::ScalarType want) {
   TORCH_CHECK(x.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", x.scalar_type());
 }
@@ -109,11 +119,7 @@ inline void check_kd_loss_inputs(const char* op, const at::Tensor& student, cons
   TORCH_CHECK(student.size(1) >= 1, op, ": student must have at least one class, got shape ",
               shape_str(student.sizes()));
   check_contiguous(op, "student", student);
-  TORCH_CHECK(teacher.defined(), op, ": teacher must be a defined tensor");
-  check_same_shape(op, "teacher", teacher, "student", student);
-  check_same_dtype(op, "teacher", teacher, "student", student);
-  check_same_device(op, "teacher", teacher, "student", student);
-  check_contiguous(op, "teacher", teacher);
+  check_like(op, "teacher", teacher, "student", student);
   if (target.has_value() && target->defined()) {
     check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
   }
@@ -198,11 +204,7 @@ inline void check_latent_mixup(const char* op, const at::Tensor* grad_out, const
   check_float_input(op, "z", z);
   check_dim(op, "z", z, 2, "(rows, latent)");
   check_contiguous(op, "z", z);
-  TORCH_CHECK(psi.defined(), op, ": psi must be a defined tensor");
-  check_same_shape(op, "psi", psi, "z", z);
-  check_same_dtype(op, "psi", psi, "z", z);
-  check_same_device(op, "psi", psi, "z", z);
-  check_contiguous(op, "psi", psi);
+  check_like(op, "psi", psi, "z", z);
   TORCH_CHECK(mask.defined(), op, ": mask must be a defined tensor");
   TORCH_CHECK(mask.dim() == 2 && (mask.size(0) == z.size(0) || mask.size(0) == 1) && mask.size(1) == z.size(1), op,
               ": mask must have shape ", shape_str(z.sizes()), " or (1, ", z.size(1), "), got ",
@@ -212,11 +214,7 @@ inline void check_latent_mixup(const char* op, const at::Tensor* grad_out, const
   check_contiguous(op, "mask", mask);
   check_mix_s(op, s, z.size(0), "z", z);
   if (grad_out != nullptr) {
-    TORCH_CHECK(grad_out->defined(), op, ": grad_out must be a defined tensor");
-    check_same_shape(op, "grad_out", *grad_out, "z", z);
-    check_same_dtype(op, "grad_out", *grad_out, "z", z);
-    check_same_device(op, "grad_out", *grad_out, "z", z);
-    check_contiguous(op, "grad_out", *grad_out);
+    check_like(op, "grad_out", *grad_out, "z", z);
   }
 }
 
@@ -249,20 +247,12 @@ inline void check_pixel_mixup(const char* op, const at::Tensor* grad_out, const 
   check_float_input(op, "generated", generated);
   check_dim(op, "generated", generated, 4, "(batch, channels, height, width)");
   check_contiguous(op, "generated", generated);
-  TORCH_CHECK(real.defined(), op, ": real must be a defined tensor");
-  check_same_shape(op, "real", real, "generated", generated);
-  check_same_dtype(op, "real", real, "generated", generated);
-  check_same_device(op, "real", real, "generated", generated);
-  check_contiguous(op, "real", real);
+  check_like(op, "real", real, "generated", generated);
   check_mix_s(op, s, generated.size(0), "generated", generated);
   check_channel_vector(op, "mean", mean, generated);
   check_channel_vector(op, "std", std_dev, generated);
   if (grad_out != nullptr) {
-    TORCH_CHECK(grad_out->defined(), op, ": grad_out must be a defined tensor");
-    check_same_shape(op, "grad_out", *grad_out, "generated", generated);
-    check_same_dtype(op, "grad_out", *grad_out, "generated", generated);
-    check_same_device(op, "grad_out", *grad_out, "generated", generated);
-    check_contiguous(op, "grad_out", *grad_out);
+    check_like(op, "grad_out", *grad_out, "generated", generated);
   }
 }
 
