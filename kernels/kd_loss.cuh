@@ -373,6 +373,24 @@ struct KdBwdVisitor {
 
 constexpr int kBwdUnroll = 2;
 
+// The visitor of row `row`: its pointers, saved stats, upstream grads and target (the kernel below and
+// the host emulation in tests/cuda_emulation build it the same way, here).
+template <typename T>
+AUGKD_HD KdBwdVisitor<T> kd_bwd_visitor(const KdBwdParams<T>& p, int64_t row) {
+  const int64_t off = row * p.cols;
+  KdBwdVisitor<T> v{p, p.student + off, p.teacher + off,
+                    p.grad_student ? p.grad_student + off : nullptr,
+                    p.grad_teacher ? p.grad_teacher + off : nullptr,
+                    p.stats[row * 4 + 0], p.stats[row * 4 + 1], p.stats[row * 4 + 2], p.stats[row * 4 + 3],
+                    p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
+  if (p.target != nullptr) {
+    v.y = p.target[row];
+    v.ignored = v.y == p.ignore_index;
+    v.bad = !v.ignored && (v.y < 0 || v.y >= p.cols);
+  }
+  return v;
+}
+
 // TILE = true: blockIdx.x is a tile of p.tile columns, blockIdx.y (looping by gridDim.y) a row; the
 // block's threads share the tile (many blocks per row: long rows with few rows still fill the GPU).
 // TILE = false: one warp per row, blockDim = (32, kRowWarps), rows loop with gridDim.x * kRowWarps.
@@ -387,18 +405,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) kd_loss_bwd_kernel(const KdBw
   const int64_t end = TILE ? min(p.cols, begin + p.tile) : p.cols;
 
   for (int64_t row = row0; row < p.rows; row += stride) {
-    const int64_t off = row * p.cols;
-    KdBwdVisitor<T> v{p, p.student + off, p.teacher + off,
-                      p.grad_student ? p.grad_student + off : nullptr,
-                      p.grad_teacher ? p.grad_teacher + off : nullptr,
-                      p.stats[row * 4 + 0], p.stats[row * 4 + 1], p.stats[row * 4 + 2], p.stats[row * 4 + 3],
-                      p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
-    if (p.target != nullptr) {
-      v.y = p.target[row];
-      v.ignored = v.y == p.ignore_index;
-      v.bad = !v.ignored && (v.y < 0 || v.y >= p.cols);
-    }
-    sweep_range<kVec<T>, kBwdUnroll>(p.student + off, begin, end, rank, size, v);
+    KdBwdVisitor<T> v = kd_bwd_visitor(p, row);
+    sweep_range<kVec<T>, kBwdUnroll>(p.student + row * p.cols, begin, end, rank, size, v);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <tuple>
 #include <vector>
 
+#include "emul_common.h"
 #include "mixup.cuh"
 
 using namespace augkd::cuda;
@@ -26,20 +27,6 @@ struct HostRowSum {
   void operator()(int64_t slot, int64_t row, A v) const { (*ws)[slot * rows + row] += v; }
 };
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T>
-T from_double(double x) {
-  return static_cast<T>(static_cast<float>(x));
-}
-template <>
-double from_double<double>(double x) {
-  return x;
-}
-template <typename T>
-double to_double(T x) {
-  return static_cast<double>(static_cast<acc_type<T>>(x));
-}
 
 template <typename T>
 void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, std::mt19937& rng, const char* tag) {

@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "emul_common.h"
 #include "kd_loss.cuh"
 #include "uncertainty.cuh"
 
@@ -100,16 +101,7 @@ void emu_kd_bwd(const KdBwdParams<T>& p, int size, int64_t tile) {
     for (int64_t begin = 0; begin < p.cols; begin += tile) {
       const int64_t end = std::min(p.cols, begin + tile);
       for (int r = 0; r < size; ++r) {
-        KdBwdVisitor<T> v{p, p.student + off, p.teacher + off,
-                          p.grad_student ? p.grad_student + off : nullptr,
-                          p.grad_teacher ? p.grad_teacher + off : nullptr,
-                          p.stats[row * 4 + 0], p.stats[row * 4 + 1], p.stats[row * 4 + 2], p.stats[row * 4 + 3],
-                          p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
-        if (p.target != nullptr) {
-          v.y = p.target[row];
-          v.ignored = v.y == p.ignore_index;
-          v.bad = !v.ignored && (v.y < 0 || v.y >= p.cols);
-        }
+        KdBwdVisitor<T> v = kd_bwd_visitor(p, row);
         sweep_range<kVec<T>, kBwdUnroll>(p.student + off, begin, end, r, size, v);
       }
     }
@@ -165,14 +157,6 @@ KdRef kd_ref_row(const std::vector<double>& s, const std::vector<double>& t, int
   return r;
 }
 
-template <typename T>
-T from_double(double x) {
-  return static_cast<T>(static_cast<float>(x));
-}
-template <>
-double from_double<double>(double x) {
-  return x;
-}
 
 template <typename T>
 void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, int64_t tile, const char* tag,
