@@ -79,8 +79,8 @@ def _providers(case) -> dict:
     return formulas
 
 
-def memory_child(cases, device) -> None:
-    """Print {case name: {provider: peak extra bytes}} as JSON (run with MALLOC_MMAP_THRESHOLD_ pinned)."""
+def peaks(cases, device) -> dict:
+    """{case name: {provider: peak extra bytes of one warmed-up forward+backward}}."""
     result = {}
     for case in cases:
         result[case.name] = {}
@@ -90,19 +90,14 @@ def memory_child(cases, device) -> None:
             step(built, formula)
             result[case.name][name] = peak_extra_bytes(built, formula, device)
             del built
-    print(json.dumps(result))
+    return result
 
 
 def measure_memory(argv, device, cases) -> dict:
+    """CUDA: in this process (the caching allocator's counters are exact). CPU: in a child process whose
+    malloc mmap threshold is pinned, which prints `peaks` as JSON."""
     if device.type == "cuda":
-        out = {}
-        for case in cases:
-            out[case.name] = {}
-            for name, formula in _providers(case).items():
-                built = case.build(device, torch.float32)
-                step(built, formula)
-                out[case.name][name] = peak_extra_bytes(built, formula, device)
-        return out
+        return peaks(cases, device)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     res = subprocess.run([sys.executable, "-m", "benchmarks.report", *argv, "--memory-child"], env=env,
                          capture_output=True, text=True, check=True)
@@ -125,7 +120,7 @@ def main(argv=None) -> None:
     gpu = device.type == "cuda"
     cases = [c for c in all_cases(gpu=gpu) if args.only is None or c.op == args.only]
     if args.memory_child:
-        memory_child(cases, device)
+        print(json.dumps(peaks(cases, device)))
         return
     memory = measure_memory([a for a in argv if a != "--memory-child"], device, cases)
 
