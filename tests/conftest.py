@@ -15,6 +15,16 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: with several intra-op threads on a busy 2-core machine, thread handoff
+    costs far more than the work (seconds instead of milliseconds), so such a module runs single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

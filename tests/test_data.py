@@ -22,14 +22,8 @@ from augkd.data.digits import load_mnist5k, load_optdigits
 from augkd.data.splits import split_by_counts, split_by_fractions, make_rng
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with several intra-op threads on a busy 2-core machine, thread handoff
-    costs far more than the work (seconds instead of milliseconds), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: single-threaded (see the one_thread fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- embedded digits

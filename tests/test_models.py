@@ -13,14 +13,8 @@ from augkd.models.classifiers import replace_head
 SHAPES = [(1, 16, 16), (3, 32, 32)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with several intra-op threads on a busy 2-core machine, thread handoff
-    costs far more than the work (seconds instead of milliseconds), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: single-threaded (see the one_thread fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
