@@ -1,5 +1,7 @@
 // The op schemas, registered once. Backends add implementations with TORCH_LIBRARY_IMPL:
-// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). The math behind each op is derived in
+// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). Every *_bwd op takes one "<input>_grad" flag per
+// differentiable input: a gradient not asked for is neither computed nor allocated (an empty (0,) tensor
+// is returned in its place), so a backward moves only the bytes the caller needs. The math behind each op is derived in
 // docs/ops-design.md; the Triton backend registers the same signatures under augkd_triton.
 #include <Python.h>
 #include <torch/library.h>
@@ -25,14 +27,16 @@ TORCH_LIBRARY(augkd, m) {
       "Tensor entropy, float temperature) -> Tensor");
   m.def("latent_mixup_fwd(Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) -> Tensor");
   m.def(
-      "latent_mixup_bwd(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) "
+      "latent_mixup_bwd(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar, "
+      "bool z_grad, bool mask_grad, bool psi_grad, bool s_grad) "
       "-> (Tensor grad_z, Tensor grad_mask, Tensor grad_psi, Tensor grad_s)");
   m.def(
       "pixel_mixup_fwd(Tensor generated, Tensor real, Tensor? s, float s_scalar, Tensor? mean, "
       "Tensor? std) -> Tensor");
   m.def(
       "pixel_mixup_bwd(Tensor grad_out, Tensor generated, Tensor real, Tensor? s, float s_scalar, "
-      "Tensor? mean, Tensor? std) -> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)");
+      "Tensor? mean, Tensor? std, bool generated_grad, bool real_grad, bool s_grad) "
+      "-> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)");
 }
 
 // Lets Python ask whether the CUDA kernels were compiled into this build.

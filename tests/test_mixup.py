@@ -3,10 +3,12 @@ covering every broadcasting case (mask (B,L)/(1,L); s float, per-sample, single-
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from augkd.ops import anchor_mix, latent_mixup, pixel_mixup, use_backend
+from augkd.ops import anchor_mix, backends, latent_mixup, pixel_mixup, use_backend
 
 from .matrix import BACKENDS_HERE, as_leaf, assert_close, small_enough
 
@@ -66,6 +68,99 @@ def test_latent_mixup(backend, width, mask_rows, s_kind):
     for name, g, r in zip(("z", "mask", "psi", "s"), grads, ref_grads):
         assert g.shape == r.shape, f"grad {name} shape {tuple(g.shape)} != {tuple(r.shape)}"
         assert_close(g, r, torch.float32, f"grad {name}")
+
+
+LATENT_INPUTS = ("z", "mask", "psi", "s")
+SUBSETS = [w for n in range(1, 5) for w in itertools.combinations(LATENT_INPUTS, n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("mask_rows", ["B", "1"])
+@pytest.mark.parametrize("wanted", SUBSETS, ids=lambda w: "+".join(w))
+def test_latent_mixup_only_wanted_gradients(backend, mask_rows, wanted):
+    """Inputs that need no gradient get none (the backward skips them), the others stay exact."""
+    gen = torch.Generator().manual_seed(len(wanted) * 7 + len(mask_rows))
+    rows, width = 6, 37  # odd width: vector tails on every backend
+    values = {"z": torch.randn(rows, width, generator=gen, dtype=torch.float64),
+              "mask": torch.rand(rows if mask_rows == "B" else 1, width, generator=gen, dtype=torch.float64),
+              "psi": torch.randn(rows, width, generator=gen, dtype=torch.float64),
+              "s": torch.rand(rows, 1, generator=gen, dtype=torch.float64)}
+
+    def evaluate(fn, dtype):
+        leaves = {k: as_leaf(v, dtype, requires_grad=k in wanted) for k, v in values.items()}
+        out = fn(*(leaves[k] for k in LATENT_INPUTS))
+        return out, dict(zip(wanted, grads_of(out, [leaves[k] for k in wanted]))), leaves
+
+    with use_backend(backend):
+        out, grads, leaves = evaluate(latent_mixup, torch.float32)
+    ref, ref_grads, _ = evaluate(independent_latent, torch.float64)
+    assert_close(out, ref, torch.float32, "output")
+    for name in wanted:
+        assert_close(grads[name], ref_grads[name], torch.float32, f"grad {name}")
+    assert out.requires_grad
+
+
+PIXEL_INPUTS = ("generated", "real", "s")
+PIXEL_SUBSETS = [w for n in range(1, 4) for w in itertools.combinations(PIXEL_INPUTS, n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("wanted", PIXEL_SUBSETS, ids=lambda w: "+".join(w))
+def test_pixel_mixup_only_wanted_gradients(backend, wanted):
+    gen = torch.Generator().manual_seed(len(wanted))
+    shape, mean, std = (3, 2, 5, 7), [0.3, 0.6], [0.5, 2.0]
+    values = {"generated": torch.rand(shape, generator=gen, dtype=torch.float64),
+              "real": torch.rand(shape, generator=gen, dtype=torch.float64),
+              "s": torch.rand(shape[0], 1, 1, 1, generator=gen, dtype=torch.float64)}
+
+    def independent(g_, r_, s_):
+        view = (1, -1, 1, 1)
+        return ((1 - s_) * g_ + s_ * r_ - torch.tensor(mean, dtype=g_.dtype).view(view)) / torch.tensor(
+            std, dtype=g_.dtype).view(view)
+
+    def evaluate(fn, dtype):
+        leaves = {k: as_leaf(v, dtype, requires_grad=k in wanted) for k, v in values.items()}
+        out = fn(*(leaves[k] for k in PIXEL_INPUTS))
+        return out, dict(zip(wanted, grads_of(out, [leaves[k] for k in wanted])))
+
+    with use_backend(backend):
+        out, grads = evaluate(lambda g_, r_, s_: pixel_mixup(g_, r_, s_, mean=mean, std=std), torch.float32)
+    ref, ref_grads = evaluate(independent, torch.float64)
+    assert_close(out, ref, torch.float32, "output")
+    for name in wanted:
+        assert_close(grads[name], ref_grads[name], torch.float32, f"grad {name}")
+
+
+KERNEL_BACKENDS_HERE = [b for b in BACKENDS_HERE if b != "torch"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
+def test_backward_ops_return_empty_for_unwanted_gradients(backend):
+    """The *_bwd schemas' flags: an unwanted gradient is an empty (0,) tensor, a wanted one is the same
+    as when every gradient is asked for, up to rounding (each flag set is its own compiled loop, whose
+    multiply-adds the compiler may fuse differently)."""
+    ns = backends.ops_namespace(backend)
+    gen = torch.Generator().manual_seed(3)
+    z, psi, go = (torch.randn(4, 9, generator=gen) for _ in range(3))
+    mask, s = torch.rand(1, 9, generator=gen), torch.rand(4, generator=gen)
+    full = ns.latent_mixup_bwd(go, z, mask, psi, s, 0.0, True, True, True, True)
+    for flags in itertools.product([False, True], repeat=4):
+        part = ns.latent_mixup_bwd(go, z, mask, psi, s, 0.0, *flags)
+        for name, want, got, every in zip(LATENT_INPUTS, flags, part, full):
+            if want:
+                torch.testing.assert_close(got, every, msg=f"{backend} {flags} grad {name}")
+            else:
+                assert got.shape == (0,), f"{backend} {flags}: unwanted grad {name} has shape {tuple(got.shape)}"
+    g4, r4, go4 = (torch.rand(2, 3, 4, 5, generator=gen) for _ in range(3))
+    s2, mean, std = torch.rand(2, generator=gen), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.6, 0.7])
+    full = ns.pixel_mixup_bwd(go4, g4, r4, s2, 0.0, mean, std, True, True, True)
+    for flags in itertools.product([False, True], repeat=3):
+        part = ns.pixel_mixup_bwd(go4, g4, r4, s2, 0.0, mean, std, *flags)
+        for name, want, got, every in zip(PIXEL_INPUTS, flags, part, full):
+            if want:
+                torch.testing.assert_close(got, every, msg=f"{backend} {flags} grad {name}")
+            else:
+                assert got.shape == (0,), f"{backend} {flags}: unwanted grad {name} has shape {tuple(got.shape)}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)

@@ -48,18 +48,24 @@ def _fake_latent_fwd(z, mask, psi, s, s_scalar):
     return torch.empty_like(z)
 
 
-def _fake_latent_bwd(grad_out, z, mask, psi, s, s_scalar):
-    gs = torch.empty_like(s) if s is not None else z.new_empty((0,))
-    return torch.empty_like(z), torch.empty_like(mask), torch.empty_like(psi), gs
+def _grad_or_empty(wanted: bool, like: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    # a *_bwd op returns an empty (0,) tensor for each gradient its flags did not ask for
+    return torch.empty_like(like) if wanted else fallback.new_empty((0,))
+
+
+def _fake_latent_bwd(grad_out, z, mask, psi, s, s_scalar, z_grad, mask_grad, psi_grad, s_grad):
+    gs = _grad_or_empty(s_grad and s is not None, s if s is not None else z, z)
+    return (_grad_or_empty(z_grad, z, z), _grad_or_empty(mask_grad, mask, mask),
+            _grad_or_empty(psi_grad, psi, psi), gs)
 
 
 def _fake_pixel_fwd(generated, real, s, s_scalar, mean, std):
     return torch.empty_like(generated)
 
 
-def _fake_pixel_bwd(grad_out, generated, real, s, s_scalar, mean, std):
-    gs = torch.empty_like(s) if s is not None else generated.new_empty((0,))
-    return torch.empty_like(generated), torch.empty_like(real), gs
+def _fake_pixel_bwd(grad_out, generated, real, s, s_scalar, mean, std, generated_grad, real_grad, s_grad):
+    gs = _grad_or_empty(s_grad and s is not None, s if s is not None else generated, generated)
+    return _grad_or_empty(generated_grad, generated, generated), _grad_or_empty(real_grad, real, real), gs
 
 
 FAKES = {
@@ -110,6 +116,11 @@ def _unc_backward_for(bwd):
     return backward
 
 
+def _only(wanted: bool, grad: torch.Tensor):
+    """The gradient when it was asked for, else None (the op returned an empty placeholder)."""
+    return grad if wanted else None
+
+
 def _latent_setup(ctx, inputs, output):
     z, mask, psi, s, s_scalar = inputs
     ctx.save_for_backward(z, mask, psi, s)
@@ -121,8 +132,10 @@ def _latent_backward_for(bwd):
         if grad_out is None:  # the output took no part in the loss
             return (None,) * 5
         z, mask, psi, s = ctx.saved_tensors
-        gz, gm, gp, gs = bwd(grad_out.contiguous(), z, mask, psi, s, ctx.s_scalar)
-        return gz, gm, gp, (gs if s is not None else None), None
+        want = ctx.needs_input_grad[:4]
+        want_s = want[3] and s is not None
+        gz, gm, gp, gs = bwd(grad_out.contiguous(), z, mask, psi, s, ctx.s_scalar, *want[:3], want_s)
+        return _only(want[0], gz), _only(want[1], gm), _only(want[2], gp), _only(want_s, gs), None
     return backward
 
 
@@ -137,8 +150,10 @@ def _pixel_backward_for(bwd):
         if grad_out is None:
             return (None,) * 6
         generated, real, s, mean, std = ctx.saved_tensors
-        gg, gr, gs = bwd(grad_out.contiguous(), generated, real, s, ctx.s_scalar, mean, std)
-        return gg, gr, (gs if s is not None else None), None, None, None
+        want_g, want_r, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        want_s = want_s and s is not None
+        gg, gr, gs = bwd(grad_out.contiguous(), generated, real, s, ctx.s_scalar, mean, std, want_g, want_r, want_s)
+        return _only(want_g, gg), _only(want_r, gr), _only(want_s, gs), None, None, None
     return backward
 
 

@@ -5,7 +5,8 @@
 //     grad_m = g (1 - s_i) dlt (summed over rows for a (1, L) mask), grad_s_i = -sum_j g m_ij dlt
 //   pixel_mixup(g, r, s, mean, std) = (g + s_i (r - g) - mean_c) / std_c                 (B, C, H, W)
 //     grad_g = go (1 - s_i) / std_c, grad_r = go s_i / std_c, grad_s_i = sum_{c,h,w} go (r - g) / std_c
-// Elementwise sweeps, rows (or image planes) in parallel. Reductions accumulate in acc_t and are combined
+// Elementwise sweeps, rows (or image planes) in parallel. The backward computes only the gradients its
+// flags ask for (docs/ops-design.md: "needs-grad flags"). Reductions accumulate in acc_t and are combined
 // in a fixed order (per-row sums; a (1, L) mask gradient is summed per chunk of rows, the chunks then added
 // in order), so results do not depend on the thread count.
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
@@ -79,22 +80,27 @@ at::Tensor latent_mixup_fwd_cpu(const at::Tensor& z, const at::Tensor& mask, con
   return out;
 }
 
+// A gradient output the caller did not ask for: not computed, an empty (0,) tensor in its place.
+at::Tensor unused_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& mask, const at::Tensor& psi,
-    const std::optional<at::Tensor>& s, double s_scalar) {
+    const std::optional<at::Tensor>& s, double s_scalar, bool z_grad, bool mask_grad, bool psi_grad,
+    bool s_grad) {
   checks::check_latent_mixup_bwd(grad_out, z, mask, psi, s);
   const int64_t B = z.size(0), L = z.size(1);
   const bool row_mask = mask.size(0) == B;
-  const bool want_s = present(s);
-  at::Tensor grad_z = new_output_like(z);
-  at::Tensor grad_psi = new_output_like(psi);
-  at::Tensor grad_mask = new_output_like(mask);
-  at::Tensor grad_s = want_s ? at::empty_like(*s) : at::empty({0}, z.options());
+  const bool want_s = s_grad && present(s);
+  at::Tensor grad_z = z_grad ? new_output_like(z) : unused_grad(z);
+  at::Tensor grad_psi = psi_grad ? new_output_like(psi) : unused_grad(psi);
+  at::Tensor grad_mask = mask_grad ? new_output_like(mask) : unused_grad(mask);
+  at::Tensor grad_s = want_s ? at::empty_like(*s) : unused_grad(z);
 
   // (1, L) mask: rows are cut into a number of chunks that depends on B and L only; each chunk sums its
   // rows into its own acc_t row of `partial`, and the chunk rows are then added in order.
+  const bool shared_sum = mask_grad && !row_mask;
   const int64_t n_chunks =
-      row_mask ? 1 : std::clamp<int64_t>(B * L / 65536, 1, std::min<int64_t>(64, std::max<int64_t>(B, 1)));
+      shared_sum ? std::clamp<int64_t>(B * L / 65536, 1, std::min<int64_t>(64, std::max<int64_t>(B, 1))) : 1;
   const int64_t chunk_rows = (B + n_chunks - 1) / std::max<int64_t>(n_chunks, 1);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "latent_mixup_bwd_cpu", [&] {
@@ -105,49 +111,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
     const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
     const scalar_t* m_ptr = mask.const_data_ptr<scalar_t>();
     const scalar_t* p_ptr = psi.const_data_ptr<scalar_t>();
-    scalar_t* gz_ptr = grad_z.mutable_data_ptr<scalar_t>();
-    scalar_t* gp_ptr = grad_psi.mutable_data_ptr<scalar_t>();
-    scalar_t* gm_ptr = grad_mask.mutable_data_ptr<scalar_t>();
+    scalar_t* gz_ptr = z_grad ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp_ptr = psi_grad ? grad_psi.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gm_ptr = mask_grad ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gs_ptr = want_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
     const auto s_of = mix_s<scalar_t>(s, s_scalar);
 
-    // One row: writes grad_z, grad_psi; grad_mask row into gm (scalar_t, row mask) or adds it into
-    // acc (acc_t, shared mask); returns -sum_j g m dlt when WANT_S.
-    auto do_row = [&](int64_t i, auto shared_mask, auto want_s_t, A* acc) -> A {
-      constexpr bool SHARED = decltype(shared_mask)::value;
-      constexpr bool WS = decltype(want_s_t)::value;
+    // One row: writes the grad_z / grad_psi rows that are wanted; the grad_mask row into gm (scalar_t,
+    // row mask) or, with SHARED (a (1, L) mask whose gradient is wanted), adds it into acc (acc_t); returns -sum_j g m dlt when WANT_S. Which
+    // outputs are wanted is a compile-time set (WANT bits), so each combination gets a loop that loads
+    // and stores only what it uses: the sweep is memory-bound, every stream skipped is time saved.
+    auto do_row = [&](int64_t i, auto want, A* acc) -> A {
+      constexpr unsigned BITS = decltype(want)::value;
+      constexpr bool GZ = BITS & 1u, GM = BITS & 2u, GP = BITS & 4u, WS = BITS & 8u, SHARED = BITS & 16u;
+      constexpr bool NEED_M = GZ || GP || WS, NEED_DLT = GM || WS;
       const A one_minus_s = A(1) - s_of(i);
-      const V v_oms(one_minus_s), v_one(A(1));
+      const V v_oms(one_minus_s);
       const int64_t off = i * L;
-      const scalar_t* mr = m_ptr + (SHARED ? 0 : off);
+      const scalar_t* mr = m_ptr + (row_mask ? off : 0);  // a (1, L) mask is read by every row
       V vsum(A(0));
       vec_loop<W>(0, L, [&](int64_t j, int64_t n) {
         const V g = load(go_ptr + off + j, n);
-        const V zv = load(z_ptr + off + j, n);
-        const V dlt = load(p_ptr + off + j, n) - zv;
-        const V m = load(mr + j, n);
-        const V gk = g * v_oms * m;  // g k
-        store(gp_ptr + off + j, gk, n);
-        store(gz_ptr + off + j, g - gk, n);
-        const V gdlt = g * dlt;
-        if constexpr (SHARED) {
-          const V prev = V::loadu(acc + j, n);
-          at::vec::fmadd(gdlt, v_oms, prev).store(acc + j, n);
-        } else {
-          store(gm_ptr + off + j, gdlt * v_oms, n);
+        V m(A(0)), dlt(A(0));
+        if constexpr (NEED_M) m = load(mr + j, n);
+        if constexpr (NEED_DLT) {
+          const V zv = load(z_ptr + off + j, n);
+          dlt = load(p_ptr + off + j, n) - zv;
         }
-        if constexpr (WS) vsum = at::vec::fmadd(gdlt, m, vsum);
+        if constexpr (GZ || GP) {
+          const V gk = g * v_oms * m;  // g k, k = (1 - s) m
+          if constexpr (GP) store(gp_ptr + off + j, gk, n);
+          if constexpr (GZ) store(gz_ptr + off + j, g - gk, n);
+        }
+        if constexpr (NEED_DLT) {
+          const V gdlt = g * dlt;
+          if constexpr (GM && SHARED) {
+            const V prev = V::loadu(acc + j, n);
+            at::vec::fmadd(gdlt, v_oms, prev).store(acc + j, n);
+          } else if constexpr (GM) {
+            store(gm_ptr + off + j, gdlt * v_oms, n);
+          }
+          if constexpr (WS) vsum = at::vec::fmadd(gdlt, m, vsum);
+        }
       });
       if constexpr (WS) return -hsum(vsum);
       return A(0);
     };
 
-    with_bool(want_s, [&](auto ws) {
-      if (row_mask) {
+    const unsigned bits = (z_grad ? 1u : 0u) | (mask_grad ? 2u : 0u) | (psi_grad ? 4u : 0u) |
+                          (want_s ? 8u : 0u) | (shared_sum ? 16u : 0u);
+    with_bits<32>(bits, [&](auto want) {
+      constexpr unsigned BITS = decltype(want)::value;
+      if constexpr ((BITS & 16u) && !(BITS & 2u)) {
+        // unreachable: a shared sum is only set up for a wanted grad_mask
+      } else if constexpr (!(BITS & 16u)) {
         at::parallel_for(0, B, row_grain(L), [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
-            const A r = do_row(i, std::false_type{}, ws, nullptr);
-            if constexpr (decltype(ws)::value) gs_ptr[i] = static_cast<scalar_t>(r);
+            const A r = do_row(i, want, nullptr);
+            if constexpr (BITS & 8u) gs_ptr[i] = static_cast<scalar_t>(r);
           }
         });
       } else {
@@ -157,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
             A* acc = partial.data() + c * L;
             const int64_t r1 = std::min(B, (c + 1) * chunk_rows);
             for (int64_t i = c * chunk_rows; i < r1; ++i) {
-              const A r = do_row(i, std::true_type{}, ws, acc);
-              if constexpr (decltype(ws)::value) gs_ptr[i] = static_cast<scalar_t>(r);
+              const A r = do_row(i, want, acc);
+              if constexpr (BITS & 8u) gs_ptr[i] = static_cast<scalar_t>(r);
             }
           }
         });
@@ -229,14 +250,14 @@ at::Tensor pixel_mixup_fwd_cpu(const at::Tensor& generated, const at::Tensor& re
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& generated, const at::Tensor& real,
     const std::optional<at::Tensor>& s, double s_scalar, const std::optional<at::Tensor>& mean,
-    const std::optional<at::Tensor>& std_dev) {
+    const std::optional<at::Tensor>& std_dev, bool generated_grad, bool real_grad, bool s_grad) {
   checks::check_pixel_mixup_bwd(grad_out, generated, real, s, mean, std_dev);
   const int64_t B = generated.size(0), C = generated.size(1);
   const int64_t HW = generated.size(2) * generated.size(3);
-  const bool want_s = present(s);
-  at::Tensor grad_g = new_output_like(generated);
-  at::Tensor grad_r = new_output_like(real);
-  at::Tensor grad_s = want_s ? at::empty_like(*s) : at::empty({0}, generated.options());
+  const bool want_s = s_grad && present(s);
+  at::Tensor grad_g = generated_grad ? new_output_like(generated) : unused_grad(generated);
+  at::Tensor grad_r = real_grad ? new_output_like(real) : unused_grad(real);
+  at::Tensor grad_s = want_s ? at::empty_like(*s) : unused_grad(generated);
   const ChannelNorm norm = channel_norm(mean, std_dev);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, generated.scalar_type(), "pixel_mixup_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -245,13 +266,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
     const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* g_ptr = generated.const_data_ptr<scalar_t>();
     const scalar_t* r_ptr = real.const_data_ptr<scalar_t>();
-    scalar_t* gg_ptr = grad_g.mutable_data_ptr<scalar_t>();
-    scalar_t* gr_ptr = grad_r.mutable_data_ptr<scalar_t>();
+    scalar_t* gg_ptr = generated_grad ? grad_g.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gr_ptr = real_grad ? grad_r.mutable_data_ptr<scalar_t>() : nullptr;
     const auto s_of = mix_s<scalar_t>(s, s_scalar);
     // per-plane sums of go (r - g) / std_c, added per image in channel order below
     std::vector<A> plane_sum(want_s ? static_cast<size_t>(B * C) : 0);
-    with_bool(want_s, [&](auto ws) {
-      constexpr bool WS = decltype(ws)::value;
+    const unsigned bits = (generated_grad ? 1u : 0u) | (real_grad ? 2u : 0u) | (want_s ? 4u : 0u);
+    // The wanted outputs (WANT bits) are a compile-time set: each combination loads and stores only
+    // the streams it uses (grad_generated alone reads go and writes one tensor).
+    with_bits<8>(bits, [&](auto want) {
+      constexpr unsigned BITS = decltype(want)::value;
+      constexpr bool GG = BITS & 1u, GR = BITS & 2u, WS = BITS & 4u;
       at::parallel_for(0, B * C, row_grain(HW), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const A s_i = s_of(p / C);
@@ -261,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
           V vsum(A(0));
           vec_loop<W>(0, HW, [&](int64_t j, int64_t n) {
             const V go = load(go_ptr + off + j, n);
-            store(gg_ptr + off + j, go * v_kg, n);
-            store(gr_ptr + off + j, go * v_kr, n);
+            if constexpr (GG) store(gg_ptr + off + j, go * v_kg, n);
+            if constexpr (GR) store(gr_ptr + off + j, go * v_kr, n);
             if constexpr (WS) {
               vsum = at::vec::fmadd(go, load(r_ptr + off + j, n) - load(g_ptr + off + j, n), vsum);
             }

@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -221,6 +222,16 @@ inline void with_bool(bool b, F&& f) {
   } else {
     f(std::false_type{});
   }
+}
+
+// Calls f(std::integral_constant<unsigned, bits>{}) for a runtime bits < N: a small set of runtime flags
+// (one bit each) becomes one template argument, so each combination compiles to its own loop.
+template <unsigned N, typename F>
+inline void with_bits(unsigned bits, F&& f) {
+  TORCH_CHECK(bits < N, "with_bits: flag set ", bits, " out of range ", N);
+  [&]<unsigned... I>(std::integer_sequence<unsigned, I...>) {
+    ((bits == I ? (f(std::integral_constant<unsigned, I>{}), 0) : 0), ...);
+  }(std::make_integer_sequence<unsigned, N>{});
 }
 
 // Rows per parallel_for task: small problems stay on one thread (about 32k elements per task).

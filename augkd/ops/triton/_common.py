@@ -30,12 +30,14 @@ SCHEMAS = {
     "uncertainty_bwd": "(Tensor grad_energy, Tensor grad_entropy, Tensor logits, Tensor energy, "
     "Tensor entropy, float temperature) -> Tensor",
     "latent_mixup_fwd": "(Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) -> Tensor",
-    "latent_mixup_bwd": "(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) "
+    "latent_mixup_bwd": "(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar, "
+    "bool z_grad, bool mask_grad, bool psi_grad, bool s_grad) "
     "-> (Tensor grad_z, Tensor grad_mask, Tensor grad_psi, Tensor grad_s)",
     "pixel_mixup_fwd": "(Tensor generated, Tensor real, Tensor? s, float s_scalar, Tensor? mean, "
     "Tensor? std) -> Tensor",
     "pixel_mixup_bwd": "(Tensor grad_out, Tensor generated, Tensor real, Tensor? s, float s_scalar, "
-    "Tensor? mean, Tensor? std) -> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)",
+    "Tensor? mean, Tensor? std, bool generated_grad, bool real_grad, bool s_grad) "
+    "-> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)",
 }
 
 
@@ -126,6 +128,11 @@ def scalar(hi, lo, ACC: tl.constexpr):
 def empty0(like: torch.Tensor) -> torch.Tensor:
     """The (0,) tensor returned for a gradient that was not asked for."""
     return like.new_empty((0,))
+
+
+def or_empty0(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A computed gradient, or empty0 where it was not asked for (None)."""
+    return empty0(like) if grad is None else grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ def _latent_mixup_kernel(
     g_ptr, z_ptr, m_ptr, psi_ptr, s_ptr, out_ptr, gz_ptr, gm_ptr, gpsi_ptr, gs_part_ptr,
     B, L, s_scalar, s_scalar_lo,
     FP64: tl.constexpr, HAS_S: tl.constexpr, MASK_BCAST: tl.constexpr, BACKWARD: tl.constexpr,
+    GZ: tl.constexpr, GM: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # backward: GZ/GM/GP/GS say which gradients are wanted; the others are neither computed nor stored
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32  # compute dtype
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -65,14 +67,17 @@ def _latent_mixup_kernel(
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inb)
     else:
         g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
-        tl.store(gz_ptr + offs, (g * (1.0 - k)).to(gz_ptr.dtype.element_ty), mask=inb)
-        tl.store(gpsi_ptr + offs, (g * k).to(gpsi_ptr.dtype.element_ty), mask=inb)
-        gm = g * one_minus_s * dlt
-        if MASK_BCAST:  # partial column sums of this row block: gm_part[pid_r, cols]
-            tl.store(gm_ptr + pid_r.to(tl.int64) * L + cols, tl.sum(gm, axis=0), mask=cmask)
-        else:
-            tl.store(gm_ptr + offs, gm.to(gm_ptr.dtype.element_ty), mask=inb)
-        if HAS_S:  # partial row sums of this column block: gs_part[rows, pid_c]
+        if GZ:
+            tl.store(gz_ptr + offs, (g * (1.0 - k)).to(gz_ptr.dtype.element_ty), mask=inb)
+        if GP:
+            tl.store(gpsi_ptr + offs, (g * k).to(gpsi_ptr.dtype.element_ty), mask=inb)
+        if GM:
+            gm = g * one_minus_s * dlt
+            if MASK_BCAST:  # partial column sums of this row block: gm_part[pid_r, cols]
+                tl.store(gm_ptr + pid_r.to(tl.int64) * L + cols, tl.sum(gm, axis=0), mask=cmask)
+            else:
+                tl.store(gm_ptr + offs, gm.to(gm_ptr.dtype.element_ty), mask=inb)
+        if GS:  # partial row sums of this column block: gs_part[rows, pid_c]
             gs = -tl.sum(g * m * dlt, axis=1)
             tl.store(gs_part_ptr + rows * tl.num_programs(1) + pid_c, gs, mask=rmask)
 
@@ -82,8 +87,10 @@ def _pixel_mixup_kernel(
     g_ptr, gen_ptr, real_ptr, s_ptr, mean_ptr, std_ptr, out_ptr, ggen_ptr, greal_ptr, gs_part_ptr,
     P, HW, NC, s_scalar, s_scalar_lo,
     FP64: tl.constexpr, HAS_S: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr,
-    BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BACKWARD: tl.constexpr, GG: tl.constexpr, GR: tl.constexpr, GS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # backward: GG/GR/GS say which gradients are wanted; gen and real are read only for grad_s
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32  # compute dtype
     # rows: planes p = b * NC + c of the (B * NC, HW) view; columns: pixels of a plane
     pid_c = tl.program_id(1)
@@ -95,13 +102,13 @@ def _pixel_mixup_kernel(
     sample = rows // NC
     chan = rows % NC
 
-    gen = tl.load(gen_ptr + offs, mask=inb, other=0.0).to(ACC)
-    real = tl.load(real_ptr + offs, mask=inb, other=0.0).to(ACC)
     s = _row_scalar(s_ptr, sample, rmask, s_scalar, s_scalar_lo, ACC, HAS_S, BLOCK_R)[:, None]
     if HAS_STD:
         inv_std = 1.0 / tl.load(std_ptr + chan, mask=rmask, other=1.0).to(ACC)[:, None]
 
     if not BACKWARD:
+        gen = tl.load(gen_ptr + offs, mask=inb, other=0.0).to(ACC)
+        real = tl.load(real_ptr + offs, mask=inb, other=0.0).to(ACC)
         out = gen + s * (real - gen)
         if HAS_MEAN:
             out = out - tl.load(mean_ptr + chan, mask=rmask, other=0.0).to(ACC)[:, None]
@@ -112,15 +119,20 @@ def _pixel_mixup_kernel(
         g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
         if HAS_STD:
             g = g * inv_std
-        tl.store(ggen_ptr + offs, (g * (1.0 - s)).to(ggen_ptr.dtype.element_ty), mask=inb)
-        tl.store(greal_ptr + offs, (g * s).to(greal_ptr.dtype.element_ty), mask=inb)
-        if HAS_S:  # partial sums of this (plane block, column block): gs_part[rows, pid_c]
+        if GG:
+            tl.store(ggen_ptr + offs, (g * (1.0 - s)).to(ggen_ptr.dtype.element_ty), mask=inb)
+        if GR:
+            tl.store(greal_ptr + offs, (g * s).to(greal_ptr.dtype.element_ty), mask=inb)
+        if GS:  # partial sums of this (plane block, column block): gs_part[rows, pid_c]
+            gen = tl.load(gen_ptr + offs, mask=inb, other=0.0).to(ACC)
+            real = tl.load(real_ptr + offs, mask=inb, other=0.0).to(ACC)
             gs = tl.sum(g * (real - gen), axis=1)
             tl.store(gs_part_ptr + rows * tl.num_programs(1) + pid_c, gs, mask=rmask)
 
 
 def _latent_launch(grad_out, z, mask, psi, s, s_scalar, outs, backward: bool):
-    """Launch the latent kernel over (B, L) tiles; outs = (out, gz, gm, gpsi, gs_part)."""
+    """Launch the latent kernel over (B, L) tiles; outs = (out, gz, gm, gpsi, gs_part), None where not
+    wanted (in the backward, a None gradient is not computed)."""
     B, L = z.shape
     br, bc = cm.tile_shape(B, L)
     out, gz, gm, gpsi, gs_part = (cm.opt(o, z) for o in outs)
@@ -128,7 +140,8 @@ def _latent_launch(grad_out, z, mask, psi, s, s_scalar, outs, backward: bool):
         cm.opt(grad_out, z), z, mask, psi, cm.opt(s, z), out, gz, gm, gpsi, gs_part,
         B, L, *cm.split_f32(s_scalar),
         FP64=z.dtype == torch.float64, HAS_S=s is not None, MASK_BCAST=mask.shape[0] != B,
-        BACKWARD=backward, BLOCK_R=br, BLOCK_C=bc, num_warps=cm.warps(br * bc),
+        BACKWARD=backward, GZ=outs[1] is not None, GM=outs[2] is not None, GP=outs[3] is not None,
+        GS=outs[4] is not None, BLOCK_R=br, BLOCK_C=bc, num_warps=cm.warps(br * bc),
     )
 
 
@@ -141,28 +154,33 @@ def _latent_mixup_fwd(z: Tensor, mask: Tensor, psi: Tensor, s: Optional[Tensor],
 
 
 def _latent_mixup_bwd(
-    grad_out: Tensor, z: Tensor, mask: Tensor, psi: Tensor, s: Optional[Tensor], s_scalar: float
+    grad_out: Tensor, z: Tensor, mask: Tensor, psi: Tensor, s: Optional[Tensor], s_scalar: float,
+    z_grad: bool, mask_grad: bool, psi_grad: bool, s_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grad_out, z, mask, psi, s = cm.contig(grad_out, z, mask, psi, s)
     B, L = z.shape
     br, bc = cm.tile_shape(B, L)
     acc = cm.acc_dtype(z.dtype)
     bcast = mask.shape[0] != B
-    grad_z = torch.empty_like(z)
-    grad_psi = torch.empty_like(psi)
-    # partial column sums (row blocks, L) for a (1, L) mask, else the (B, L) gradient itself
-    gm = z.new_empty((triton.cdiv(B, br), L), dtype=acc) if bcast else torch.empty_like(mask)
-    gs_part = z.new_empty((B, triton.cdiv(L, bc)), dtype=acc) if s is not None else None
+    s_grad = s_grad and s is not None
+    grad_z = torch.empty_like(z) if z_grad else None
+    grad_psi = torch.empty_like(psi) if psi_grad else None
+    gm = gs_part = None
+    if mask_grad:  # partial column sums (row blocks, L) for a (1, L) mask, else the (B, L) gradient itself
+        gm = z.new_empty((triton.cdiv(B, br), L), dtype=acc) if bcast else torch.empty_like(mask)
+    if s_grad:
+        gs_part = z.new_empty((B, triton.cdiv(L, bc)), dtype=acc)
     if z.numel() > 0 and cm.launch_enabled():
         _latent_launch(grad_out, z, mask, psi, s, s_scalar, (None, grad_z, gm, grad_psi, gs_part), True)
     # empty inputs leave empty partials, whose sums are the zeros wanted
-    grad_mask = gm.sum(0, keepdim=True).to(mask.dtype) if bcast else gm
-    grad_s = gs_part.sum(1).to(s.dtype) if s is not None else cm.empty0(z)
-    return grad_z, grad_mask, grad_psi, grad_s
+    grad_mask = cm.empty0(z) if gm is None else gm.sum(0, keepdim=True).to(mask.dtype) if bcast else gm
+    grad_s = gs_part.sum(1).to(s.dtype) if s_grad else cm.empty0(z)
+    return cm.or_empty0(grad_z, z), grad_mask, cm.or_empty0(grad_psi, z), grad_s
 
 
 def _pixel_launch(grad_out, gen, real, s, s_scalar, mean, std, outs, backward: bool):
-    """Launch the pixel kernel over (B * C, H * W) tiles; outs = (out, ggen, greal, gs_part)."""
+    """Launch the pixel kernel over (B * C, H * W) tiles; outs = (out, ggen, greal, gs_part), None where
+    not wanted."""
     B, NC = gen.shape[0], gen.shape[1]
     P, HW = B * NC, math.prod(gen.shape[2:])
     br, bc = cm.tile_shape(P, HW)
@@ -172,7 +190,8 @@ def _pixel_launch(grad_out, gen, real, s, s_scalar, mean, std, outs, backward: b
         out, ggen, greal, gs_part,
         P, HW, NC, *cm.split_f32(s_scalar),
         FP64=gen.dtype == torch.float64, HAS_S=s is not None, HAS_MEAN=mean is not None,
-        HAS_STD=std is not None, BACKWARD=backward, BLOCK_R=br, BLOCK_C=bc,
+        HAS_STD=std is not None, BACKWARD=backward, GG=outs[1] is not None, GR=outs[2] is not None,
+        GS=outs[3] is not None, BLOCK_R=br, BLOCK_C=bc,
         num_warps=cm.warps(br * bc),
     )
 
@@ -200,20 +219,24 @@ def _pixel_mixup_bwd(
     s_scalar: float,
     mean: Optional[Tensor],
     std: Optional[Tensor],
+    generated_grad: bool,
+    real_grad: bool,
+    s_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_out, generated, real, s, mean, std = cm.contig(grad_out, generated, real, s, mean, std)
     B, NC = generated.shape[0], generated.shape[1]
     HW = math.prod(generated.shape[2:])
     _, bc = cm.tile_shape(B * NC, HW)
-    grad_gen = torch.empty_like(generated)
-    grad_real = torch.empty_like(real)
+    s_grad = s_grad and s is not None
+    grad_gen = torch.empty_like(generated) if generated_grad else None
+    grad_real = torch.empty_like(real) if real_grad else None
     gs_part = None
-    if s is not None:  # (B * C, column blocks): every entry written by exactly one tile
+    if s_grad:  # (B * C, column blocks): every entry written by exactly one tile
         gs_part = generated.new_empty((B * NC, triton.cdiv(HW, bc)), dtype=cm.acc_dtype(generated.dtype))
     if generated.numel() > 0 and cm.launch_enabled():
         _pixel_launch(grad_out, generated, real, s, s_scalar, mean, std, (None, grad_gen, grad_real, gs_part), True)
-    grad_s = gs_part.sum(1).view(B, NC).sum(1).to(s.dtype) if s is not None else cm.empty0(generated)
-    return grad_gen, grad_real, grad_s
+    grad_s = gs_part.sum(1).view(B, NC).sum(1).to(s.dtype) if s_grad else cm.empty0(generated)
+    return cm.or_empty0(grad_gen, generated), cm.or_empty0(grad_real, generated), grad_s
 
 
 latent_mixup_fwd = cm.register("latent_mixup_fwd", _latent_mixup_fwd)
