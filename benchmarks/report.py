@@ -5,7 +5,12 @@
 Providers are timed interleaved (one call of each in turn, `repeats` rounds) so that load on a shared
 machine hits them alike; the table gives medians and ratios measured in the same run.
 
-Timing runs in this process, with the allocator as users have it. Peak extra memory (CPU) is measured
+Timing runs in this process. By default (`--malloc keep`, CPU) glibc is told to keep freed memory
+(mallopt: no trimming, no mmap for large blocks), as jemalloc/tcmalloc do and as PyTorch's CPU
+performance guide recommends: otherwise each provider's large outputs are fresh pages on most steps,
+and on a VM a 4 KiB page fault costs about as much as the kernel's own work on that page, so the
+figures would measure the OS and the heap state more than the kernels. It applies to all providers
+alike; `--malloc system` times with glibc's defaults. Peak extra memory (CPU) is measured
 in a child process whose malloc mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_), so that freed large
 buffers go back to the OS and every step's allocations are counted afresh: the kernel's high-water mark
 (VmHWM) is reset before one forward+backward and read after it, minus the resident size before.
@@ -104,6 +109,19 @@ def measure_memory(argv, device, cases) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def keep_freed_memory() -> bool:
+    """mallopt(M_TRIM_THRESHOLD, M_MMAP_THRESHOLD) so freed blocks stay in the heap; False where not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_trim_threshold, 2**30) and libc.mallopt(m_mmap_threshold, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +130,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--only", default=None, help="op name filter, e.g. kd_loss")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--malloc", default="keep", choices=["keep", "system"],
+                        help="CPU timing: keep freed memory in the heap (default) or glibc's defaults")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -123,10 +143,13 @@ def main(argv=None) -> None:
         print(json.dumps(peaks(cases, device)))
         return
     memory = measure_memory([a for a in argv if a != "--memory-child"], device, cases)
+    malloc = "n/a"
+    if device.type == "cpu":  # after the memory child: it needs glibc's own behaviour
+        malloc = "keeps freed memory" if args.malloc == "keep" and keep_freed_memory() else "glibc defaults"
 
     lines = [f"device {device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}), "
              f"torch {torch.__version__}, fp32, forward+backward, median of {args.repeats} interleaved rounds; "
-             f"augkd backend: {backends.select(device)}",
+             f"augkd backend: {backends.select(device)}" + (f"; malloc {malloc}" if device.type == "cpu" else ""),
              "",
              "| op | shape | provider | time (ms) | eager / this | compile / this | peak extra (MiB) | in B x C buffers |",
              "|---|---|---|---|---|---|---|---|"]

@@ -31,11 +31,12 @@ struct LatentParams {
   const T* __restrict__ mask;      // (rows, cols) or (1, cols)
   const T* __restrict__ psi;       // (rows, cols)
   const T* __restrict__ s;         // (rows,) or nullptr: s_scalar
+  // Backward outputs are nullptr when that gradient was not asked for (the *_grad schema flags).
   T* __restrict__ out;             // forward: the mix; backward: grad_z
   T* __restrict__ grad_psi;        // backward
   T* __restrict__ grad_mask;       // backward, full mask only (nullptr for a (1, L) mask)
   A* __restrict__ ws_mask;         // backward, (1, L) mask: (row chunks, cols) partial column sums
-  A* __restrict__ ws_s;            // backward, s given: (col tiles * warps, rows) partial row sums
+  A* __restrict__ ws_s;            // backward, grad_s wanted: (col tiles * warps, rows) partial row sums
   int64_t rows, cols;
   int64_t rows_per_chunk;          // backward: rows per blockIdx.y
   bool mask_bcast;                 // mask is (1, L)
@@ -112,6 +113,9 @@ AUGKD_HD void latent_mixup_bwd_thread(const LatentParams<T>& p, const ThreadPos&
   A col_acc[VEC];  // (1, L) mask: sum over this chunk's rows of g (1 - s_i) dlt
 #pragma unroll
   for (int k = 0; k < VEC; ++k) col_acc[k] = A(0);
+  // Only the streams a wanted gradient uses are read (uniform branches: the same for every thread).
+  const bool want_gm = p.grad_mask != nullptr || p.ws_mask != nullptr;
+  const bool need_dlt = want_gm || p.ws_s != nullptr;
 
   for (int64_t row = r_begin; row < r_end; ++row) {
     const A one_minus_s = A(1) - row_s(p.s, p.s_scalar, row);
@@ -121,9 +125,14 @@ AUGKD_HD void latent_mixup_bwd_thread(const LatentParams<T>& p, const ThreadPos&
       const int64_t moff = p.mask_bcast ? c : off;
       A g[VEC], z[VEC], m[VEC], psi[VEC], gz[VEC], gp[VEC], gm[VEC];
       load_n<VEC>(p.grad_out + off, g);
-      load_n<VEC>(p.z + off, z);
       load_n<VEC>(p.mask + moff, m);
-      load_n<VEC>(p.psi + off, psi);
+      if (need_dlt) {
+        load_n<VEC>(p.z + off, z);
+        load_n<VEC>(p.psi + off, psi);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) z[k] = psi[k] = A(0);
+      }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const A kk = one_minus_s * m[k];       // k = (1 - s_i) m_ij
@@ -134,13 +143,13 @@ AUGKD_HD void latent_mixup_bwd_thread(const LatentParams<T>& p, const ThreadPos&
         col_acc[k] += gm[k];
         row_acc += g[k] * m[k] * dlt;          // grad_s_i = -sum_j g m dlt (sign applied at the end)
       }
-      store_n<VEC>(p.out + off, gz);
-      store_n<VEC>(p.grad_psi + off, gp);
-      if (!p.mask_bcast) store_n<VEC>(p.grad_mask + off, gm);
+      if (p.out != nullptr) store_n<VEC>(p.out + off, gz);
+      if (p.grad_psi != nullptr) store_n<VEC>(p.grad_psi + off, gp);
+      if (p.grad_mask != nullptr) store_n<VEC>(p.grad_mask + off, gm);
     }
     if (p.ws_s != nullptr) row_sum(slot, row, row_acc);
   }
-  if (p.mask_bcast && active) {
+  if (p.ws_mask != nullptr && active) {
     A* dst = p.ws_mask + t.by * p.cols + c;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dst[k] = col_acc[k];
@@ -165,9 +174,9 @@ struct PixelParams {
   const T* __restrict__ s;           // (rows,) or nullptr: s_scalar
   const float* __restrict__ mean;    // (C,) fp32 or nullptr (0)
   const float* __restrict__ std;     // (C,) fp32 or nullptr (1)
-  T* __restrict__ out;               // forward: the mix; backward: grad_generated
-  T* __restrict__ grad_real;         // backward
-  A* __restrict__ ws_s;              // backward, s given: (col tiles * warps, rows) partial row sums
+  T* __restrict__ out;               // forward: the mix; backward: grad_generated (nullptr: not wanted)
+  T* __restrict__ grad_real;         // backward (nullptr: not wanted)
+  A* __restrict__ ws_s;              // backward, grad_s wanted: (col tiles * warps, rows) partial row sums
   int64_t rows, n, hw, tile;         // tile: columns per blockIdx.x (a multiple of VEC)
   A s_scalar;
 };
@@ -217,16 +226,21 @@ AUGKD_HD void pixel_mixup_bwd_thread(const PixelParams<T>& p, const ThreadPos& t
       const int64_t off = row * p.n + j;
       A go[VEC], g[VEC], r[VEC], gg[VEC], gr[VEC];
       load_n<VEC>(p.grad_out + off, go);
-      load_n<VEC>(p.gen + off, g);
-      load_n<VEC>(p.real + off, r);
+      if (p.ws_s != nullptr) {  // generated and real are read only for grad_s
+        load_n<VEC>(p.gen + off, g);
+        load_n<VEC>(p.real + off, r);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) g[k] = r[k] = A(0);
+      }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         gg[k] = go[k] * one_minus_s / sd;       // grad_generated = go (1 - s) / std_c
         gr[k] = go[k] * s / sd;                 // grad_real = go s / std_c
         row_acc += go[k] * (r[k] - g[k]) / sd;  // grad_s += go (r - g) / std_c
       }
-      store_n<VEC>(p.out + off, gg);
-      store_n<VEC>(p.grad_real + off, gr);
+      if (p.out != nullptr) store_n<VEC>(p.out + off, gg);
+      if (p.grad_real != nullptr) store_n<VEC>(p.grad_real + off, gr);
     }
     if (p.ws_s != nullptr) row_sum(slot, row, row_acc);
   }

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from augkd.ops import anchor_mix, backends, latent_mixup, pixel_mixup, use_backend
+from augkd.ops import _extension, anchor_mix, backends, latent_mixup, pixel_mixup, use_backend
 
 from .matrix import BACKENDS_HERE, as_leaf, assert_close, small_enough
 
@@ -129,6 +129,40 @@ def test_pixel_mixup_only_wanted_gradients(backend, wanted):
     assert_close(out, ref, torch.float32, "output")
     for name in wanted:
         assert_close(grads[name], ref_grads[name], torch.float32, f"grad {name}")
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason=f"extension augkd._C not loaded: {_extension.WHY_NOT_LOADED}")
+@pytest.mark.parametrize("streaming", ["0", "1"])
+@pytest.mark.parametrize("width", [100, 256, 37])
+@pytest.mark.parametrize("s_kind", ["0.3", "per_sample"])
+def test_cpu_streaming_stores_paths(monkeypatch, streaming, width, s_kind):
+    """The CPU kernels' streaming-store and flat-sweep paths (normally taken only for tensors larger
+    than the last-level cache), forced on and off, against float64."""
+    monkeypatch.setenv("AUGKD_CPU_STREAMING_STORES", streaming)
+    gen = torch.Generator().manual_seed(width)
+    rows = 70  # several flat blocks of 4096 elements at width 256
+    z, psi = (torch.randn(rows, width, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(rows, width, generator=gen, dtype=torch.float64)
+    s = make_s(s_kind, rows, (rows, 1), gen)
+    leaves = [as_leaf(x, torch.float32) for x in (z, mask, psi)]
+    ref_leaves = [as_leaf(x, torch.float64) for x in (z, mask, psi)]
+    with use_backend("cpu"):
+        out = latent_mixup(*leaves, s)
+    ref = independent_latent(*ref_leaves, s)
+    assert_close(out, ref, torch.float32, "latent output")
+    for name, g, r in zip(("z", "mask", "psi"), grads_of(out, leaves), grads_of(ref, ref_leaves)):
+        assert_close(g, r, torch.float32, f"latent grad {name}")
+    images = [as_leaf(torch.rand(3, 3, 8, width // 4 or 1, generator=gen, dtype=torch.float64), dt)
+              for dt in (torch.float32,)]
+    with use_backend("cpu"):
+        img = pixel_mixup(images[0], images[0].detach() * 0.5, 0.25, mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7])
+    ref_img = (0.875 * images[0].detach().double() - torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64).view(
+        1, 3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64).view(1, 3, 1, 1)
+    assert_close(img, ref_img, torch.float32, "pixel output")
+    (grad_img,) = grads_of(img, [images[0]])
+    go = torch.randn(img.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref_grad = go * 0.75 / torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64).view(1, 3, 1, 1)
+    assert_close(grad_img, ref_grad, torch.float32, "pixel grad generated")
 
 
 KERNEL_BACKENDS_HERE = [b for b in BACKENDS_HERE if b != "torch"]

@@ -10,6 +10,7 @@
 // in a fixed order (per-row sums; a (1, L) mask gradient is summed per chunk of rows, the chunks then added
 // in order), so results do not depend on the thread count.
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
+#include "cpu/stream_store.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -62,19 +63,17 @@ at::Tensor latent_mixup_fwd_cpu(const at::Tensor& z, const at::Tensor& mask, con
     const scalar_t* p_ptr = psi.const_data_ptr<scalar_t>();
     scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
     const auto s_of = mix_s<scalar_t>(s, s_scalar);
-    at::parallel_for(0, B, row_grain(L), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const V k(A(1) - s_of(i));
-        const scalar_t* zr = z_ptr + i * L;
-        const scalar_t* pr = p_ptr + i * L;
-        const scalar_t* mr = m_ptr + (row_mask ? i * L : 0);
-        scalar_t* orow = o_ptr + i * L;
-        vec_loop<W>(0, L, [&](int64_t j, int64_t n) {
-          const V zv = load(zr + j, n);
-          const V dlt = load(pr + j, n) - zv;
-          store(orow + j, at::vec::fmadd(k * load(mr + j, n), dlt, zv), n);
-        });
-      }
+    const bool flat = !present(s) && row_mask;  // nothing depends on the row: one flat sweep
+    const bool stream = use_streaming_stores(static_cast<int64_t>(z.nbytes() * 3 + mask.nbytes())) &&
+                        (flat || rows_stay_aligned<W>(L));
+    for_each_span<W>(B, L, flat, stream, [&](int64_t i, int64_t off, int64_t len) {
+      const V k(A(1) - s_of(i));
+      const scalar_t* mr = m_ptr + (row_mask ? off : 0);
+      vec_loop<W>(0, len, [&](int64_t j, int64_t n) {
+        const V zv = load(z_ptr + off + j, n);
+        const V dlt = load(p_ptr + off + j, n) - zv;
+        store_out(o_ptr + off + j, at::vec::fmadd(k * load(mr + j, n), dlt, zv), n, stream);
+      });
     });
   });
   return out;
@@ -116,21 +115,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
     scalar_t* gm_ptr = mask_grad ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gs_ptr = want_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
     const auto s_of = mix_s<scalar_t>(s, s_scalar);
+    // bytes read (g, z, psi, mask) and written (the wanted B x L gradients)
+    const int64_t n_out = (z_grad ? 1 : 0) + (psi_grad ? 1 : 0) + (mask_grad && row_mask ? 1 : 0);
+    const bool flat = !present(s) && row_mask;  // nothing depends on the row (no grad_s, no shared sum)
+    const bool stream = use_streaming_stores(static_cast<int64_t>(z.nbytes()) * (3 + n_out) +
+                                             static_cast<int64_t>(mask.nbytes())) &&
+                        (flat || rows_stay_aligned<W>(L));
 
-    // One row: writes the grad_z / grad_psi rows that are wanted; the grad_mask row into gm (scalar_t,
-    // row mask) or, with SHARED (a (1, L) mask whose gradient is wanted), adds it into acc (acc_t); returns -sum_j g m dlt when WANT_S. Which
+    // One span of row i (the whole row, or with `flat` a block of the flat range): writes the wanted
+    // grad_z / grad_psi entries; grad_mask into gm (scalar_t, row mask) or, with SHARED (a (1, L) mask
+    // whose gradient is wanted), adds it into acc (acc_t); returns -sum_j g m dlt when WANT_S. Which
     // outputs are wanted is a compile-time set (WANT bits), so each combination gets a loop that loads
     // and stores only what it uses: the sweep is memory-bound, every stream skipped is time saved.
-    auto do_row = [&](int64_t i, auto want, A* acc) -> A {
+    auto do_span = [&](int64_t i, int64_t off, int64_t len, auto want, A* acc) -> A {
       constexpr unsigned BITS = decltype(want)::value;
       constexpr bool GZ = BITS & 1u, GM = BITS & 2u, GP = BITS & 4u, WS = BITS & 8u, SHARED = BITS & 16u;
       constexpr bool NEED_M = GZ || GP || WS, NEED_DLT = GM || WS;
       const A one_minus_s = A(1) - s_of(i);
       const V v_oms(one_minus_s);
-      const int64_t off = i * L;
       const scalar_t* mr = m_ptr + (row_mask ? off : 0);  // a (1, L) mask is read by every row
       V vsum(A(0));
-      vec_loop<W>(0, L, [&](int64_t j, int64_t n) {
+      vec_loop<W>(0, len, [&](int64_t j, int64_t n) {
         const V g = load(go_ptr + off + j, n);
         V m(A(0)), dlt(A(0));
         if constexpr (NEED_M) m = load(mr + j, n);
@@ -140,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
         }
         if constexpr (GZ || GP) {
           const V gk = g * v_oms * m;  // g k, k = (1 - s) m
-          if constexpr (GP) store(gp_ptr + off + j, gk, n);
-          if constexpr (GZ) store(gz_ptr + off + j, g - gk, n);
+          if constexpr (GP) store_out(gp_ptr + off + j, gk, n, stream);
+          if constexpr (GZ) store_out(gz_ptr + off + j, g - gk, n, stream);
         }
         if constexpr (NEED_DLT) {
           const V gdlt = g * dlt;
@@ -149,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
             const V prev = V::loadu(acc + j, n);
             at::vec::fmadd(gdlt, v_oms, prev).store(acc + j, n);
           } else if constexpr (GM) {
-            store(gm_ptr + off + j, gdlt * v_oms, n);
+            store_out(gm_ptr + off + j, gdlt * v_oms, n, stream);
           }
           if constexpr (WS) vsum = at::vec::fmadd(gdlt, m, vsum);
         }
@@ -165,11 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
       if constexpr ((BITS & 16u) && !(BITS & 2u)) {
         // unreachable: a shared sum is only set up for a wanted grad_mask
       } else if constexpr (!(BITS & 16u)) {
-        at::parallel_for(0, B, row_grain(L), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const A r = do_row(i, want, nullptr);
-            if constexpr (BITS & 8u) gs_ptr[i] = static_cast<scalar_t>(r);
-          }
+        for_each_span<W>(B, L, flat, stream, [&](int64_t i, int64_t off, int64_t len) {
+          const A r = do_span(i, off, len, want, nullptr);
+          if constexpr (BITS & 8u) gs_ptr[i] = static_cast<scalar_t>(r);
         });
       } else {
         std::vector<A> partial(static_cast<size_t>(n_chunks * L), A(0));
@@ -178,10 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
             A* acc = partial.data() + c * L;
             const int64_t r1 = std::min(B, (c + 1) * chunk_rows);
             for (int64_t i = c * chunk_rows; i < r1; ++i) {
-              const A r = do_row(i, want, acc);
+              const A r = do_span(i, i * L, L, want, acc);
               if constexpr (BITS & 8u) gs_ptr[i] = static_cast<scalar_t>(r);
             }
           }
+          stream_fence(stream);
         });
         at::parallel_for(0, L, 16384, [&](int64_t j0, int64_t j1) {
           vec_loop<W>(j0, j1, [&](int64_t j, int64_t n) {
@@ -229,6 +233,8 @@ at::Tensor pixel_mixup_fwd_cpu(const at::Tensor& generated, const at::Tensor& re
     const scalar_t* r_ptr = real.const_data_ptr<scalar_t>();
     scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
     const auto s_of = mix_s<scalar_t>(s, s_scalar);
+    const bool stream = use_streaming_stores(static_cast<int64_t>(generated.nbytes()) * 3) &&
+                        rows_stay_aligned<W>(HW);
     at::parallel_for(0, B * C, row_grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
@@ -239,9 +245,10 @@ at::Tensor pixel_mixup_fwd_cpu(const at::Tensor& generated, const at::Tensor& re
         vec_loop<W>(0, HW, [&](int64_t j, int64_t n) {
           const V gv = load(g_ptr + off + j, n);
           const V mixed = at::vec::fmadd(v_s, load(r_ptr + off + j, n) - gv, gv);
-          store(o_ptr + off + j, at::vec::fmadd(mixed, v_inv, v_shift), n);
+          store_out(o_ptr + off + j, at::vec::fmadd(mixed, v_inv, v_shift), n, stream);
         });
       }
+      stream_fence(stream);
     });
   });
   return out;
@@ -277,6 +284,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
     with_bits<8>(bits, [&](auto want) {
       constexpr unsigned BITS = decltype(want)::value;
       constexpr bool GG = BITS & 1u, GR = BITS & 2u, WS = BITS & 4u;
+      // bytes read (go; generated and real for grad_s) and written
+      const int64_t streams = 1 + (GG ? 1 : 0) + (GR ? 1 : 0) + (WS ? 2 : 0);
+      const bool stream = use_streaming_stores(static_cast<int64_t>(generated.nbytes()) * streams) &&
+                          rows_stay_aligned<W>(HW);
       at::parallel_for(0, B * C, row_grain(HW), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const A s_i = s_of(p / C);
@@ -286,14 +297,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
           V vsum(A(0));
           vec_loop<W>(0, HW, [&](int64_t j, int64_t n) {
             const V go = load(go_ptr + off + j, n);
-            if constexpr (GG) store(gg_ptr + off + j, go * v_kg, n);
-            if constexpr (GR) store(gr_ptr + off + j, go * v_kr, n);
+            if constexpr (GG) store_out(gg_ptr + off + j, go * v_kg, n, stream);
+            if constexpr (GR) store_out(gr_ptr + off + j, go * v_kr, n, stream);
             if constexpr (WS) {
               vsum = at::vec::fmadd(go, load(r_ptr + off + j, n) - load(g_ptr + off + j, n), vsum);
             }
           });
           if constexpr (WS) plane_sum[p] = hsum(vsum) * inv_std;
         }
+        stream_fence(stream);
       });
     });
     if (want_s) {

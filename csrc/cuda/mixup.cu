@@ -82,7 +82,8 @@ at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& z_in, const at::Tensor& mask_in, const at::Tensor& psi_in,
-    const std::optional<at::Tensor>& s, double s_scalar) {
+    const std::optional<at::Tensor>& s, double s_scalar, bool z_grad, bool mask_grad, bool psi_grad,
+    bool s_grad) {
   checks::check_latent_mixup_bwd(grad_out_in, z_in, mask_in, psi_in, s);
   check_cuda("latent_mixup_bwd", "z", z_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
@@ -92,13 +93,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
   const at::Tensor psi = aligned_input(psi_in);
   const int64_t rows = z.size(0);
   const int64_t cols = z.size(1);
-  const bool has_s = has(s);
+  const bool has_s = s_grad && has(s);  // grad_s wanted (s itself is read whenever given)
   // A (1, L) mask with a single row of z is just a full mask.
   const bool bcast = mask.size(0) == 1 && rows != 1;
 
-  at::Tensor grad_z = at::empty(z.sizes(), z.options());
-  at::Tensor grad_psi = at::empty(psi.sizes(), psi.options());
-  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options());
+  // A gradient not asked for is an empty (0,) tensor and a nullptr for the kernel.
+  at::Tensor grad_z = z_grad ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options());
+  at::Tensor grad_psi = psi_grad ? at::empty(psi.sizes(), psi.options()) : at::empty({0}, z.options());
+  at::Tensor grad_mask = mask_grad ? at::empty(mask.sizes(), mask.options()) : at::empty({0}, z.options());
   at::Tensor grad_s = has_s ? at::empty({rows}, s->options()) : at::empty({0}, z.options());
   if (z.numel() == 0) {  // sums over nothing
     grad_mask.zero_();
@@ -117,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     n_chunks = ceil_div(rows, rows_per_chunk);
     const int64_t slots = n_tiles * (kMixThreads / kWarp);
     const auto ws_opts = z.options().dtype(checks::row_dtype(z.scalar_type()));
-    at::Tensor ws_mask = bcast ? at::empty({n_chunks, cols}, ws_opts) : at::Tensor();
+    const bool sum_mask = bcast && mask_grad;
+    at::Tensor ws_mask = sum_mask ? at::empty({n_chunks, cols}, ws_opts) : at::Tensor();
     at::Tensor ws_s = has_s ? at::empty({slots, rows}, ws_opts) : at::Tensor();
 
     LatentParams<scalar_t> p{};
@@ -125,11 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     p.z = z.const_data_ptr<scalar_t>();
     p.mask = mask.const_data_ptr<scalar_t>();
     p.psi = psi.const_data_ptr<scalar_t>();
-    p.s = has_s ? s->const_data_ptr<scalar_t>() : nullptr;
-    p.out = grad_z.mutable_data_ptr<scalar_t>();
-    p.grad_psi = grad_psi.mutable_data_ptr<scalar_t>();
-    p.grad_mask = bcast ? nullptr : grad_mask.mutable_data_ptr<scalar_t>();
-    p.ws_mask = bcast ? ws_mask.mutable_data_ptr<A>() : nullptr;
+    p.s = has(s) ? s->const_data_ptr<scalar_t>() : nullptr;
+    p.out = z_grad ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_psi = psi_grad ? grad_psi.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_mask = mask_grad && !bcast ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
+    p.ws_mask = sum_mask ? ws_mask.mutable_data_ptr<A>() : nullptr;
     p.ws_s = has_s ? ws_s.mutable_data_ptr<A>() : nullptr;
     p.rows = rows;
     p.cols = cols;
@@ -144,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // grad_mask (1, L) = sum over row chunks; grad_s_i = -sum over column slots of sum_j g m dlt
-    if (bcast) launch_sum_partials<scalar_t>(ws_mask, n_chunks, cols, 1.0, grad_mask, stream);
+    if (sum_mask) launch_sum_partials<scalar_t>(ws_mask, n_chunks, cols, 1.0, grad_mask, stream);
     if (has_s) launch_sum_partials<scalar_t>(ws_s, slots, rows, -1.0, grad_s, stream);
   });
   return {grad_z, grad_mask, grad_psi, grad_s};
@@ -203,7 +206,7 @@ at::Tensor pixel_mixup_fwd_cuda(const at::Tensor& generated, const at::Tensor& r
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& generated, const at::Tensor& real_in,
     const std::optional<at::Tensor>& s, double s_scalar, const std::optional<at::Tensor>& mean,
-    const std::optional<at::Tensor>& std_dev) {
+    const std::optional<at::Tensor>& std_dev, bool generated_grad, bool real_grad, bool s_grad) {
   checks::check_pixel_mixup_bwd(grad_out_in, generated, real_in, s, mean, std_dev);
   check_cuda("pixel_mixup_bwd", "generated", generated);
   const c10::cuda::CUDAGuard guard(generated.device());
@@ -211,9 +214,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
   const at::Tensor gen = aligned_input(generated);
   const at::Tensor real = aligned_input(real_in);
   const int64_t rows = gen.size(0);
-  const bool has_s = has(s);
-  at::Tensor grad_gen = at::empty(gen.sizes(), gen.options());
-  at::Tensor grad_real = at::empty(real.sizes(), real.options());
+  const bool has_s = s_grad && has(s);  // grad_s wanted
+  at::Tensor grad_gen = generated_grad ? at::empty(gen.sizes(), gen.options()) : at::empty({0}, gen.options());
+  at::Tensor grad_real = real_grad ? at::empty(real.sizes(), real.options()) : at::empty({0}, gen.options());
   at::Tensor grad_s = has_s ? at::empty({rows}, s->options()) : at::empty({0}, gen.options());
   if (gen.numel() == 0) {
     grad_s.zero_();
@@ -231,8 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
     at::Tensor ws_s = has_s ? at::empty({slots, rows}, gen.options().dtype(checks::row_dtype(gen.scalar_type())))
                             : at::Tensor();
     p.grad_out = go.const_data_ptr<scalar_t>();
-    p.out = grad_gen.mutable_data_ptr<scalar_t>();
-    p.grad_real = grad_real.mutable_data_ptr<scalar_t>();
+    p.out = generated_grad ? grad_gen.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_real = real_grad ? grad_real.mutable_data_ptr<scalar_t>() : nullptr;
     p.ws_s = has_s ? ws_s.mutable_data_ptr<A>() : nullptr;
     const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(std::min(rows, kMaxGridY)));
     if (vec) {

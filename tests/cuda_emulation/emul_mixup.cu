@@ -28,8 +28,13 @@ struct HostRowSum {
 };
 
 
+// `want`: which gradients the backward is asked for (the schema's *_grad flags), bits z=1, mask=2,
+// psi=4, s=8. An unwanted gradient gets a nullptr; its host buffer keeps a sentinel that is checked.
+constexpr double kSentinel = 1234.5;
+
 template <typename T>
-void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, std::mt19937& rng, const char* tag) {
+void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, unsigned want, std::mt19937& rng,
+                 const char* tag) {
   using A = acc_type<T>;
   std::normal_distribution<double> nd(0, 1);
   std::uniform_real_distribution<double> ud(0, 1);
@@ -74,15 +79,17 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, std::mt19937
   const int64_t rows_per_chunk = ceil_div(B, n_chunks);
   n_chunks = ceil_div(B, rows_per_chunk);
   const int64_t slots = n_tiles * (kMixThreads / kWarp);
-  std::vector<A> ws_mask(bcast ? n_chunks * L : 0), ws_s(has_s ? slots * B : 0, A(0));
-  std::vector<T> gz(B * L), gp(B * L), gm(mrows * L), gs(B);
+  const bool w_z = want & 1u, w_m = want & 2u, w_p = want & 4u, w_s = (want & 8u) && has_s;
+  std::vector<A> ws_mask(bcast && w_m ? n_chunks * L : 0), ws_s(w_s ? slots * B : 0, A(0));
+  const T sentinel = from_double<T>(kSentinel);
+  std::vector<T> gz(B * L, sentinel), gp(B * L, sentinel), gm(mrows * L, sentinel), gs(B, sentinel);
   LatentParams<T> q = p;
   q.grad_out = go.data();
-  q.out = gz.data();
-  q.grad_psi = gp.data();
-  q.grad_mask = bcast ? nullptr : gm.data();
-  q.ws_mask = bcast ? ws_mask.data() : nullptr;
-  q.ws_s = has_s ? ws_s.data() : nullptr;
+  q.out = w_z ? gz.data() : nullptr;
+  q.grad_psi = w_p ? gp.data() : nullptr;
+  q.grad_mask = w_m && !bcast ? gm.data() : nullptr;
+  q.ws_mask = w_m && bcast ? ws_mask.data() : nullptr;
+  q.ws_s = w_s ? ws_s.data() : nullptr;
   q.rows_per_chunk = rows_per_chunk;
   HostRowSum<A> rs{&ws_s, B};
   for (int64_t bx = 0; bx < n_tiles; ++bx)
@@ -92,9 +99,9 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, std::mt19937
         if (vec) latent_mixup_bwd_thread<T, V>(q, t, rs);
         else latent_mixup_bwd_thread<T, 1>(q, t, rs);
       }
-  if (bcast)
+  if (bcast && w_m)
     for (int64_t i = 0; i < L; ++i) sum_partials_at<T>(ws_mask.data(), n_chunks, L, A(1), gm.data(), i);
-  if (has_s)
+  if (w_s)
     for (int64_t i = 0; i < B; ++i) sum_partials_at<T>(ws_s.data(), slots, B, A(-1), gs.data(), i);
 
   const double tol = sizeof(T) == 2 ? (std::is_same_v<T, c10::BFloat16> ? 1e-2 : 2e-3) : (sizeof(T) == 8 ? 1e-12 : 1e-5);
@@ -111,25 +118,26 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, std::mt19937
       check(what, to_double(out[b * L + j]), o, tol);
       const double k = (1 - sv) * m;
       std::snprintf(what, sizeof what, "%s latent grad_z [%ld,%ld]", tag, (long)b, (long)j);
-      check(what, to_double(gz[b * L + j]), g * (1 - k), tol);
+      check(what, to_double(gz[b * L + j]), w_z ? g * (1 - k) : kSentinel, tol);
       std::snprintf(what, sizeof what, "%s latent grad_psi [%ld,%ld]", tag, (long)b, (long)j);
-      check(what, to_double(gp[b * L + j]), g * k, tol);
+      check(what, to_double(gp[b * L + j]), w_p ? g * k : kSentinel, tol);
       gm_ref[mi] += g * (1 - sv) * (ps - zz);
       gs_ref[b] -= g * m * (ps - zz);
     }
   for (size_t i = 0; i < gm_ref.size(); ++i) {
     std::snprintf(what, sizeof what, "%s latent grad_mask [%ld]", tag, (long)i);
-    check(what, to_double(gm[i]), gm_ref[i], tol * 10);
+    check(what, to_double(gm[i]), w_m ? gm_ref[i] : kSentinel, tol * 10);
   }
-  if (has_s)
-    for (int64_t b = 0; b < B; ++b) {
-      std::snprintf(what, sizeof what, "%s latent grad_s [%ld]", tag, (long)b);
-      check(what, to_double(gs[b]), gs_ref[b], tol * 10);
-    }
+  for (int64_t b = 0; b < B; ++b) {
+    std::snprintf(what, sizeof what, "%s latent grad_s [%ld]", tag, (long)b);
+    check(what, to_double(gs[b]), w_s ? gs_ref[b] : kSentinel, tol * 10);
+  }
 }
 
 template <typename T>
-void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool norm, std::mt19937& rng, const char* tag) {
+void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool norm, unsigned want, std::mt19937& rng,
+                const char* tag) {
+  // want bits: generated=1, real=2, s=4
   using A = acc_type<T>;
   std::normal_distribution<double> nd(0, 1);
   std::uniform_real_distribution<double> ud(0, 1);
@@ -156,7 +164,9 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
   p.hw = hw;
   p.tile = static_cast<int64_t>(kPixelThreads) * (vec ? V : 1) * 4;
   p.s_scalar = static_cast<A>(s_scalar);
-  std::vector<T> out(B * n), gg(B * n), gr(B * n), gs(B);
+  const bool w_g = want & 1u, w_r = want & 2u, w_s = (want & 4u) && has_s;
+  const T sentinel = from_double<T>(kSentinel);
+  std::vector<T> out(B * n), gg(B * n, sentinel), gr(B * n, sentinel), gs(B, sentinel);
   p.out = out.data();
   const int64_t n_tiles = ceil_div(n, p.tile), gy = std::min<int64_t>(B, 65535);
   for (int64_t bx = 0; bx < n_tiles; ++bx)
@@ -167,12 +177,12 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
         else pixel_mixup_fwd_thread<T, 1>(p, t);
       }
   const int64_t slots = n_tiles * (kPixelThreads / kWarp);
-  std::vector<A> ws(has_s ? slots * B : 0, A(0));
+  std::vector<A> ws(w_s ? slots * B : 0, A(0));
   PixelParams<T> q = p;
   q.grad_out = go.data();
-  q.out = gg.data();
-  q.grad_real = gr.data();
-  q.ws_s = has_s ? ws.data() : nullptr;
+  q.out = w_g ? gg.data() : nullptr;
+  q.grad_real = w_r ? gr.data() : nullptr;
+  q.ws_s = w_s ? ws.data() : nullptr;
   HostRowSum<A> rs{&ws, B};
   for (int64_t bx = 0; bx < n_tiles; ++bx)
     for (int64_t by = 0; by < gy; ++by)
@@ -181,7 +191,7 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
         if (vec) pixel_mixup_bwd_thread<T, V>(q, t, rs);
         else pixel_mixup_bwd_thread<T, 1>(q, t, rs);
       }
-  if (has_s)
+  if (w_s)
     for (int64_t i = 0; i < B; ++i) sum_partials_at<T>(ws.data(), slots, B, A(1), gs.data(), i);
 
   const double tol = sizeof(T) == 2 ? (std::is_same_v<T, c10::BFloat16> ? 1e-2 : 2e-3) : (sizeof(T) == 8 ? 1e-12 : 1e-5);
@@ -196,15 +206,13 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
       std::snprintf(what, sizeof what, "%s pixel out [%ld,%ld]", tag, (long)b, (long)j);
       check(what, to_double(out[b * n + j]), (gv + sv * (rv - gv) - mu) / st, tol);
       std::snprintf(what, sizeof what, "%s pixel grad_gen [%ld,%ld]", tag, (long)b, (long)j);
-      check(what, to_double(gg[b * n + j]), gov * (1 - sv) / st, tol);
+      check(what, to_double(gg[b * n + j]), w_g ? gov * (1 - sv) / st : kSentinel, tol);
       std::snprintf(what, sizeof what, "%s pixel grad_real [%ld,%ld]", tag, (long)b, (long)j);
-      check(what, to_double(gr[b * n + j]), gov * sv / st, tol);
+      check(what, to_double(gr[b * n + j]), w_r ? gov * sv / st : kSentinel, tol);
       gs_ref += gov * (rv - gv) / st;
     }
-    if (has_s) {
-      std::snprintf(what, sizeof what, "%s pixel grad_s [%ld]", tag, (long)b);
-      check(what, to_double(gs[b]), gs_ref, sizeof(T) == 4 ? 1e-4 : tol * 10);
-    }
+    std::snprintf(what, sizeof what, "%s pixel grad_s [%ld]", tag, (long)b);
+    check(what, to_double(gs[b]), w_s ? gs_ref : kSentinel, sizeof(T) == 4 ? 1e-4 : tol * 10);
   }
 }
 
@@ -215,17 +223,24 @@ void run_all(std::mt19937& rng, const char* dt) {
     for (int64_t L : {1, 5, 8, 64, 100, 512, 1030, 2048}) {
       for (int bc = 0; bc < 2; ++bc)
         for (int hs = 0; hs < 2; ++hs) {
-          std::snprintf(tag, sizeof tag, "[%s B=%ld L=%ld bcast=%d s=%d]", dt, (long)B, (long)L, bc, hs);
-          latent_case<T>(B, L, bc, hs, rng, tag);
+          // every gradient, plus every proper subset of the flags at a few widths
+          for (unsigned want = 1; want < 16; ++want) {
+            if (want != 15 && L != 5 && L != 100) continue;
+            std::snprintf(tag, sizeof tag, "[%s B=%ld L=%ld bcast=%d s=%d want=%u]", dt, (long)B, (long)L, bc, hs,
+                          want);
+            latent_case<T>(B, L, bc, hs, want, rng, tag);
+          }
         }
     }
     for (auto [C, H, W] : {std::tuple<int64_t, int64_t, int64_t>{3, 8, 8}, {3, 7, 5}, {1, 1, 1}, {3, 32, 33}, {2, 64, 64}}) {
       for (int hs = 0; hs < 2; ++hs)
-        for (int nm = 0; nm < 2; ++nm) {
-          std::snprintf(tag, sizeof tag, "[%s B=%ld C=%ld H=%ld W=%ld s=%d norm=%d]", dt, (long)B, (long)C, (long)H,
-                        (long)W, hs, nm);
-          pixel_case<T>(B, C, H, W, hs, nm, rng, tag);
-        }
+        for (int nm = 0; nm < 2; ++nm)
+          for (unsigned want = 1; want < 8; ++want) {
+            if (want != 7 && H != 7) continue;
+            std::snprintf(tag, sizeof tag, "[%s B=%ld C=%ld H=%ld W=%ld s=%d norm=%d want=%u]", dt, (long)B, (long)C,
+                          (long)H, (long)W, hs, nm, want);
+            pixel_case<T>(B, C, H, W, hs, nm, want, rng, tag);
+          }
     }
   }
 }
