@@ -134,6 +134,38 @@ def test_uncertainty_and_mixups(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("mask_rows", [1000, 1])
+@pytest.mark.parametrize("wanted", [("z",), ("mask",), ("psi", "s"), ("z", "mask", "psi")], ids="+".join)
+def test_mixups_only_wanted_gradients(backend, mask_rows, wanted):
+    """The needs-grad flags on GPU: subsets of inputs requiring grad, against float64 on the CPU."""
+    _ready(backend)
+    gen = torch.Generator().manual_seed(len(wanted) + mask_rows)
+    values = {"z": torch.randn(1000, 100, generator=gen, dtype=torch.float64),
+              "mask": torch.rand(mask_rows, 100, generator=gen, dtype=torch.float64),
+              "psi": torch.randn(1000, 100, generator=gen, dtype=torch.float64),
+              "s": torch.rand(1000, 1, generator=gen, dtype=torch.float64)}
+
+    def latent(device, dt, backend_name):
+        leaves = {k: v.to(device, dt).requires_grad_(k in wanted) for k, v in values.items()}
+        with use_backend(backend_name):
+            out = ops.latent_mixup(leaves["z"], leaves["mask"], leaves["psi"], leaves["s"])
+        return (out,) + torch.autograd.grad(out.square().sum(), [leaves[k] for k in wanted])
+
+    for name, a, b in zip(("out",) + wanted, latent("cuda", torch.float32, backend),
+                          latent("cpu", torch.float64, "torch")):
+        _close(a, b, torch.float32, f"latent {name}")
+
+    g, r = torch.rand(8, 3, 9, 7, generator=gen, dtype=torch.float64), torch.rand(8, 3, 9, 7, generator=gen,
+                                                                                   dtype=torch.float64)
+    with use_backend(backend):
+        gc = g.to("cuda").requires_grad_()
+        out = ops.pixel_mixup(gc, r.to("cuda"), 0.3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+        (grad,) = torch.autograd.grad(out.sum(), [gc])
+    std = torch.tensor([0.2, 0.25, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+    _close(grad, (0.7 / std).expand(8, 3, 9, 7), torch.float32, "pixel grad generated only")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_compile_fullgraph_on_gpu(backend):
     _ready(backend)
     torch._dynamo.reset()
