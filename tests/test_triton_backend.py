@@ -80,12 +80,15 @@ from augkd.ops.triton import kd_loss as K, mixup as M, uncertainty as U
 INTS = {"C", "B", "L", "P", "HW", "NC", "ignore_index"}
 BIG = {"HAS_TARGET": True, "SEPARATE_LSE1": True, "T2_SCALE": True, "FORMAT": 2, "STUDENT_GRAD": True,
        "TEACHER_GRAD": True, "HAS_S": True, "MASK_BCAST": True, "BACKWARD": True, "HAS_MEAN": True,
-       "HAS_STD": True, "BLOCK": 4096, "BLOCK_R": 4, "BLOCK_C": 1024}
+       "HAS_STD": True, "GZ": True, "GM": True, "GP": True, "GS": True, "GG": True, "GR": True,
+       "BLOCK": 4096, "BLOCK_R": 4, "BLOCK_C": 1024}
 kernels = [K._kd_loss_fwd_kernel, K._kd_loss_bwd_kernel, U._uncertainty_fwd_kernel, U._uncertainty_bwd_kernel,
            M._latent_mixup_kernel, M._pixel_mixup_kernel]
 for storage in ("bf16", "fp64"):
     for k in kernels:
         const = {n: BIG[n] for n in k.arg_names if n in BIG}
+        missing = [n for n, p in zip(k.arg_names, k.params) if p.is_constexpr and n not in BIG and n != "FP64"]
+        assert not missing, f"{k.fn.__name__}: give the constexprs {missing} a value in BIG"
         const["FP64"] = storage == "fp64"
         sig = {n: "constexpr" if n in const else "*i64" if n == "y_ptr" else "*" + storage if n.endswith("_ptr")
                else "i32" if n in INTS else "fp64" for n in k.arg_names}  # fp64 scalars: as Inductor passes them
