@@ -88,6 +88,13 @@ def default_out(command: str, cfg) -> str:
     return os.path.join("runs", f"{name}-{cfg.data.setting}-s{cfg.seed}-{stamp}")
 
 
+def _processes(cfg):
+    """Under torchrun: join its process group (DDP); else one process. Returns (Dist, device name)."""
+    from .distributed import from_environment
+
+    return from_environment(cfg.device)
+
+
 def cmd_train_teacher(args, user) -> int:
     from .method.pipeline import obtain_teacher
     from .method.rundir import close_logger, prepare
@@ -96,8 +103,9 @@ def cmd_train_teacher(args, user) -> int:
     user.pop("teacher.path", None)
     cfg = build_config(user)
     cfg.teacher.path = None
-    out = args.out or default_out("teacher", cfg)
-    ctx = prepare(cfg, out, quiet=args.quiet, resume=args.resume)
+    dist, device_name = _processes(cfg)
+    out = dist.from_main(args.out or default_out("teacher", cfg))  # one directory for all processes
+    ctx = prepare(cfg, out, quiet=args.quiet, resume=args.resume, dist=dist, device_name=device_name)
     try:
         _, info = obtain_teacher(ctx)
         summary = {
@@ -106,11 +114,12 @@ def cmd_train_teacher(args, user) -> int:
             "student_test": info["student_test"],
             "best_epoch": info.get("best_epoch"),
         }
-        write_json(os.path.join(out, "metrics", "summary.json"), summary)
-        print(
-            f"teacher saved to {summary['teacher']}: teacher-domain test Acc "
-            f"{100 * summary['teacher_test']['acc']:.1f}%, student-domain test Acc {100 * info['student_test']['acc']:.1f}%"
-        )
+        if dist.is_main:
+            write_json(os.path.join(out, "metrics", "summary.json"), summary)
+            print(
+                f"teacher saved to {summary['teacher']}: teacher-domain test Acc {100 * summary['teacher_test']['acc']:.1f}%, "
+                f"student-domain test Acc {100 * info['student_test']['acc']:.1f}%"
+            )
     finally:
         close_logger(ctx.log)
     return 0
@@ -121,13 +130,16 @@ def cmd_run(args, user) -> int:
     from .method.rundir import close_logger, prepare
 
     cfg = build_config(user)
-    out = args.out or default_out("run", cfg)
-    ctx = prepare(cfg, out, quiet=args.quiet, resume=args.resume)
+    dist, device_name = _processes(cfg)
+    out = dist.from_main(args.out or default_out("run", cfg))  # one directory for all processes
+    ctx = prepare(cfg, out, quiet=args.quiet, resume=args.resume, dist=dist, device_name=device_name)
     t0 = time.perf_counter()
     try:
         s = run_method(ctx)
     finally:
         close_logger(ctx.log)
+    if not dist.is_main:
+        return 0
     t = s["test"]
     print(
         f"{cfg.method} on {s['setting']} (seed {cfg.seed}): test Acc {100 * t['acc']:.1f}%  Acc@3 {100 * t['acc3']:.1f}%  "
@@ -140,6 +152,9 @@ def cmd_run(args, user) -> int:
 def cmd_compare(args, user) -> int:
     from .compare import run_compare
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("compare runs its methods one after another in one process; launch it without "
+                          "torchrun (torchrun works with `augkd run` and `augkd train-teacher`)")
     methods: list[str] = []
     for item in args.methods or [",".join(METHODS)]:
         methods.extend(m.strip() for m in item.split(",") if m.strip())
@@ -182,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"augkd: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from .distributed import shutdown_process_group
+
+        shutdown_process_group()
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
     cfg = ctx.cfg.anchor
     seed = ckpt.stage_seed(ctx.cfg.seed, STAGE)
     ckpt.seed_everything(seed)
-    gen = ckpt.make_generator(ctx.device, seed)
+    gen = ckpt.make_generator(ctx.device, seed)  # epoch order: the same in every process
+    local = ckpt.per_process_generator(ctx.dist, gen, seed)  # augmentation and encoder noise
     freeze(teacher, generator, encoder)
+    anchor_ddp = ctx.dist.wrap(anchor)
     K = ctx.data.num_classes
     train, val = ctx.data.student.train, ctx.data.student.val
     opt = torch.optim.Adam(anchor.parameters(), lr=cfg.lr)
@@ -57,10 +59,10 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
         invariant=cfg.invariant, temperature=cfg.energy_temperature, ce_weight=cfg.ce_weight, penalty=cfg.mask_penalty
     )
 
-    def forward(x_enc: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None):
+    def forward(x_enc: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, net: nn.Module = anchor):
         with torch.no_grad():
             z = encoder(x_enc, y, generator=noise)
-        z_a, mask = anchor(z, y)
+        z_a, mask = net(z, y)
         x_a = generator(z_a)
         logits = teacher(ctx.normalize(x_a))
         return z, x_a, mask, logits
@@ -71,9 +73,10 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
         sums: dict[str, float] = defaultdict(float)
         n = 0
         for x, y in minibatches(
-            train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad, hflip=ctx.cfg.data.hflip, min_batch=2
+            train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad, hflip=ctx.cfg.data.hflip, min_batch=2,
+            shard=ctx.dist, aug_generator=local,
         ):
-            _, _, mask, logits = forward(x, y, gen)  # E gets raw [0,1] images, as in Module 1
+            _, _, mask, logits = forward(x, y, local, anchor_ddp)  # E gets raw [0,1] images, as in Module 1
             terms = anchor_loss(logits, y, mask, **loss_kw)
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -122,7 +125,7 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
         STAGE,
         cfg.epochs,
         objects={"anchor": anchor, "opt": opt, "sched": sched},
-        generators={"gen": gen},
+        generators={"gen": gen, **({"local": local} if local is not gen else {})},
         best_modules={"anchor": anchor},
         train_epoch=train_epoch,
         evaluate=eval_epoch,

@@ -71,6 +71,15 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
+def per_process_generator(dist, shared: torch.Generator, seed: int) -> torch.Generator:
+    """The generator for per-process randomness (augmentation, per-sample noise, synthetic batches):
+    ``shared`` itself with one process, so single-process runs draw exactly what they always did; with
+    several (torchrun), a stream of its own per rank."""
+    if not dist.enabled:
+        return shared
+    return make_generator(shared.device, (seed * 7919 + 104729 * (dist.rank + 1)) % (2**63 - 1))
+
+
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state (for the in-memory "best epoch" snapshot)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

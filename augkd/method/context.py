@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import DomainShift, Split, normalize
+from ..distributed import Dist
 
 
 class SimulatedKill(RuntimeError):
@@ -32,6 +33,7 @@ class Context:
     # shareable stages (teacher, Module 1, Module 2) at a cache when `augkd compare` runs.
     stage_dirs: dict[str, str] = field(default_factory=dict)
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)  # data-parallel processes (torchrun); one by default
 
     @property
     def mean(self):
@@ -51,7 +53,7 @@ class Context:
 
     def bar(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", leave: bool = False):
         """tqdm with ETA, silent when --quiet or when stderr is not a terminal (logs, CI)."""
-        disable = self.quiet or not sys.stderr.isatty()
+        disable = self.quiet or not sys.stderr.isatty() or not self.dist.is_main
         return tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True)
 
 

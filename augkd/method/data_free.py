@@ -55,7 +55,8 @@ def run_data_free(
     cfg = ctx.cfg.df
     seed = ckpt.stage_seed(ctx.cfg.seed, STAGE)
     ckpt.seed_everything(seed)
-    noise = ckpt.make_generator(ctx.device, seed)
+    # synthetic batches: each process draws its own (DDP averages their gradients)
+    noise = ckpt.per_process_generator(ctx.dist, ckpt.make_generator(ctx.device, seed), seed)
     K, L, B = ctx.data.num_classes, cfg.latent_size, cfg.batch_size
     # Fixed validation latents (official: 10*B drawn once after seeding), from their own generator.
     val_z = torch.randn(cfg.val_batches * B, L, generator=ckpt.make_generator(torch.device("cpu"), seed + 1)).to(ctx.device)
@@ -65,6 +66,8 @@ def run_data_free(
     hooks = BNStatsHook(teacher)
     bn_running = tuple(t.detach() for t in hooks.running_stats())
 
+    # the modules a training step updates, called through DDP with several processes
+    generator_ddp, encoder_ddp, student_ddp = (ctx.dist.wrap(m) for m in (generator, encoder, student))
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.g_lr)
     opt_s = torch.optim.Adam(student.parameters(), lr=cfg.s_lr, weight_decay=cfg.s_weight_decay)
     opt_e = torch.optim.Adam(encoder.parameters(), lr=cfg.e_lr)
@@ -78,7 +81,7 @@ def run_data_free(
 
     def generator_step() -> dict[str, float]:
         z = torch.randn(B, L, generator=noise, device=ctx.device)
-        x = generator(z)
+        x = generator_ddp(z)
         xn = ctx.normalize(x)
         hooks.start()
         t_logits = teacher(xn)
@@ -107,13 +110,13 @@ def run_data_free(
             xn = ctx.normalize(x)
             t_logits = teacher(xn)
         pseudo = t_logits.argmax(1)
-        s_logits = student(xn)
+        s_logits = student_ddp(xn)
         loss_s = student_df_loss(s_logits, t_logits)
         opt_s.zero_grad(set_to_none=True)
         loss_s.backward()
         opt_s.step()
         # E sees G's raw [0,1] output and the teacher's label, and must recover z.
-        z_hat, mu, logvar = encoder(x, pseudo, return_dist=True, generator=noise)
+        z_hat, mu, logvar = encoder_ddp(x, pseudo, return_dist=True, generator=noise)
         loss_e, mse, kl = cvae_loss(z_hat, z, mu, logvar, cfg.cvae_kl_weight)
         opt_e.zero_grad(set_to_none=True)
         loss_e.backward()

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Split, augment
+from ..distributed import Dist
 from .losses import topk_correct
 
 
@@ -60,21 +61,29 @@ def minibatches(
     augment_pad: int = 0,
     hflip: bool = False,
     min_batch: int = 1,
+    shard: Dist | None = None,
+    aug_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled (and augmented) batches of a split; all randomness from ``generator`` so resume repeats it.
 
     ``min_batch`` drops a smaller trailing batch (BatchNorm1d in train mode cannot take one sample).
+    ``shard``: with several processes, this process's part of the epoch (``Dist.shard_order``: the same
+    shuffled order everywhere, so ``generator`` must be seeded alike in all processes), augmented with
+    ``aug_generator`` (per process; default ``generator``).
     """
     n = len(split)
     if shuffle:
         order = torch.randperm(n, generator=generator, device=generator.device).to(split.images.device)
     else:
         order = torch.arange(n, device=split.images.device)
-    for i in range(0, n, batch_size):
+    if shard is not None:
+        order = shard.shard_order(order)
+    aug = aug_generator if aug_generator is not None else generator
+    for i in range(0, order.numel(), batch_size):
         idx = order[i : i + batch_size]
         if idx.numel() < min_batch:
             break
         x, y = split.images[idx], split.labels[idx]
         if augment_pad > 0 or hflip:
-            x = augment(x, pad=augment_pad, hflip=hflip, generator=generator)
+            x = augment(x, pad=augment_pad, hflip=hflip, generator=aug)
         yield x, y

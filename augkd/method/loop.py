@@ -6,6 +6,11 @@ writes one CSV row per epoch, keeps an in-memory copy of the best epoch's weight
 ``checkpoint_every`` epochs saves everything needed to continue: the objects' state, the best snapshot,
 the history and all RNG states. Resuming restores exactly that, so the continued run draws the same
 random numbers as an uninterrupted one.
+
+With several processes (torchrun, ``ctx.dist``): training metrics are averaged over the processes,
+rank 0's buffers are broadcast before the evaluation, which runs on rank 0 and whose row every process
+uses (so all take the same best-epoch decisions), and rank 0 writes the CSV and the checkpoint, which
+holds every process's RNG state. A checkpoint resumes only with the number of processes that wrote it.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from ..report import write_csv
 from . import checkpoint as ckpt
 from .context import Context, SimulatedKill
@@ -66,13 +72,18 @@ def run_epochs(
     start = 0
     elapsed = 0.0
 
+    dist = ctx.dist
     if ctx.resume and os.path.isfile(state_path):
         state = ckpt.load(state_path, ctx.device)
         if state.get("stage") != stage:
             raise RuntimeError(f"{state_path}: checkpoint of stage {state.get('stage')!r}, expected {stage!r}")
+        written_by = state.get("processes", 1)
+        if written_by != dist.world:
+            raise ConfigError(f"--resume: {state_path} was written by a run of {written_by} process(es); "
+                              f"resume it with the same number (this run has {dist.world})")
         for name, obj in objects.items():
             obj.load_state_dict(state["objects"][name])
-        ckpt.restore_rng(state["rng"], generators)
+        ckpt.restore_rng(state["rng_by_rank"][dist.rank] if dist.enabled else state["rng"], generators)
         history = state["history"]
         best_key = state["best"]["key"]
         best_epoch = state["best"]["epoch"]
@@ -87,8 +98,9 @@ def run_epochs(
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch}
-        row.update(train_epoch(epoch))
-        row.update(evaluate(epoch))
+        row.update(dist.mean_metrics(train_epoch(epoch)))
+        dist.sync_buffers(*best_modules.values())
+        row.update(dist.from_main(evaluate(epoch) if dist.is_main else None))
         elapsed += time.perf_counter() - t0
         row["seconds"] = round(elapsed, 3)
         history.append(row)
@@ -96,30 +108,34 @@ def run_epochs(
         if is_better(key, best_key):
             best_key, best_epoch, best_row = key, epoch, dict(row)
             best_states = {k: ckpt.cpu_state_dict(m) for k, m in best_modules.items()}
-        write_csv(csv_path, history)
+        if dist.is_main:
+            write_csv(csv_path, history)
         if describe is not None:
             ctx.log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, describe(row))
             bar.set_postfix_str(describe(row)[:80])
         bar.update(1)
         last = epoch == epochs - 1
         if last or (epoch + 1) % ctx.cfg.checkpoint_every == 0:
-            ckpt.atomic_save(
-                {
+            rngs = dist.gather(ckpt.capture_rng(generators))  # every process's, for an exact resume
+            if dist.is_main:
+                state = {
                     "stage": stage,
                     "epoch": epoch,
                     "objects": {name: obj.state_dict() for name, obj in objects.items()},
-                    "rng": ckpt.capture_rng(generators),
+                    "rng": rngs[0],
                     "best": {"key": best_key, "epoch": best_epoch, "row": best_row, "states": best_states},
                     "history": history,
                     "seconds": elapsed,
                     "splits": ctx.data.splits,
-                },
-                state_path,
-            )
+                }
+                if dist.enabled:
+                    state.update(processes=dist.world, rng_by_rank=rngs)
+                ckpt.atomic_save(state, state_path)
+            dist.barrier()  # the checkpoint is on disk before any process moves on (or is killed)
             if _kill_requested(stage, epoch):
                 bar.close()
                 raise SimulatedKill(f"{KILL_ENV}: simulated kill after {stage} epoch {epoch}")
     bar.close()
-    if epochs == 0:
+    if epochs == 0 and dist.is_main:
         write_csv(csv_path, history)
     return LoopResult(best_epoch, best_row, best_states, history, elapsed)

@@ -62,8 +62,10 @@ def run_mixup(
     cfg = ctx.cfg.mixup
     seed = ckpt.stage_seed(ctx.cfg.seed, STAGE)
     ckpt.seed_everything(seed)
-    gen = ckpt.make_generator(ctx.device, seed)
+    gen = ckpt.make_generator(ctx.device, seed)  # epoch order: the same in every process
+    local = ckpt.per_process_generator(ctx.dist, gen, seed)  # augmentation and encoder noise
     freeze(teacher, generator, encoder)
+    student_ddp = ctx.dist.wrap(student)
     if anchor is not None:
         freeze(anchor)  # eval mode: the mask uses the BN running statistics, as released
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -81,20 +83,27 @@ def run_mixup(
         student.train()
         sums: dict[str, float] = defaultdict(float)
         n = 0
-        for x, y in minibatches(train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad, hflip=ctx.cfg.data.hflip):
-            x_mix = mixed_batch(ctx, x, y, f_mix, encoder, generator, anchor, gen)
+        for x, y in minibatches(train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad,
+                                hflip=ctx.cfg.data.hflip, shard=ctx.dist, aug_generator=local):
+            x_mix = mixed_batch(ctx, x, y, f_mix, encoder, generator, anchor, local)
             # B2: the released code puts the real half in un-normalised.
             real = ctx.normalize(x) if cfg.normalize_real else x
             inputs = torch.cat([real, x_mix])
             labels = torch.cat([y, y])
-            logits = student(inputs)
+            logits = student_ddp(inputs)
             if cfg.kd_target == "teacher":
                 with torch.no_grad():
                     target = teacher(inputs)
             else:
                 # B1, released behaviour: the KD "teacher" is a second forward of the student itself,
-                # so KL(p || p) = 0 with zero gradient and only the CE term trains.
-                target = student(inputs)
+                # so KL(p || p) = 0 with zero gradient and only the CE term trains. Under DDP that
+                # second forward runs outside the wrapper and without a graph (one backward per DDP
+                # forward); its KL gradient is exactly 0 either way.
+                if ctx.dist.enabled:
+                    with torch.no_grad():
+                        target = student(inputs)
+                else:
+                    target = student(inputs)
             loss = mixup_loss(logits, target, labels, u=u, temperature=cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -126,7 +135,7 @@ def run_mixup(
         STAGE,
         cfg.epochs,
         objects={"student": student, "opt": opt, "sched": sched},
-        generators={"gen": gen},
+        generators={"gen": gen, **({"local": local} if local is not gen else {})},
         best_modules={"student": student},
         train_epoch=train_epoch,
         evaluate=eval_epoch,

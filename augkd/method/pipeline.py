@@ -79,7 +79,9 @@ def _save_final(ctx: Context, stage: str, states: dict, result, extra: dict | No
         "seconds": result.seconds,
         **(extra or {}),
     }
-    ckpt.atomic_save({"states": states, "info": info}, _final_path(ctx, stage))
+    if ctx.dist.is_main:
+        ckpt.atomic_save({"states": states, "info": info}, _final_path(ctx, stage))
+    ctx.dist.barrier()  # on disk before any process looks for it
     return info
 
 
@@ -93,6 +95,8 @@ def _load_final(ctx: Context, stage: str) -> dict | None:
 
 def _stage_outputs(ctx: Context, stage: str, info: dict) -> None:
     """Metrics CSV and curves of a stage in THIS run directory (also for stages loaded from a cache)."""
+    if not ctx.dist.is_main:
+        return
     write_csv(os.path.join(ctx.run_dir, "metrics", f"{stage}.csv"), info["history"])
     if ctx.cfg.plots and stage in CURVES:
         plot_curves(os.path.join(ctx.run_dir, "plots", f"{stage}_curves.png"), info["history"], CURVES[stage], stage)
@@ -185,8 +189,10 @@ def obtain_teacher(ctx: Context) -> tuple[nn.Module, dict]:
                 info = json.load(fh)
         else:
             teacher, info = train_teacher(ctx)
-            models.save_state(teacher, path)
-            write_json(info_path, info)
+            if ctx.dist.is_main:
+                models.save_state(teacher, path)
+                write_json(info_path, info)
+            ctx.dist.barrier()
         _stage_outputs(ctx, "teacher", info)
     teacher.eval()
     teacher.requires_grad_(False)
@@ -244,7 +250,7 @@ def stage_data_free(ctx: Context, teacher: nn.Module) -> tuple[nn.Module, nn.Mod
         info = _save_final(ctx, "df", states, result)
     _stage_outputs(ctx, "df", info)
     _log_df(ctx, info)
-    if ctx.cfg.plots:
+    if ctx.cfg.plots and ctx.dist.is_main:
         plot_generated(ctx, os.path.join(ctx.run_dir, "plots", "generated.png"), G, teacher, cfg.latent_size)
     return G, E, S, info
 
@@ -265,7 +271,7 @@ def stage_anchor(ctx: Context, teacher, G, E) -> tuple[nn.Module, dict]:
     A.requires_grad_(False)
     _stage_outputs(ctx, "anchor", info)
     _log_anchor(ctx, info)
-    if ctx.cfg.plots:
+    if ctx.cfg.plots and ctx.dist.is_main:
         plot_anchor(ctx, os.path.join(ctx.run_dir, "plots", "anchor.png"), G, E, A, teacher)
     return A, info
 
@@ -284,7 +290,7 @@ def stage_mixup(ctx: Context, teacher, S, G, E, A) -> dict:
         result = run_mixup(ctx, teacher, S, G, E, A)
         info = _save_final(ctx, "mixup", {"student": ckpt.cpu_state_dict(S)}, result)
     _stage_outputs(ctx, "mixup", info)
-    if ctx.cfg.plots:
+    if ctx.cfg.plots and ctx.dist.is_main:
         plot_mixup(ctx, os.path.join(ctx.run_dir, "plots", "mixup.png"), G, E, A)
     return info
 
@@ -311,6 +317,14 @@ def stage_finetune(ctx: Context, S: nn.Module, teacher: nn.Module | None) -> dic
 
 # ---------------------------------------------------------------------------------------------
 # The method
+
+
+def _check_replicas_agree(ctx: Context, model: nn.Module) -> None:
+    """DDP keeps the replicas equal; a difference would mean a process trained on its own. Cheap to
+    verify once at the end: compare a checksum of the final student's parameters across processes."""
+    sums = ctx.dist.gather([float(p.detach().double().sum()) for p in model.parameters()])
+    if any(s != sums[0] for s in sums[1:]):
+        raise RuntimeError("data-parallel run: the processes' final students differ; the replicas diverged")
 
 
 def run_method(ctx: Context) -> dict:
@@ -357,8 +371,12 @@ def run_method(ctx: Context) -> dict:
         "student_train_images": len(ctx.data.student.train),
         "student_test_images": len(ctx.data.student.test),
     }
-    write_json(os.path.join(ctx.run_dir, "metrics", "summary.json"), summary)
-    models.save_state(S, os.path.join(ctx.run_dir, "student.pt"))
+    if ctx.dist.enabled:
+        _check_replicas_agree(ctx, S)
+        summary["processes"] = ctx.dist.world
+    if ctx.dist.is_main:
+        write_json(os.path.join(ctx.run_dir, "metrics", "summary.json"), summary)
+        models.save_state(S, os.path.join(ctx.run_dir, "student.pt"))
     ctx.log.info(
         "%s: student test Acc %.1f%%  Acc@3 %.1f%%  Acc@5 %.1f%%  (teacher on student test %.1f%%)",
         method, 100 * test["acc"], 100 * test["acc3"], 100 * test["acc5"], 100 * teacher_info["student_test"]["acc"],

@@ -27,6 +27,7 @@ import torch
 from .. import __version__
 from ..config import ConfigError, RunConfig, to_dict, to_toml
 from ..data import load_setting
+from ..distributed import Dist
 from ..report import write_json
 from .context import Context, data_to
 
@@ -34,7 +35,7 @@ from .context import Context, data_to
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but no CUDA device is available (use --device cpu or auto)")
     return torch.device(name)
 
@@ -56,21 +57,27 @@ def configure_torch(cfg: RunConfig, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
 
 
-def make_logger(run_dir: str, quiet: bool) -> logging.Logger:
-    """A logger private to this run directory: everything to log.txt; stderr gets INFO, or WARNING when quiet."""
-    log = logging.getLogger(f"augkd.run.{os.path.abspath(run_dir)}")
+def make_logger(run_dir: str, quiet: bool, dist: Dist | None = None) -> logging.Logger:
+    """A logger private to this run directory: everything to log.txt; stderr gets INFO, or WARNING when quiet.
+    With several processes only rank 0 writes log.txt; the others print only errors, tagged with the rank."""
+    dist = dist or Dist()
+    log = logging.getLogger(f"augkd.run.{os.path.abspath(run_dir)}.rank{dist.rank}")
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
     log.setLevel(logging.INFO)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    fh = logging.FileHandler(os.path.join(run_dir, "log.txt"))
-    fh.setFormatter(fmt)
-    log.addHandler(fh)
     sh = _TqdmHandler()
-    sh.setFormatter(logging.Formatter("%(message)s"))
-    sh.setLevel(logging.WARNING if quiet else logging.INFO)
+    if dist.is_main:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+        fh = logging.FileHandler(os.path.join(run_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.setLevel(logging.WARNING if quiet else logging.INFO)
+    else:
+        sh.setFormatter(logging.Formatter(f"[rank {dist.rank}] %(message)s"))
+        sh.setLevel(logging.ERROR)  # warnings about the run's state come from rank 0's rows: no repeats
     log.addHandler(sh)
     return log
 
@@ -139,8 +146,14 @@ def prepare(
     resume: bool = False,
     stage_dirs: dict[str, str] | None = None,
     allow_existing: bool = False,
+    dist: Dist | None = None,
+    device_name: str | None = None,
 ) -> Context:
-    """Create/check the run directory, configure torch, load the data; return the stage context."""
+    """Create/check the run directory, configure torch, load the data; return the stage context.
+
+    With several processes (``dist``, from torchrun) every process checks and loads, rank 0 alone writes
+    the fixed files, and ``device_name`` is this process's device (``cuda:<local rank>``)."""
+    dist = dist or Dist()
     cfg_path = os.path.join(run_dir, "config.json")
     if os.path.isfile(cfg_path) and not (resume or allow_existing):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
@@ -154,20 +167,23 @@ def prepare(
                 "resume with the same settings (see its config.toml)"
             )
     # Data and device first: a bad folder or device should not leave an empty run directory behind.
-    device = resolve_device(cfg.device)
+    device = resolve_device(device_name or cfg.device)
     data = load_data(cfg)
     configure_torch(cfg, device)
+    dist.barrier()  # every process has checked the directory before rank 0 writes into it
     for sub in ("", "metrics", "checkpoints", "plots"):
         os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-    log = make_logger(run_dir, quiet)
-    with open(os.path.join(run_dir, "config.toml"), "w") as fh:
-        fh.write(to_toml(cfg))
-    write_json(cfg_path, to_dict(cfg))
-    write_json(os.path.join(run_dir, "versions.json"), versions(device))
-    write_json(os.path.join(run_dir, "splits.json"), data.splits)
+    log = make_logger(run_dir, quiet, dist)
+    if dist.is_main:
+        with open(os.path.join(run_dir, "config.toml"), "w") as fh:
+            fh.write(to_toml(cfg))
+        write_json(cfg_path, to_dict(cfg))
+        write_json(os.path.join(run_dir, "versions.json"), {**versions(device), "processes": dist.world})
+        write_json(os.path.join(run_dir, "splits.json"), data.splits)
     log.info(
-        "run %s: method %s (preset %s), setting %s, seed %d, device %s, %d threads",
+        "run %s: method %s (preset %s), setting %s, seed %d, device %s, %d threads%s",
         run_dir, cfg.method, cfg.preset, data.name, cfg.seed, device, torch.get_num_threads(),
+        f", {dist.world} processes (DDP)" if dist.enabled else "",
     )
     log.info(
         "data: %d classes, image %s; teacher domain %s (%d train); student domain %s (%d train / %d val / %d test)",
@@ -176,7 +192,7 @@ def prepare(
     )
     return Context(
         cfg=cfg, device=device, data=data_to(data, device), run_dir=run_dir, log=log, quiet=quiet,
-        resume=resume, stage_dirs=dict(stage_dirs or {}),
+        resume=resume, stage_dirs=dict(stage_dirs or {}), dist=dist,
     )
 
 

@@ -39,7 +39,9 @@ def train_supervised(
     """Train ``model`` in place; on return it holds the best epoch's weights."""
     seed = ckpt.stage_seed(ctx.cfg.seed, stage)
     ckpt.seed_everything(seed)
-    order = ckpt.make_generator(ctx.device, seed)
+    order = ckpt.make_generator(ctx.device, seed)  # epoch order: the same in every process
+    local = ckpt.per_process_generator(ctx.dist, order, seed)  # augmentation
+    model_ddp = ctx.dist.wrap(model)
     # weight_decay is passed explicitly: the official teacher recipe parses --t_wd but drops it (B9);
     # the teacher config's default of 0 reproduces that, a non-zero value is honoured.
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -53,10 +55,11 @@ def train_supervised(
         lr_start = opt.param_groups[0]["lr"]
         model.train()
         total, n = 0.0, 0
-        batches = minibatches(train, batch_size, order, augment_pad=pad, hflip=hflip)
+        batches = minibatches(train, batch_size, order, augment_pad=pad, hflip=hflip, shard=ctx.dist,
+                              aug_generator=local)
         for x, y in batches:
             xn = ctx.normalize(x)
-            logits = model(xn)
+            logits = model_ddp(xn)
             if teacher is None:
                 loss = F.cross_entropy(logits, y)
             else:
@@ -83,7 +86,7 @@ def train_supervised(
         stage,
         epochs,
         objects={"model": model, "opt": opt, "sched": sched},
-        generators={"order": order},
+        generators={"order": order, **({"local": local} if local is not order else {})},
         best_modules={"model": model},
         train_epoch=train_epoch,
         evaluate=eval_epoch,
