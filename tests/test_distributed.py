@@ -47,10 +47,11 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available in this torch")
 
 
-def _torchrun(args, tmp_path, port, env_extra=None):
+def _torchrun(args, tmp_path, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    # --standalone: torchrun picks a free port itself (no clash with anything else on the machine)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "augkd.cli", *args]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
@@ -62,15 +63,14 @@ def _state(path):
 
 @needs_gloo
 def test_two_processes_end_to_end(tmp_path, capsys):
-    base = 29600 + os.getpid() % 300
     teacher = tmp_path / "teacher"
-    res = _torchrun(["train-teacher", "--quiet", "--device", "cpu", "--out", str(teacher), *TINY], tmp_path, base)
+    res = _torchrun(["train-teacher", "--quiet", "--device", "cpu", "--out", str(teacher), *TINY], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("teacher saved to") == 1  # rank 0 alone reports
     assert json.loads((teacher / "versions.json").read_text())["processes"] == 2
 
     run = ["run", "--quiet", "--device", "cpu", "--teacher", str(teacher / "teacher.pt"), *TINY]
-    res = _torchrun([*run, "--out", str(tmp_path / "whole")], tmp_path, base + 1)
+    res = _torchrun([*run, "--out", str(tmp_path / "whole")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "whole" / "metrics" / "summary.json").read_text())
     assert summary["processes"] == 2 and set(summary["stages"]) == {"df", "anchor", "mixup"}
@@ -78,7 +78,7 @@ def test_two_processes_end_to_end(tmp_path, capsys):
 
     # Killed after Module 3's second epoch, then resumed: the same student, bit for bit.
     killed = tmp_path / "killed"
-    res = _torchrun([*run, "--out", str(killed)], tmp_path, base + 2, {"AUGKD_DEBUG_KILL_AFTER": "mixup:1"})
+    res = _torchrun([*run, "--out", str(killed)], tmp_path, {"AUGKD_DEBUG_KILL_AFTER": "mixup:1"})
     assert res.returncode != 0 and "simulated kill after mixup epoch 1" in res.stderr
     state = torch.load(killed / "checkpoints" / "mixup_state.pt", map_location="cpu", weights_only=False)
     assert state["processes"] == 2 and len(state["rng_by_rank"]) == 2 and state["epoch"] == 1
@@ -86,7 +86,7 @@ def test_two_processes_end_to_end(tmp_path, capsys):
     assert main(["run", "--quiet", "--device", "cpu", "--out", str(killed), "--resume",
                  "--teacher", str(teacher / "teacher.pt"), *TINY]) == 2
     assert "written by a run of 2 process(es); resume it with the same number" in capsys.readouterr().err
-    res = _torchrun([*run, "--out", str(killed), "--resume"], tmp_path, base + 3)
+    res = _torchrun([*run, "--out", str(killed), "--resume"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     whole, resumed = _state(tmp_path / "whole" / "student.pt"), _state(killed / "student.pt")
     assert whole.keys() == resumed.keys()

@@ -125,7 +125,7 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
         STAGE,
         cfg.epochs,
         objects={"anchor": anchor, "opt": opt, "sched": sched},
-        generators={"gen": gen, **({"local": local} if local is not gen else {})},
+        generators=ckpt.distinct_generators(gen=gen, local=local),
         best_modules={"anchor": anchor},
         train_epoch=train_epoch,
         evaluate=eval_epoch,

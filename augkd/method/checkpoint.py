@@ -80,6 +80,16 @@ def per_process_generator(dist, shared: torch.Generator, seed: int) -> torch.Gen
     return make_generator(shared.device, (seed * 7919 + 104729 * (dist.rank + 1)) % (2**63 - 1))
 
 
+def distinct_generators(**named: torch.Generator) -> dict[str, torch.Generator]:
+    """The generators to checkpoint, each once: a per-process generator that is the shared one (a single
+    process) is not saved twice under a second name, so single-process checkpoints keep their keys."""
+    out: dict[str, torch.Generator] = {}
+    for name, g in named.items():
+        if all(g is not h for h in out.values()):
+            out[name] = g
+    return out
+
+
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state (for the in-memory "best epoch" snapshot)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

@@ -135,7 +135,7 @@ def run_mixup(
         STAGE,
         cfg.epochs,
         objects={"student": student, "opt": opt, "sched": sched},
-        generators={"gen": gen, **({"local": local} if local is not gen else {})},
+        generators=ckpt.distinct_generators(gen=gen, local=local),
         best_modules={"student": student},
         train_epoch=train_epoch,
         evaluate=eval_epoch,

@@ -86,7 +86,7 @@ def train_supervised(
         stage,
         epochs,
         objects={"model": model, "opt": opt, "sched": sched},
-        generators={"order": order, **({"local": local} if local is not order else {})},
+        generators=ckpt.distinct_generators(order=order, local=local),
         best_modules={"model": model},
         train_epoch=train_epoch,
         evaluate=eval_epoch,
