@@ -197,10 +197,6 @@ METHOD_VALUES: dict[str, dict[str, Any]] = {
 # Typed access by dotted key
 
 
-def _sections(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
-
-
 def field_types(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
     """Map every dotted leaf key to its declared type."""
     hints = typing.get_type_hints(cls)
@@ -484,10 +480,3 @@ def to_toml(cfg: RunConfig) -> str:
                     lines.append(f"{kk} = {_toml_value(vv)}")
     return "\n".join(lines) + "\n"
 
-
-def from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Rebuild a config from ``to_dict`` output (e.g. a checkpoint), with no preset re-application."""
-    cfg = RunConfig()
-    for k, v in flatten(tree).items():
-        set_value(cfg, k, v)
-    return cfg

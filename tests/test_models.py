@@ -100,21 +100,6 @@ def test_anchor_mask_range_and_formula(mode, upper):
     assert torch.allclose(z_a, m * a.psi(m * z) + (1 - m) * z, atol=1e-6)
 
 
-def test_anchor_mix_fallback_matches(monkeypatch):
-    """Without augkd.ops.anchor_mix (ops not built yet), forward uses the plain formula, same result."""
-    import sys
-    import types
-
-    from augkd.models.anchor import anchor_mix
-
-    z, m, p = torch.randn(4, 6), torch.rand(4, 6), torch.randn(4, 6)
-    with_ops = anchor_mix(z, m, p)
-    monkeypatch.setitem(sys.modules, "augkd.ops", types.ModuleType("augkd.ops"))
-    without = anchor_mix(z, m, p)
-    assert torch.allclose(with_ops, without, atol=1e-6)
-    assert torch.allclose(without, m * p + (1 - m) * z)
-
-
 def test_anchor_gradients_and_errors():
     a = AnchorNet(8, 3)
     z = torch.randn(6, 8, requires_grad=True)

@@ -89,5 +89,3 @@ def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     return x.contiguous(), torch.from_numpy(labels.copy())
 
-
-LOADERS = {"mnist": load_mnist5k, "optdigits": load_optdigits}

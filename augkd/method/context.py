@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -32,7 +32,6 @@ class Context:
     # Stage name -> directory for that stage's resumable state and final artefact. The pipeline points
     # shareable stages (teacher, Module 1, Module 2) at a cache when `augkd compare` runs.
     stage_dirs: dict[str, str] = field(default_factory=dict)
-    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)  # data-parallel processes (torchrun); one by default
 
     @property

@@ -1,4 +1,4 @@
-"""Module 2 network: AnchorNet A(z, y) -> (z_a, mask), spec 4.1.
+"""Module 2 network: AnchorNet A(z, y) -> (z_a, mask).
 
 A class-specific mask m(y) picks the latent dimensions to change ("domain-specific"); a small 1-D conv
 net psi maps the masked latent towards the teacher domain; the other dimensions keep z:
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops import anchor_mix
 from .generator import _check_positive, labels_to_onehot
 
 MASK_MODES = ("official", "sigmoid")
@@ -31,7 +32,6 @@ class AnchorNet(nn.Module):
         self.num_classes = _check_positive("num_classes", num_classes)
         if mask not in MASK_MODES:
             raise ValueError(f"mask: expected one of {MASK_MODES}, got {mask!r}")
-        self.mask_mode = mask
         L = latent_size
         self.embed = nn.Linear(num_classes, L)
         squash: list[nn.Module] = [nn.Sigmoid()]
@@ -78,20 +78,6 @@ class AnchorNet(nn.Module):
         """Return ``(z_a, mask)`` with z_a = mask * psi(mask * z) + (1 - mask) * z."""
         m, p = self.mask_and_psi(z, y)
         return anchor_mix(z, m, p), m
-
-
-def anchor_mix(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """Use the fused op from ``augkd.ops`` when it exists, else the plain formula (same math).
-
-    The import is lazy because ``augkd.ops`` is developed separately and may be absent or incomplete.
-    """
-    try:
-        from augkd.ops import anchor_mix as fused
-    except (ImportError, AttributeError):
-        fused = None
-    if fused is not None:
-        return fused(z, mask, psi)
-    return mask * psi + (1.0 - mask) * z
 
 
 class _Shift(nn.Module):

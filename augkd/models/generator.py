@@ -1,6 +1,6 @@
 """Module 1 networks: the generator G (latent -> image) and the conditional encoder E (image, label -> latent).
 
-Both follow the official ``models/generator.py`` (spec 3.1, 3.2), parameterised by image shape. Images
+Both follow the released code's ``models/generator.py``, parameterised by image shape. Images
 are in [0, 1] and NOT normalised, on both sides: G ends in a Sigmoid and E reads G's raw output.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Downsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Conditional VAE-style encoder E(x, y) -> z, trained to invert G (spec 3.2).
+    """Conditional VAE-style encoder E(x, y) -> z, trained to invert G.
 
     The label enters as one extra image channel (Linear(K -> H*W)); the image goes through a 1x1 conv;
     BN on the concatenation; then per hidden dim but the last: Downsample x0.5 -> Conv3x3 (no bias) ->

@@ -8,7 +8,6 @@ policy as the kernels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 TEACHER_FORMATS = {"logits": 0, "log_probs": 1, "probs": 2}
 
@@ -85,11 +84,3 @@ def pixel_mixup(generated, real, s, mean=None, std=None):
         out = out / std.to(acc).view(1, -1, 1, 1)
     return out.to(generated.dtype)
 
-
-def kd_loss_eager_baseline(student, teacher, target, temperature: float, alpha: float):
-    """The formula as a torch user writes it (used by the benchmarks as 'eager' and 'torch.compile')."""
-    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                  reduction="batchmean", log_target=True) * temperature * temperature
-    if target is None or alpha == 1:
-        return alpha * kl
-    return alpha * kl + (1 - alpha) * F.cross_entropy(student, target)
