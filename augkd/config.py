@@ -2,7 +2,7 @@
 
 Every hyperparameter of the three stages lives here, and so does every switch that separates the
 paper-faithful behaviour (the default) from the released code's behaviour (``preset = "official"``).
-docs/fidelity.md lists the switches with the bug ids of docs/method-spec.md.
+docs/fidelity.md lists the switches and the bugs of the released code (B1...) behind them.
 
 Precedence, lowest first: dataclass defaults < preset < method < config file < command-line overrides.
 The preset and the method are applied *under* the user's keys so that ``preset="official"`` plus
@@ -13,13 +13,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-METHODS = ("augkd", "official", "dfkd", "ce", "kd", "no-anchor", "no-mixup")
-PRESETS = ("faithful", "official")
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, published separately before it joined the standard library
+    import tomli as tomllib
+
+Method = Literal["augkd", "official", "dfkd", "ce", "kd", "no-anchor", "no-mixup"]
+Preset = Literal["faithful", "official"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class ConfigError(ValueError):
@@ -148,10 +155,10 @@ class BaselineConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["augkd", "official", "dfkd", "ce", "kd", "no-anchor", "no-mixup"] = "augkd"
-    preset: Literal["faithful", "official"] = "faithful"
+    method: Method = "augkd"
+    preset: Preset = "faithful"
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     threads: int = 0  # torch intra-op threads; 0: auto (half the cores, at most 4)
     deterministic: bool = True  # torch.use_deterministic_algorithms (needed for bit-exact resume)
     checkpoint_every: int = 1  # epochs between resumable checkpoints (the last epoch is always saved)
@@ -164,6 +171,9 @@ class RunConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
+
+METHODS: tuple[str, ...] = typing.get_args(Method)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
 
 # The released code's behaviour, switch by switch (docs/fidelity.md).
 PRESET_VALUES: dict[str, dict[str, Any]] = {
@@ -226,31 +236,35 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _parse_scalar_string(text: str) -> Any:
-    """Interpret a command-line value the way TOML would (numbers, booleans, lists, none)."""
-    s = text.strip()
-    low = s.lower()
-    if low in ("none", "null", "~"):
-        return None
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if s.startswith("[") and s.endswith("]"):
-        inner = s[1:-1].strip()
-        return [] if not inner else [_parse_scalar_string(p) for p in inner.split(",")]
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
-        return s[1:-1]
-    return s
+def parse_value(text: str) -> Any:
+    """A command-line value read as a TOML value (``1e-3``, ``inf``, ``true``, ``[8, 4]``, ``"a b"``).
+
+    Text that is not a TOML value stays a bare string, so ``data.root=/data/office31`` needs no quotes.
+    """
+    try:
+        parsed = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    if set(parsed) != {"value"}:  # text that smuggles in a second key after a newline
+        return text
+    return parsed["value"]
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
+
+
+def _from_text(text: str, tp: Any) -> Any:
+    """A string (command line, or YAML's ``1e-3``) read for a field of type ``tp``: as TOML, except that a
+    text field keeps text that is not a quoted TOML string as it is (``data.student_domain=2019``)."""
+    parsed = parse_value(text)
+    if _is_text(tp):
+        return parsed if isinstance(parsed, str) else text
+    return parsed
 
 
 def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check (and, for strings from the command line, convert) ``value`` against type ``tp``."""
+    """Check ``value`` against type ``tp``; strings are read as TOML values first (``parse_value``)."""
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin in (Union, types.UnionType):
@@ -267,14 +281,15 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise bad
+    if isinstance(value, str):
+        value = _from_text(value, tp)
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
+        if value in typing.get_args(tp):
             return value
         raise bad
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if isinstance(value, str):
+        if isinstance(value, str):  # not TOML: a bare comma-separated list, brackets optional
             s = value.strip()
             parts = s[1:-1] if s.startswith("[") and s.endswith("]") else s
             value = [p for p in (q.strip() for q in parts.split(",")) if p]
@@ -284,32 +299,14 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str):
-            parsed = _parse_scalar_string(value)
-            if isinstance(parsed, bool):
-                return parsed
         raise bad
     if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise bad from None
         raise bad
     if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -350,7 +347,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["mixup.epochs=5", "seed=1"]`` -> {"mixup.epochs": "5", "seed": "1"} (typed later)."""
+    """``["mixup.epochs=5", "seed=1"]`` -> {"mixup.epochs": "5", "seed": "1"}: the values stay text until
+    ``coerce`` reads them against the declared type of their key."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -370,8 +368,6 @@ def load_file(path: str) -> dict[str, Any]:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".toml":
-            import tomllib
-
             with open(path, "rb") as fh:
                 tree = tomllib.load(fh)
         elif ext in (".yaml", ".yml"):

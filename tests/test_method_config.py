@@ -1,7 +1,22 @@
 """Config: presets, methods, typing of overrides, files, and the error messages."""
+import math
+import typing
+
 import pytest
 
-from augkd.config import ConfigError, build_config, load_file, parse_overrides, to_toml
+from augkd.config import (
+    DEVICES,
+    METHOD_VALUES,
+    METHODS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    load_file,
+    parse_overrides,
+    parse_value,
+    set_value,
+    to_toml,
+)
 
 
 def test_defaults_are_paper_faithful():
@@ -40,6 +55,73 @@ def test_overrides_are_typed():
     assert cfg.mixup.epochs == 7 and cfg.mixup.lr == 0.01 and cfg.mixup.normalize_real is False
     assert cfg.df.generator_hidden == [8, 4] and cfg.data.val_per_class is None
     assert cfg.data.teacher_domains == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "item,key,expected",
+    [("df.generator_hidden=[8, 4]", "df.generator_hidden", [8, 4]),
+     ("df.generator_hidden=8,4", "df.generator_hidden", [8, 4]),
+     ("df.generator_hidden=[]", "df.generator_hidden", []),
+     ('data.teacher_domains=["amazon", "web cam"]', "data.teacher_domains", ["amazon", "web cam"]),
+     ("data.teacher_domains=[a, b]", "data.teacher_domains", ["a", "b"]),
+     ("mixup.lr=1e-3", "mixup.lr", 1e-3),
+     ("mixup.lr=2E-4", "mixup.lr", 2e-4),
+     ("mixup.lr=1", "mixup.lr", 1.0),
+     ("mixup.epochs=1_000", "mixup.epochs", 1000),
+     ('data.student_domain="dslr"', "data.student_domain", "dslr"),
+     ("data.student_domain='my domain'", "data.student_domain", "my domain"),
+     ("data.student_domain=2019", "data.student_domain", "2019"),
+     ("data.root=/data/office 31", "data.root", "/data/office 31"),
+     ('anchor.mask_penalty="batch_sum"', "anchor.mask_penalty", "batch_sum"),
+     ("data.setting=folders", "data.setting", "folders"),
+     ("data.image_size=null", "data.image_size", None)],
+)
+def test_override_values_read_as_toml(item, key, expected):
+    (k, text), = parse_overrides([item]).items()
+    cfg = RunConfig()
+    set_value(cfg, k, text)
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "+inf", "nan"])
+def test_non_finite_floats_reach_validation(text):
+    """TOML's inf/nan are floats: parsing keeps them, and validation (not the parser) judges the value."""
+    assert math.isnan(parse_value(text)) if "nan" in text else math.isinf(parse_value(text))
+    cfg = RunConfig()
+    set_value(cfg, "mixup.lr", text)
+    assert str(cfg.mixup.lr) == str(float(text))
+    with pytest.raises(ConfigError, match=r"mixup\.b: expected a value in \[0, 1\], got"):
+        build_config(parse_overrides([f"mixup.b={text}"]))
+
+
+def test_parse_value_falls_back_to_the_text():
+    assert parse_value("1e-3") == 1e-3 and parse_value("[1, 2.5]") == [1, 2.5] and parse_value("true") is True
+    assert parse_value('"quoted # not a comment"') == "quoted # not a comment"
+    for text in ["/a/b", "a,b", "yes", "", "1\nseed = 3"]:
+        assert parse_value(text) == text
+
+
+@pytest.mark.parametrize(
+    "item,expected",
+    [("mixup.epochs=1e3", "expected int"), ("mixup.epochs=[1]", "expected int"),
+     ("df.generator_hidden=[8, x]", "expected int, got 'x'"), ("mixup.lr=[1e-3]", "expected float"),
+     ("mixup.normalize_real=1", "expected bool"), ("mixup.normalize_real=yes", "expected bool"),
+     ("data.image_size=big", "expected int or none"), ("seed=1\nmixup.epochs = 3", "expected int")],
+)
+def test_override_errors_name_key_and_type(item, expected):
+    with pytest.raises(ConfigError) as err:
+        build_config(parse_overrides([item]))
+    assert item.split("=")[0] + ": " + expected in str(err.value)
+
+
+def test_choice_lists_come_from_the_config_types():
+    hints = typing.get_type_hints(RunConfig)
+    assert METHODS == typing.get_args(hints["method"]) and "no-mixup" in METHODS
+    assert DEVICES == typing.get_args(hints["device"]) == ("auto", "cpu", "cuda")
+    assert set(METHOD_VALUES) == set(METHODS)
 
 
 def test_unknown_key_lists_valid_keys():
@@ -105,3 +187,14 @@ def test_digits_example_config_matches_the_defaults():
 
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "digits-shift.toml")
     assert build_config(load_file(path)) == build_config({})
+
+
+def test_resume_with_another_config_names_the_changed_keys(tmp_path):
+    import json
+
+    from augkd.config import to_dict
+    from augkd.method.rundir import prepare
+
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(build_config({}))))
+    with pytest.raises(ConfigError, match=r"--resume: .*\(keys: df\.generator_hidden, mixup\.epochs\)"):
+        prepare(build_config({"mixup.epochs": 3, "df.generator_hidden": [8]}), str(tmp_path), resume=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError, RunConfig, to_dict, to_toml
+from ..config import ConfigError, RunConfig, flatten, to_dict, to_toml
 from ..data import load_setting
 from ..distributed import Dist
 from ..report import write_json
@@ -161,7 +161,7 @@ def prepare(
         with open(cfg_path) as fh:
             old = json.load(fh)
         if _comparable(old) != _comparable(to_dict(cfg)):
-            diffs = [k for k, v in _flat(_comparable(to_dict(cfg))).items() if _flat(_comparable(old)).get(k) != v]
+            diffs = [k for k, v in flatten(_comparable(to_dict(cfg))).items() if flatten(_comparable(old)).get(k) != v]
             raise ConfigError(
                 f"--resume: the configuration differs from the run in {run_dir} (keys: {', '.join(diffs) or '?'}); "
                 "resume with the same settings (see its config.toml)"
@@ -195,12 +195,3 @@ def prepare(
         resume=resume, stage_dirs=dict(stage_dirs or {}), dist=dist,
     )
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
