@@ -115,25 +115,34 @@ def test_module3_distils_from_the_teacher(setup, monkeypatch):
 
 
 def test_official_preset_uses_the_student_as_kd_target(setup, monkeypatch):
+    """B1 as released: every Module-3 step distils from the student's own logits, so the KD term is 0."""
     ctx, T, G, E, S, A = setup
     ctx.cfg.mixup.kd_target = "student"
     calls = _spy(monkeypatch)
+    teacher_outputs = []
+    T.register_forward_hook(lambda m, i, o: teacher_outputs.append(o.detach().clone()))
     run_mixup(ctx, T, S, G, E, A.eval())
-    for logits, target, _, _ in calls:
+    assert len(calls) == ctx.cfg.mixup.epochs  # k_shot = 2: one batch per epoch
+    for logits, target, labels, u in calls:
         assert torch.allclose(target, logits, atol=1e-6)
+        assert not any(o.shape == target.shape and torch.allclose(o, target) for o in teacher_outputs)
+        full = losses.mixup_loss(logits, target, labels, u=u, temperature=10.0)
+        torch.testing.assert_close(full, u * torch.nn.functional.cross_entropy(logits, labels))
 
 
 @pytest.mark.parametrize("step", ["epoch", "batch"])
 def test_module3_warmup_and_schedule_columns(setup, step):
-    """ConstantLR warm-up (lr/3 for 5 steps); f and u = f per epoch (the tied default)."""
+    """ConstantLR warm-up (lr/3 for 5 scheduler steps), stepped per epoch or per batch with three batches
+    per epoch; f and u = f per epoch (the tied default)."""
     ctx, T, G, E, S, A = setup
     ctx.cfg.mixup.epochs = 7
     ctx.cfg.mixup.scheduler_step = step
+    ctx.cfg.mixup.batch_size = 8  # k_shot = 2 -> 20 images -> batches of 8, 8, 4
     res = run_mixup(ctx, T, S, G, E, A.eval())
-    lrs = [r["lr"] for r in res.history]
+    lrs = [r["lr"] for r in res.history]  # the rate each epoch starts with
     lr = ctx.cfg.mixup.lr
-    # k_shot = 2 -> 20 images -> one batch per epoch, so both stepping modes agree here.
-    assert lrs[:5] == pytest.approx([lr / 3] * 5) and lrs[5:] == pytest.approx([lr, lr])
+    expected = {"epoch": [lr / 3] * 5 + [lr] * 2, "batch": [lr / 3] * 2 + [lr] * 5}[step]
+    assert lrs == pytest.approx(expected)
     fs = [r["f"] for r in res.history]
     assert fs[0] == pytest.approx(0.2) and fs[-1] == 1.0
     assert [r["u"] for r in res.history] == fs

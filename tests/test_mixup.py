@@ -274,13 +274,23 @@ def test_gradcheck_float64():
                 lambda a, b, c: pixel_mixup(a, b, c, mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7]), (g, r, s4)), backend
 
 
-def test_differentiable_normalisation_stats_get_gradients():
-    g, r = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
-    mean = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
-    std = torch.tensor([0.5, 0.6, 0.7], requires_grad=True)
-    out = pixel_mixup(g, r, 0.4, mean=mean, std=std)
-    out.sum().backward()
-    assert mean.grad is not None and std.grad is not None and mean.grad.shape == (3,)
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_differentiable_normalisation_stats_get_gradients(backend):
+    """mean and std that require grad get the gradient of ((1 - s) g + s r - mean) / std (float64 autograd)."""
+    gen = torch.Generator().manual_seed(11)
+    g64, r64 = (torch.rand(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    mean64 = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    std64 = torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64)
+    leaves = [as_leaf(t, torch.float32) for t in (g64, r64, mean64, std64)]
+    with use_backend(backend):
+        out = pixel_mixup(leaves[0], leaves[1], 0.4, mean=leaves[2], std=leaves[3])
+    got = grads_of(out, leaves)
+    ref = [as_leaf(t, torch.float64) for t in (g64, r64, mean64, std64)]
+    mixed = 0.6 * ref[0] + 0.4 * ref[1]
+    expected = grads_of((mixed - ref[2].view(1, -1, 1, 1)) / ref[3].view(1, -1, 1, 1), ref)
+    for name, a, b in zip(["generated", "real", "mean", "std"], got, expected):
+        assert a is not None and a.shape == b.shape, name
+        assert_close(a, b, torch.float32, f"grad {name}")
 
 
 BAD = [

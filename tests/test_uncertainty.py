@@ -80,18 +80,32 @@ def test_dtypes(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_masked_classes_and_nan_rows(backend):
+    """A row with -inf classes equals the row without them (values and gradient); a NaN row stays NaN and
+    leaves the other rows alone."""
     z = torch.randn(4, 30, dtype=torch.float64)
     z[0, [2, 9]] = -math.inf          # masked classes: same as dropping them
     z[1, 5] = math.nan                # NaN row stays NaN
-    e, h, gz = run(backend, z, 1.5, torch.float32)
+    e, h, gz = run(backend, z, 1.5, torch.float32, seed=1)
+    gen = torch.Generator().manual_seed(1)  # the upstream gradients `run` drew
+    ge, gh = torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
     keep = torch.ones(30, dtype=torch.bool)
     keep[[2, 9]] = False
-    e0, h0, g0 = run("torch", z[0:1, keep], 1.5, torch.float64)
+    z0 = z[0:1, keep].clone().requires_grad_(True)
+    with use_backend("torch"):
+        e0, h0 = uncertainty(z0, temperature=1.5)
+    (g0,) = torch.autograd.grad([e0, h0], [z0], [ge[0:1].float().double(), gh[0:1].float().double()])
     assert_close(e[0:1], e0, torch.float32, "energy with -inf")
     assert_close(h[0:1], h0, torch.float32, "entropy with -inf")
+    assert_close(gz[0:1, keep], g0, torch.float32, "grad with -inf")
     assert torch.all(gz[0, ~keep] == 0)
-    assert torch.isnan(e[1]) and torch.isnan(h[1])
-    assert torch.isfinite(e[[0, 2, 3]]).all() and torch.isfinite(h[[0, 2, 3]]).all()
+    assert torch.isnan(e[1]) and torch.isnan(h[1]) and torch.isnan(gz[1]).all()
+    rest = z[[2, 3]].clone().requires_grad_(True)
+    with use_backend("torch"):
+        e_r, h_r = uncertainty(rest, temperature=1.5)
+    (g_r,) = torch.autograd.grad([e_r, h_r], [rest], [ge[[2, 3]].float().double(), gh[[2, 3]].float().double()])
+    assert_close(e[[2, 3]], e_r, torch.float32, "energy of the other rows")
+    assert_close(h[[2, 3]], h_r, torch.float32, "entropy of the other rows")
+    assert_close(gz[[2, 3]], g_r, torch.float32, "grad of the other rows")
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
