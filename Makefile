@@ -1,15 +1,16 @@
 # Two entry points for a fresh machine (see README):  make run   |   make test
-# Both create .venv on first use, install torch==2.14.1 and the package (building augkd._C:
-# C++ CPU kernels always, CUDA kernels when nvcc is present), then run.
+# Both create .venv on first use, install torch==2.14.1 and the package with the method's extra
+# (`.[method]`, building augkd._C: C++ CPU kernels always, CUDA kernels when nvcc is present), then run.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1
-DEPS   := numpy scikit-learn mlxtend pillow tqdm pyyaml safetensors matplotlib pytest pytest-benchmark ninja
-SOURCES := $(wildcard setup.py csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* kernels/*)
+# build and test tools; the package's own dependencies are declared in pyproject.toml
+DEPS   := ninja pytest pytest-benchmark ruff
+SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* kernels/*)
 
-.PHONY: env build run test bench report clean
+.PHONY: env build run lint test bench report clean
 
 env: $(VENV)/.deps
 $(VENV)/.deps:
@@ -20,14 +21,17 @@ $(VENV)/.deps:
 
 build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/pip install -q --no-build-isolation -e ".[method]"
 	$(BIN)/python -m augkd.ops
 	touch $@
 
 run: build          ## the main job: AuG-KD on the embedded digits-shift default
 	$(BIN)/augkd run $(ARGS)
 
-test: build         ## the test suite (no GPU needed; GPU cases skip with a reason)
+lint: $(VENV)/.deps  ## pyflakes and import order (settings in pyproject.toml)
+	$(BIN)/ruff check .
+
+test: lint build    ## the linter, then the test suite (no GPU needed; GPU cases skip with a reason)
 	$(BIN)/python -m pytest -q -rs tests $(ARGS)
 
 bench: build        ## pytest-benchmark of the ops (CPU)

@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -139,20 +139,8 @@ def _extension():
     )
 
 
+# Metadata, dependencies and extras are in pyproject.toml; this file adds the extension.
 setup(
-    name="augkd",
-    version="0.1.0",
-    description="AuG-KD (anchor-based mixup generation for out-of-domain KD) with fused KD-loss, "
-                "uncertainty and mixup ops (Triton, CUDA C++, CPU C++, torch)",
-    packages=find_packages(include=["augkd", "augkd.*"]),
-    package_data={"augkd": ["configs/*.toml"]},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.6", "numpy", "scikit-learn", "mlxtend", "pillow", "tqdm", "pyyaml",
-        "safetensors", "matplotlib",
-    ],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "vision": ["torchvision"]},
-    entry_points={"console_scripts": ["augkd=augkd.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     zip_safe=False,
