@@ -17,8 +17,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """For modules of tiny tensors: with several intra-op threads on a busy 2-core machine, thread handoff
-    costs far more than the work (seconds instead of milliseconds), so such a module runs single-threaded."""
+    """For modules of tiny tensors: when the cores are shared with other work, handing tiny tensors between
+    intra-op threads costs far more than the work (seconds instead of milliseconds), so such a module runs
+    single-threaded."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

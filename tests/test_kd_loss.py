@@ -274,7 +274,7 @@ def _cpu_ready():
 
 def test_official_distill_loss_is_a_special_case():
     """The released DistillLoss(t=10) with u = 0.5: u*CE + (1-u)*KL(softmax(T/t).clip(1e-8) || ...)*t^2,
-    averaged over rows (utils/criteria.py, see method-spec section 5.2)."""
+    averaged over rows (the released utils/criteria.py)."""
     gen = torch.Generator().manual_seed(6)
     s, t = torch.randn(16, 31, generator=gen) * 3, torch.randn(16, 31, generator=gen) * 3
     y = torch.randint(0, 31, (16,), generator=gen)

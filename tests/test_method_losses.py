@@ -1,4 +1,4 @@
-"""Each loss against the formula written out in docs/method-spec.md, on small tensors."""
+"""Each loss against its formula written out again here (augkd/method/losses.py), on small tensors."""
 import math
 
 import pytest

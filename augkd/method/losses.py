@@ -1,4 +1,4 @@
-"""The losses of the three modules, written term by term as in docs/method-spec.md.
+"""The losses of the three modules, written term by term (each function's docstring gives its formula).
 
 Divergences and energies go through the fused ops of ``augkd.ops``; what is left here is the algebra
 around them (weights, reductions, the class-balance and BN-statistics terms, the CVAE and mask terms).
