@@ -8,6 +8,7 @@ import os
 from typing import Any, Sequence
 
 import torch
+
 from .atomic import write_text
 
 

@@ -21,13 +21,12 @@ Memory is also given in units of one B x C buffer (the gradient the step must re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
-
-import json
-import subprocess
 
 import torch
 

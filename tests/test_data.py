@@ -19,8 +19,7 @@ from augkd.data import (
     save_splits,
 )
 from augkd.data.digits import load_mnist5k, load_optdigits
-from augkd.data.splits import split_by_counts, split_by_fractions, make_rng
-
+from augkd.data.splits import make_rng, split_by_counts, split_by_fractions
 
 # tiny tensors: single-threaded (see the one_thread fixture in conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
