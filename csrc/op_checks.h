@@ -115,7 +115,7 @@ inline void check_temperature(const char* op, double temperature) {
 constexpr double kKdMinTemperature = 1e-15;
 constexpr double kKdMaxTemperature = 1e10;
 
-// Columns of the kd_loss stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, KL, L] (docs/ops-design.md).
+// Columns of the kd_loss stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md).
 constexpr int64_t kKdStats = 8;
 
 // student (B, C) float, C >= 1; teacher same shape/dtype/device; target None or (B,) int64.
@@ -159,7 +159,7 @@ inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& gra
   TORCH_CHECK(stats.defined(), op, ": stats must be a defined tensor");
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kKdStats, op,
               ": stats must have shape (", rows, ", ", kKdStats,
-              ") ([M_s, lse_t, M_t, log d_s, log d_t, log d_1, KL, L] per row, from kd_loss_fwd), got ",
+              ") ([M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd), got ",
               shape_str(stats.sizes()));
   check_dtype(op, "stats", stats, rdt);
   check_same_device(op, "stats", stats, "student", student);

@@ -8,7 +8,9 @@
 //                                               NaN for a non-ignored target outside [0, C))
 // Every exponent is measured from a raw row maximum, a = (v - M_t) / T, b = (s - M_s) / T, so that
 // a large common offset of the logits never rounds a logsumexp ("Precision" in the doc).
-// stats (rows, 8) = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, KL, L], L = log d_t - log d_s.
+// stats (rows, 8) = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L]: mu = E_pt[a - b] (one pass),
+// L = log d_t - log d_s (refined), KL = mu - L (or the refined KL); the backward needs
+// rho - KL = (a - b) - mu, which mu gives without cancelling two O(1) numbers.
 // A term whose weight is exactly 0 (alpha == 0 for KL, alpha == 1 for CE) is left out, as in the
 // torch reference, so an infinite KL or CE does not become 0 * inf = NaN.
 #pragma once
@@ -20,7 +22,7 @@ namespace augkd::cuda {
 
 enum TeacherFormat : int { kLogits = 0, kLogProbs = 1, kProbs = 2 };
 
-enum KdStat : int { kMs = 0, kLseT, kMt, kLogDs, kLogDt, kLogD1, kKl, kL, kKdStats };
+enum KdStat : int { kMs = 0, kLseT, kMt, kLogDs, kLogDt, kLogD1, kMu, kL, kKdStats };
 
 // The one-pass KL is kept when it exceeds this fraction of the magnitude of its terms; otherwise the
 // refine kernel recomputes it (the same rule in every backend: augkd/ops/reference.py REFINE_RATIO).
@@ -187,21 +189,22 @@ AUGKD_HD void kd_read_target(const KdFwdParams<T>& p, int64_t row, int64_t& y, a
 // The loss of a row from its stats: alpha c KL + (1 - alpha) ((M_s - s_y) + log d_1) (CE without
 // rounding a large logsumexp); 0 when ignored, NaN for a non-ignored target outside [0, C).
 template <typename T>
-AUGKD_HD acc_type<T> kd_row_loss(const KdFwdParams<T>& p, const acc_type<T>* st, int64_t y, acc_type<T> s_y) {
+AUGKD_HD acc_type<T> kd_row_loss(const KdFwdParams<T>& p, const acc_type<T>* st, acc_type<T> kl, int64_t y,
+                                 acc_type<T> s_y) {
   using A = acc_type<T>;
-  const A kl_term = p.use_kl ? p.alpha_c * st[kKl] : A(0);  // alpha * c * KL (left out when alpha == 0)
+  const A kl_term = p.use_kl ? p.alpha_c * kl : A(0);  // alpha * c * KL (left out when alpha == 0)
   if (p.target == nullptr) return kl_term;
   if (y == p.ignore_index) return A(0);
   if (y < 0 || y >= p.cols) return quiet_nan<A>();           // non-ignored target outside [0, C): NaN row
   return kl_term + (p.use_ce ? p.one_minus_alpha * ((st[kMs] - s_y) + st[kLogD1]) : A(0));
 }
 
-// Whether the one-pass KL of a row is too close to the rounding of its terms (A / d_t = KL + L,
-// log d_t, log d_s): then the refine kernel recomputes it. NaN and inf rows are kept as they are.
+// Whether the one-pass KL = mu - L of a row is too close to the rounding of its terms (mu, log d_t,
+// log d_s): then the refine kernel recomputes it. NaN and inf rows are kept as they are.
 template <typename A>
 AUGKD_HD bool kd_needs_refine(const A* st) {
-  const A magnitude = abs_(st[kKl] + st[kL]) + abs_(st[kLogDt]) + abs_(st[kLogDs]) + A(1);
-  return st[kKl] < magnitude * A(kRefineRatio);
+  const A magnitude = abs_(st[kMu]) + abs_(st[kLogDt]) + abs_(st[kLogDs]) + A(1);
+  return st[kMu] - st[kL] < magnitude * A(kRefineRatio);
 }
 
 // Turns the merged state of a whole row into its loss and stats.
@@ -218,9 +221,10 @@ AUGKD_HD void kd_write_row(const KdFwdParams<T>& p, int64_t row, const KdState<a
   o[kLogDs] = log_ds;
   o[kLogDt] = log_dt;
   o[kLogD1] = NEED1 ? log_(st.d_1) : log_ds;       // T == 1 (or no target): the CE's sum is d_s
-  o[kKl] = st.a / st.d_t - log_dt + log_ds;        // KL = A / d_t - log d_t + log d_s (one pass)
+  // mu = E_pt[a - b] = A / d_t; a NaN student (also where p_t = 0) reaches mu through log d_s
+  o[kMu] = log_ds != log_ds ? log_ds : st.a / st.d_t;
   o[kL] = log_dt - log_ds;
-  p.loss[row] = kd_row_loss(p, o, y, s_y);
+  p.loss[row] = kd_row_loss(p, o, o[kMu] - o[kL], y, s_y);  // KL = mu - L (one pass)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -326,13 +330,13 @@ AUGKD_HD void kd_refine_write(const KdFwdParams<T>& p, int64_t row, const Refine
   using A = acc_type<T>;
   A* st = p.stats + row * kKdStats;
   const A l_hat = st[kLogDt] - st[kLogDs];
-  const A kl = r.s2 / (A(1) + r.s0) + h_term(r.s0);
-  st[kKl] = kl < A(0) ? A(0) : kl;  // rounding only (S2 >= 0, h ~ -S0^2 / 2); NaN stays NaN
+  A kl = r.s2 / (A(1) + r.s0) + h_term(r.s0);
+  kl = kl < A(0) ? A(0) : kl;  // rounding only (S2 >= 0, h ~ -S0^2 / 2); NaN stays NaN
   st[kL] = l_hat + log1p_(r.s0);
   int64_t y;
   A s_y;
   kd_read_target(p, row, y, s_y);
-  p.loss[row] = kd_row_loss(p, st, y, s_y);
+  p.loss[row] = kd_row_loss(p, st, kl, y, s_y);
 }
 
 // Second sweep over the rows whose one-pass KL is ill-conditioned (the others return at once).
@@ -445,7 +449,7 @@ struct KdBwdVisitor {
   const T* __restrict__ t_row;
   T* __restrict__ gs_row;  // nullptr when not requested
   T* __restrict__ gt_row;
-  A cs, ct, log_ds, log_dt, log_d1, kl, lc, g, g_lse;  // centred maxima, stats, upstream grads
+  A cs, ct, log_ds, log_dt, log_d1, mu, lc, g, g_lse;  // centred maxima, stats, upstream grads
   int64_t y;
   bool ignored;  // y == ignore_index: no student grad, no KL grad for the teacher
   bool bad;      // non-ignored target outside [0, C): the loss row is NaN, so is its student grad
@@ -472,7 +476,8 @@ struct KdBwdVisitor {
       const A a = (teacher_logit(r.t[k], p.fmt) - ct) * p.inv_t;     // a = (v - M_t) / T
       const A p_s = exp_(b - log_ds);                                // p_s = exp(b - log d_s)
       const A p_t = exp_(a - log_dt);                                // p_t = exp(a - log d_t)
-      const A rho = (a - b) - lc;                                    // log p_t - log p_s
+      const A delta = a - b;
+      const A rho = delta - lc;                                      // log p_t - log p_s
       if (gs_row != nullptr) {
         A d = A(0);
         if (!ignored) {
@@ -496,8 +501,8 @@ struct KdBwdVisitor {
         // grad_lse_t * d lse_t / d w = grad_lse_t p_t; an ignored row without an energy gradient gets 0
         A dw = g_lse == A(0) ? A(0) : g_lse * p_t;
         if (!ignored && p.use_kl) {
-          // d KL / d w_j = p_t (log p_t - log p_s - KL) = p_t (rho - KL), 0 where p_t == 0
-          const A dkl = p_t == A(0) ? A(0) : p_t * (rho - kl);
+          // d KL / d w_j = p_t (log p_t - log p_s - KL) = p_t ((a - b) - mu), 0 where p_t == 0
+          const A dkl = p_t == A(0) ? A(0) : p_t * (delta - mu);
           dw += g * p.alpha_c * dkl;                         // + g alpha c dKL/dw
         }
         if (p.fmt == kProbs) {
@@ -525,7 +530,7 @@ AUGKD_HD KdBwdVisitor<T> kd_bwd_visitor(const KdBwdParams<T>& p, int64_t row) {
                     p.grad_teacher ? p.grad_teacher + off : nullptr,
                     center_(p.stats[row * kKdStats + kMs]), center_(p.stats[row * kKdStats + kMt]),
                     p.stats[row * kKdStats + kLogDs], p.stats[row * kKdStats + kLogDt],
-                    p.stats[row * kKdStats + kLogD1], p.stats[row * kKdStats + kKl], p.stats[row * kKdStats + kL],
+                    p.stats[row * kKdStats + kLogD1], p.stats[row * kKdStats + kMu], p.stats[row * kKdStats + kL],
                     p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
   if (p.target != nullptr) {
     v.y = p.target[row];

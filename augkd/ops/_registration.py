@@ -12,7 +12,7 @@ import torch
 
 from .reference import compute_dtype
 
-# Columns of kd_loss_fwd's stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, KL, L] (docs/ops-design.md);
+# Columns of kd_loss_fwd's stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md);
 # column 1 (lse_t) is the one the front-end returns (teacher energy) and differentiates.
 KD_STATS = 8
 

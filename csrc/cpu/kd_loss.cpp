@@ -13,14 +13,16 @@
 // and across blocks the online rules of the doc (A <- r (A + d_t (shift_s - shift_t)), d <- r d).
 // KL = A / d_t - log d_t + log d_s when that is well conditioned; otherwise (large T, nearly equal
 // distributions) a second sweep computes it as sum p_s phi(rho) (kd_refine_row).
-// stats = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, KL, L], L = log d_t - log d_s (refined).
+// stats = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L]: mu = E_pt[a - b] = A / d_t (one pass),
+// L = log d_t - log d_s (refined). KL = mu - L; the backward needs rho - KL = (a - b) - mu, which mu gives
+// without the cancellation of two O(1) numbers (masked classes at a large T).
 // Rows with C <= kRowBlock are therefore the plain two-pass scheme over a cached row. Pass 2 prefetches the
 // next block (or row), so pass 1 of that block finds it in cache.
 // Backward: one sweep per row recomputing p_s = exp(b - log d_s), p_t = exp(a - log d_t),
 // rho = (a - b) - L, p_1 = exp(s - M_s - log d_1):
 //   p_s - p_t = -p_s expm1(rho) (rho <= 0) or p_t expm1(-rho) (rho > 0)      (no cancellation at large T)
 //   grad_s = g (alpha c / T (p_s - p_t) + (1 - alpha) (p_1 - [j == y]))      (0 for ignored rows)
-//   dL/dw  = g alpha c p_t (rho - KL) [not ignored] + g_lse_t p_t            (0 where p_t == 0)
+//   dL/dw  = g alpha c p_t ((a - b) - mu) [not ignored] + g_lse_t p_t        (0 where p_t == 0)
 //   grad_t = dL/dw / T (logits, log-probs),  dL/dw / (T t) with 0 where t == 0 (probs)
 // The target entry of grad_s is recomputed in scalar precision afterwards so that p_1_y - 1 is formed
 // before the single rounding to the output dtype.
@@ -58,7 +60,7 @@ struct KdParams {
 };
 
 // Per-row statistics of the forward (the columns of `stats`, see the header).
-enum Stat : int { kMs = 0, kLseT, kMt, kLogDs, kLogDt, kLogD1, kKl, kL, kNumStats };
+enum Stat : int { kMs = 0, kLseT, kMt, kLogDs, kLogDt, kLogD1, kMu, kL, kNumStats };
 
 // phi(x) = x^2 (c_2 + c_3 x + ... + c_12 x^10), c_n = (n - 1) / n!: 1 + (x - 1) e^x for |x| <= 0.25.
 template <typename A>
@@ -80,9 +82,10 @@ inline A h_term(A x) {
 // Second sweep of a row whose one-pass KL is ill-conditioned: with rho = (a - b) - L_hat,
 //   S0 = sum (p_t - p_s) (from expm1: the rounding of L_hat), S2 = sum p_s phi(rho) (every term >= 0),
 //   KL = S2 / (1 + S0) + h(S0), L = L_hat + log1p(S0)          (exact for any L_hat; docs "Precision").
+// Returns the KL; writes the refined L into st.
 template <typename scalar_t, bool PROBS>
-inline void kd_refine_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
-                          acc_t<scalar_t> inv_t, acc_t<scalar_t>* st) {
+inline acc_t<scalar_t> kd_refine_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
+                                     acc_t<scalar_t> inv_t, acc_t<scalar_t>* st) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
   constexpr int64_t W = V::size();
@@ -113,13 +116,14 @@ inline void kd_refine_row(const scalar_t* __restrict s, const scalar_t* __restri
   });
   const A s0 = hsum(vs0), s2 = hsum(vs2);
   const A kl = s2 / (A(1) + s0) + h_term(s0);
-  st[kKl] = kl < A(0) ? A(0) : kl;  // rounding only (S2 >= 0, h ~ -S0^2 / 2); NaN stays NaN
   st[kL] = l_hat + std::log1p(s0);
+  return kl < A(0) ? A(0) : kl;  // rounding only (S2 >= 0, h ~ -S0^2 / 2); NaN stays NaN
 }
 
-// Forward of one row: fills st[0 .. kNumStats) (lse_t from M_t / T + log d_t; log d_1 only when LSE1).
+// Forward of one row: fills st[0 .. kNumStats) (lse_t from M_t / T + log d_t; log d_1 only when LSE1) and
+// returns the KL.
 template <typename scalar_t, bool PROBS, bool LSE1>
-inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
+inline acc_t<scalar_t> kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
                        acc_t<scalar_t> inv_t, acc_t<scalar_t>* st) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
@@ -189,11 +193,12 @@ inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   st[kLogDs] = log_ds;
   st[kLogDt] = log_dt;
   st[kLogD1] = LSE1 ? std::log(d_1) : log_ds;
-  st[kKl] = kl;
+  st[kMu] = std::isnan(log_ds) ? log_ds : mean_delta;  // a NaN student (also where p_t = 0) reaches mu
   st[kL] = log_dt - log_ds;
   // one-pass KL: a difference of terms of this size; keep it when the rounding is far below the result
   const A magnitude = std::abs(mean_delta) + std::abs(log_dt) + std::abs(log_ds) + A(1);
-  if (kl < magnitude * A(kRefineRatio)) kd_refine_row<scalar_t, PROBS>(s, t, C, inv_t, st);
+  if (kl < magnitude * A(kRefineRatio)) return kd_refine_row<scalar_t, PROBS>(s, t, C, inv_t, st);
+  return kl;
 }
 
 // Backward of one row. gs / gt: grad rows (written when SG / TG).
@@ -206,7 +211,7 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   constexpr int64_t W = V::size();
   const bool ignored = prm.has_target && y == prm.ignore_index;
   const A cms = center(st[kMs]), cmt = center(st[kMt]);
-  const A log_ds = st[kLogDs], log_dt = st[kLogDt], log_d1 = st[kLogD1], kl = st[kKl], lc = st[kL];
+  const A log_ds = st[kLogDs], log_dt = st[kLogDt], log_d1 = st[kLogD1], mu = st[kMu], lc = st[kL];
   const A ks = ignored ? A(0) : g * prm.alpha * prm.c * prm.inv_t;               // on (p_s - p_t)
   const A k1 = (ignored || !prm.has_target) ? A(0) : g * (A(1) - prm.alpha);     // on (p_1 - onehot)
   const A kt = g * prm.alpha * prm.c;                                             // on dKL/dw
@@ -228,7 +233,7 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   }
 
   const V v_inv_t(prm.inv_t), v_cms(cms), v_cmt(cmt), v_lds(log_ds), v_ldt(log_dt), v_ld1(log_d1), v_lc(lc);
-  const V v_kl(kl), v_ks(ks), v_k1(k1), v_kt(kt), v_glt(g_lse_t), v_zero(A(0));
+  const V v_mu(mu), v_ks(ks), v_k1(k1), v_kt(kt), v_glt(g_lse_t), v_zero(A(0));
   vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
     const V sv = load(s + j, n, A(0));
     const V tv = load(t + j, n, A(1));
@@ -237,7 +242,8 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
     const V a = ((PROBS ? vlog(tv) : tv) - v_cmt) * v_inv_t;
     const V ps = vexp(b - v_lds);
     const V pt = vexp(a - v_ldt);
-    const V rho = (a - b) - v_lc;  // log p_t - log p_s, accurate to the rounding of a and b
+    const V delta = a - b;
+    const V rho = delta - v_lc;  // log p_t - log p_s, accurate to the rounding of a and b
     if (SG && student && (y >= 0 || !prm.has_target) && (y < C || !prm.has_target)) {
       V r = v_zero;
       if (kl_term) {
@@ -254,7 +260,8 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
     }
     if constexpr (TG) {
       V dw = g_lse_t != A(0) ? v_glt * pt : v_zero;
-      if (teacher_kl) dw = at::vec::fmadd(v_kt, zero_where_eq(pt * (rho - v_kl), pt, v_zero), dw);
+      // dKL/dw = p_t (rho - KL) = p_t ((a - b) - mu)
+      if (teacher_kl) dw = at::vec::fmadd(v_kt, zero_where_eq(pt * (delta - v_mu), pt, v_zero), dw);
       V r = dw * v_inv_t;
       if constexpr (PROBS) r = zero_where_eq(r / tv, tv, v_zero);
       store(gt + j, r, n);
@@ -312,9 +319,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
           for (int64_t i = begin; i < end; ++i) {
             const scalar_t* s = s_ptr + i * C;
             A* st = stats_ptr + kNumStats * i;
-            kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, st);
+            const A kl =
+                kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, st);
             // a term whose weight is exactly 0 is left out (an infinite KL or CE must not give 0 * inf)
-            A row_loss = a != A(0) ? a * c * st[kKl] : A(0);
+            A row_loss = a != A(0) ? a * c * kl : A(0);
             if (has_target) {
               const int64_t y = y_ptr[i];
               if (y == ignore_index) {

@@ -9,7 +9,8 @@ Every exponent is measured from a raw row maximum, a = (v - M_t) / T, b = (s - M
 with a large common offset keep their accuracy (docs/ops-design.md, "Precision").
 Forward: one sweep per row with online maxima/sums; the one-pass KL = E_pt[a - b] - log d_t + log d_s is
 kept when well conditioned, else a second sweep computes KL = sum p_s phi(rho) (large T, close
-distributions). stats = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, KL, L], L = log d_t - log d_s.
+distributions). stats = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L]: mu = E_pt[a - b] (one pass),
+L = log d_t - log d_s (refined), KL = mu - L; the backward uses rho - KL = (a - b) - mu.
 Backward: recompute p_s, p_t, rho = (a - b) - L and p_1 from the stats (one read of s and t), with
 p_s - p_t = -p_s expm1(rho) or p_t expm1(-rho), and write the gradients.
 """
@@ -173,7 +174,7 @@ def _kd_loss_fwd_kernel(
     tl.store(st + 3, log_ds)
     tl.store(st + 4, log_dt)
     tl.store(st + 5, log_d1)
-    tl.store(st + 6, kl)
+    tl.store(st + 6, tl.where(log_ds != log_ds, log_ds, mean_delta))  # a NaN student reaches mu
     tl.store(st + 7, l_c)
 
 
@@ -203,7 +204,7 @@ def _kd_loss_bwd_kernel(
     log_ds = tl.load(st + 3).to(ACC)
     log_dt = tl.load(st + 4).to(ACC)
     log_d1 = tl.load(st + 5).to(ACC)
-    kl = tl.load(st + 6).to(ACC)
+    mu = tl.load(st + 6).to(ACC)
     l_c = tl.load(st + 7).to(ACC)
 
     s = tl.load(s_ptr + base + offs, mask=inb, other=0.0).to(ACC)
@@ -213,7 +214,8 @@ def _kd_loss_bwd_kernel(
     a = (_teacher_logits(t, FORMAT) - ct) / temp
     p_s = tl.exp(b - log_ds)
     p_t = tl.exp(a - log_dt)
-    rho = (a - b) - l_c  # log p_t - log p_s
+    delta = a - b
+    rho = delta - l_c  # log p_t - log p_s
 
     keep = tl.full([], 1, tl.int1)  # row not ignored
     if HAS_TARGET:
@@ -238,7 +240,7 @@ def _kd_loss_bwd_kernel(
 
     if TEACHER_GRAD:
         glse = tl.load(glse_ptr + row).to(ACC)
-        dkl = tl.where(p_t == 0, 0.0, p_t * (rho - kl))
+        dkl = tl.where(p_t == 0, 0.0, p_t * (delta - mu))  # p_t (rho - KL), KL = mu - L
         # an ignored row gets only the energy's gradient (none without one, whatever the row holds)
         dw = tl.where(keep & (a_w != 0), g * ac * dkl, 0.0) + tl.where(glse == 0, 0.0, glse * p_t)
         if FORMAT == 2:
