@@ -506,8 +506,9 @@ struct KdBwdVisitor {
           dw += g * p.alpha_c * dkl;                         // + g alpha c dKL/dw
         }
         if (p.fmt == kProbs) {
-          // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0
-          gt[k] = r.t[k] == A(0) ? A(0) : dw / (p.temperature * r.t[k]);
+          // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0 (an absent class) or where nothing
+          // flows (an ignored row, whatever t holds)
+          gt[k] = (r.t[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.t[k]);
         } else {
           gt[k] = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
         }

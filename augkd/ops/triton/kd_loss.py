@@ -244,7 +244,8 @@ def _kd_loss_bwd_kernel(
         # an ignored row gets only the energy's gradient (none without one, whatever the row holds)
         dw = tl.where(keep & (a_w != 0), g * ac * dkl, 0.0) + tl.where(glse == 0, 0.0, glse * p_t)
         if FORMAT == 2:
-            gt = tl.where(t == 0, 0.0, dw / (temp * t))
+            # 0 where t == 0 (an absent class) or where nothing flows (an ignored row, whatever t holds)
+            gt = tl.where((t == 0) | (dw == 0), 0.0, dw / (temp * t))
         else:
             gt = dw / temp
         tl.store(gt_ptr + base + offs, gt.to(gt_ptr.dtype.element_ty), mask=inb)
