@@ -110,6 +110,14 @@ inline void check_temperature(const char* op, double temperature) {
 // KD loss
 // ---------------------------------------------------------------------------------------------------------
 
+// The temperatures kd_loss accepts (augkd/ops/reference.py TEMPERATURE_RANGE): inside, every backend is
+// accurate against float64; outside, T^2, 1/T or the KL leave the fp32 range for ordinary logits.
+constexpr double kKdMinTemperature = 1e-15;
+constexpr double kKdMaxTemperature = 1e10;
+
+// Columns of the kd_loss stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md).
+constexpr int64_t kKdStats = 8;
+
 // student (B, C) float, C >= 1; teacher same shape/dtype/device; target None or (B,) int64.
 inline void check_kd_loss_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
                                  const std::optional<at::Tensor>& target, double temperature, double alpha,
@@ -124,6 +132,9 @@ inline void check_kd_loss_inputs(const char* op, const at::Tensor& student, cons
     check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
   }
   check_temperature(op, temperature);
+  TORCH_CHECK_VALUE(temperature >= kKdMinTemperature && temperature <= kKdMaxTemperature, op,
+                    ": temperature must be in [", kKdMinTemperature, ", ", kKdMaxTemperature,
+                    "] (the range tested against float64), got ", temperature);
   TORCH_CHECK(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
   TORCH_CHECK(teacher_format >= 0 && teacher_format <= 2, op,
               ": teacher_format must be 0 (logits), 1 (log_probs) or 2 (probs), got ", teacher_format);
@@ -135,7 +146,7 @@ inline void check_kd_loss_fwd(const at::Tensor& student, const at::Tensor& teach
   check_kd_loss_inputs("kd_loss", student, teacher, target, temperature, alpha, teacher_format);
 }
 
-// grad_loss, grad_lse_t: (B,) in the row dtype (fp32; fp64 for fp64 input); stats (B, 4) row dtype.
+// grad_loss, grad_lse_t: (B,) in the row dtype (fp32; fp64 for fp64 input); stats (B, 8) row dtype.
 inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad_lse_t, const at::Tensor& student,
                               const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                               const at::Tensor& stats, double temperature, double alpha, int64_t teacher_format) {
@@ -146,8 +157,10 @@ inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& gra
   check_row_vector(op, "grad_loss", grad_loss, rows, rdt, "student", student);
   check_row_vector(op, "grad_lse_t", grad_lse_t, rows, rdt, "student", student);
   TORCH_CHECK(stats.defined(), op, ": stats must be a defined tensor");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 4, op, ": stats must have shape (",
-              rows, ", 4) ([lse_s, lse_t, lse_1, KL] per row), got ", shape_str(stats.sizes()));
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kKdStats, op,
+              ": stats must have shape (", rows, ", ", kKdStats,
+              ") ([M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd), got ",
+              shape_str(stats.sizes()));
   check_dtype(op, "stats", stats, rdt);
   check_same_device(op, "stats", stats, "student", student);
   check_contiguous(op, "stats", stats);

@@ -1,10 +1,16 @@
-// KD loss: forward (one online-softmax sweep per row) and backward (recompute from the saved stats).
-// The math is docs/ops-design.md section 1; each computation below repeats its formula.
+// KD loss: forward (one online-softmax sweep per row, plus a second sweep for an ill-conditioned KL) and
+// backward (recompute from the saved stats). The math is docs/ops-design.md section 1; each computation
+// below repeats its formula.
 //
 //   u = s / T,  w = v / T,  v = t (teacher_format 0 logits, 1 log_probs) or log(t) (2 probs)
 //   KL_i = sum_j p_t (log p_t - log p_s),  CE_i = logsumexp(s) - s_y,  c = T^2 or 1
 //   loss_i = alpha c KL_i + (1 - alpha) CE_i   (no target: alpha c KL_i; 0 for ignored rows;
 //                                               NaN for a non-ignored target outside [0, C))
+// Every exponent is measured from a raw row maximum, a = (v - M_t) / T, b = (s - M_s) / T, so that
+// a large common offset of the logits never rounds a logsumexp ("Precision" in the doc).
+// stats (rows, 8) = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L]: mu = E_pt[a - b] (one pass),
+// L = log d_t - log d_s (refined), KL = mu - L (or the refined KL); the backward needs
+// rho - KL = (a - b) - mu, which mu gives without cancelling two O(1) numbers.
 // A term whose weight is exactly 0 (alpha == 0 for KL, alpha == 1 for CE) is left out, as in the
 // torch reference, so an infinite KL or CE does not become 0 * inf = NaN.
 #pragma once
@@ -16,50 +22,59 @@ namespace augkd::cuda {
 
 enum TeacherFormat : int { kLogits = 0, kLogProbs = 1, kProbs = 2 };
 
+enum KdStat : int { kMs = 0, kLseT, kMt, kLogDs, kLogDt, kLogD1, kMu, kL, kKdStats };
+
+// The one-pass KL is kept when it exceeds this fraction of the magnitude of its terms; otherwise the
+// refine kernel recomputes it (the same rule in every backend: augkd/ops/reference.py REFINE_RATIO).
+constexpr double kRefineRatio = 1.0 / 64;
+constexpr double kPhiSeriesMax = 0.25;
+
 // Per-thread (then per-row) online state of one KD row.
 template <typename A, bool NEED1>
 struct KdState {
-  A m_s, d_s;  // running max of u and d_s = sum_j exp(u_j - m_s)
-  A m_t, d_t;  // running max of w and d_t = sum_j exp(w_j - m_t)
-  A a;         // A = sum_j exp(w_j - m_t) * ((w_j - m_t) - (u_j - m_s)), 0 where w_j == -inf
-  A m_1, d_1;  // online softmax of s itself (CE at temperature 1), used only when NEED1
+  A m_s, d_s;  // running max of s and d_s = sum_j exp((s_j - m_s) / T)
+  A m_t, d_t;  // running max of v and d_t = sum_j exp((v_j - m_t) / T)
+  A a;         // A = sum_j exp(a_j) (a_j - b_j), 0 where a_j == -inf
+  A d_1;       // sum_j exp(s_j - m_s) (CE at temperature 1), used only when NEED1
+  A inv_t;     // 1 / T (a parameter: merges need it)
 
-  AUGKD_HD static KdState identity() {
-    return {neg_inf<A>(), A(0), neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0)};
+  AUGKD_HD static KdState identity(A inv_t = A(0)) {
+    return {neg_inf<A>(), A(0), neg_inf<A>(), A(0), A(0), A(0), inv_t};
   }
+  AUGKD_HD KdState empty() const { return identity(inv_t); }
 
-  // Re-measure the state from larger maxima M_s >= m_s, M_t >= m_t, M_1 >= m_1:
-  //   dt = M_t - m_t, ds = M_s - m_s, r = exp(-dt)
-  //   A   <- r * (A + d_t * (ds - dt))
-  //   d_t <- r * d_t,   d_s <- exp(-ds) * d_s,   d_1 <- exp(-(M_1 - m_1)) * d_1
+  // Re-measure the state from larger maxima M_s >= m_s, M_t >= m_t (raw logits):
+  //   sh_s = (M_s - m_s) / T, sh_t = (M_t - m_t) / T, r = exp(-sh_t)
+  //   A   <- r * (A + d_t * (sh_s - sh_t))
+  //   d_t <- r * d_t,   d_s <- exp(-sh_s) * d_s,   d_1 <- exp(-(M_s - m_s)) * d_1
   // While m_t is still -inf, d_t and A are 0 (or NaN from a NaN input) and are kept as they are
-  // (r = 0 in the doc's words; keeping them also keeps a NaN). shift/rescale return 0 / 1 when a
-  // maximum did not move, so -inf -> -inf never computes -inf - -inf.
-  AUGKD_HD void rebase(A M_s, A M_t, A M_1) {
-    const A ds = shift(m_s, M_s);
-    const A dt = shift(m_t, M_t);
+  // (r = 0 in the doc's words; keeping them also keeps a NaN). The shifts are taken between centred
+  // maxima (center_), so -inf -> finite never computes -inf - -inf.
+  AUGKD_HD void rebase(A M_s, A M_t) {
+    const A raw_s = center_(M_s) - center_(m_s);
+    const A sh_s = raw_s * inv_t;
+    const A sh_t = (center_(M_t) - center_(m_t)) * inv_t;
     if (m_t != neg_inf<A>()) {
-      const A r = rescale(m_t, M_t);
-      a = r * (a + d_t * (ds - dt));
+      const A r = m_t == M_t ? A(1) : exp_(-sh_t);
+      a = r * (a + d_t * (sh_s - sh_t));
       d_t = r * d_t;
     }
-    d_s = rescale(m_s, M_s) * d_s;
+    if (m_s != M_s) {
+      d_s = (m_s == neg_inf<A>() ? A(0) : exp_(-sh_s)) * d_s;
+      if constexpr (NEED1) d_1 = (m_s == neg_inf<A>() ? A(0) : exp_(-raw_s)) * d_1;
+    }
     m_s = M_s;
     m_t = M_t;
-    if constexpr (NEED1) {
-      d_1 = rescale(m_1, M_1) * d_1;
-      m_1 = M_1;
-    }
   }
 
   // Merging two partial states is the same rescaling applied to both, then a sum.
   AUGKD_HD void merge(const KdState& o) {
     const A M_s = max_(m_s, o.m_s);
     const A M_t = max_(m_t, o.m_t);
-    const A M_1 = NEED1 ? max_(m_1, o.m_1) : m_1;
     KdState b = o;
-    b.rebase(M_s, M_t, M_1);
-    rebase(M_s, M_t, M_1);
+    b.inv_t = inv_t;
+    b.rebase(M_s, M_t);
+    rebase(M_s, M_t);
     d_s += b.d_s;
     d_t += b.d_t;
     a += b.a;
@@ -73,13 +88,8 @@ struct KdState {
     o.m_t = __shfl_xor_sync(kFullMask, m_t, m);
     o.d_t = __shfl_xor_sync(kFullMask, d_t, m);
     o.a = __shfl_xor_sync(kFullMask, a, m);
-    if constexpr (NEED1) {
-      o.m_1 = __shfl_xor_sync(kFullMask, m_1, m);
-      o.d_1 = __shfl_xor_sync(kFullMask, d_1, m);
-    } else {
-      o.m_1 = m_1;
-      o.d_1 = d_1;
-    }
+    o.d_1 = NEED1 ? __shfl_xor_sync(kFullMask, d_1, m) : d_1;
+    o.inv_t = inv_t;
     return o;
   }
 };
@@ -101,7 +111,7 @@ struct KdFwdParams {
   const T* __restrict__ teacher;   // (rows, cols)
   const int64_t* __restrict__ target;  // (rows,) or nullptr
   A* __restrict__ loss;            // (rows,)
-  A* __restrict__ stats;           // (rows, 4): lse_s, lse_t, lse_1, KL
+  A* __restrict__ stats;           // (rows, 8): see KdStat
   int64_t rows, cols, ignore_index;
   A inv_t;            // 1 / T
   A alpha_c;          // alpha * c, c = T^2 if t2_scale else 1
@@ -135,36 +145,30 @@ struct KdFwdVisitor {
 
   template <int N>
   AUGKD_HD void apply(int64_t, const Regs<N>& r) {
-    A u[N], w[N];
-    A cm_s = neg_inf<A>(), cm_t = neg_inf<A>(), cm_1 = neg_inf<A>();
+    A v[N];
+    A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      u[k] = r.s[k] * inv_t;                         // u = s / T
-      w[k] = teacher_logit(r.t[k], fmt) * inv_t;     // w = v / T
-      cm_s = max_(cm_s, u[k]);
-      cm_t = max_(cm_t, w[k]);
-      if constexpr (NEED1) cm_1 = max_(cm_1, r.s[k]);
+      v[k] = teacher_logit(r.t[k], fmt);             // v = t or log t
+      cm_s = max_(cm_s, r.s[k]);
+      cm_t = max_(cm_t, v[k]);
     }
     // Raise the running maxima to include this chunk (one rescale per chunk, rarely taken).
     const A M_s = max_(st.m_s, cm_s);
     const A M_t = max_(st.m_t, cm_t);
-    const A M_1 = NEED1 ? max_(st.m_1, cm_1) : st.m_1;
-    if (M_s != st.m_s || M_t != st.m_t || (NEED1 && M_1 != st.m_1)) st.rebase(M_s, M_t, M_1);
+    if (M_s != st.m_s || M_t != st.m_t) st.rebase(M_s, M_t);
+    const A cs = center_(st.m_s), ct = center_(st.m_t);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const bool w_masked = w[k] == neg_inf<A>();
-      const bool u_masked = u[k] == neg_inf<A>();
-      const A e_t = w_masked ? A(0) : exp_(w[k] - st.m_t);   // exp(w_j - m_t), 0 for w_j == -inf
-      const A e_s = u_masked ? A(0) : exp_(u[k] - st.m_s);   // exp(u_j - m_s), 0 for u_j == -inf
-      st.d_t += e_t;                                         // d_t += exp(w_j - m_t)
-      st.d_s += e_s;                                         // d_s += exp(u_j - m_s)
-      // u_j - m_s, written -inf for u_j == -inf (m_s may still be -inf: never -inf - -inf)
-      const A lu = u_masked ? neg_inf<A>() : u[k] - st.m_s;
-      // A += exp(w_j - m_t) * ((w_j - m_t) - (u_j - m_s)), 0 where w_j == -inf
-      st.a += w_masked ? A(0) : e_t * ((w[k] - st.m_t) - lu);
-      if constexpr (NEED1) {
-        st.d_1 += r.s[k] == neg_inf<A>() ? A(0) : exp_(r.s[k] - st.m_1);  // d_1 += exp(s_j - m_1)
-      }
+      const A xs = r.s[k] - cs;
+      const A b = xs * inv_t;                                // b = (s_j - M_s) / T
+      const A a = (v[k] - ct) * inv_t;                       // a = (v_j - M_t) / T
+      const A e_t = exp_(a);                                 // exp(-inf) = 0: a masked class
+      st.d_t += e_t;                                         // d_t += exp(a_j)
+      st.d_s += exp_(b);                                     // d_s += exp(b_j)
+      // A += exp(a_j) (a_j - b_j), 0 where a_j == -inf (b_j == -inf < a_j gives +inf: KL = inf)
+      st.a += a == neg_inf<A>() ? A(0) : e_t * (a - b);
+      if constexpr (NEED1) st.d_1 += exp_(xs);               // d_1 += exp(s_j - M_s)
     }
   }
 };
@@ -182,6 +186,27 @@ AUGKD_HD void kd_read_target(const KdFwdParams<T>& p, int64_t row, int64_t& y, a
   }
 }
 
+// The loss of a row from its stats: alpha c KL + (1 - alpha) ((M_s - s_y) + log d_1) (CE without
+// rounding a large logsumexp); 0 when ignored, NaN for a non-ignored target outside [0, C).
+template <typename T>
+AUGKD_HD acc_type<T> kd_row_loss(const KdFwdParams<T>& p, const acc_type<T>* st, acc_type<T> kl, int64_t y,
+                                 acc_type<T> s_y) {
+  using A = acc_type<T>;
+  const A kl_term = p.use_kl ? p.alpha_c * kl : A(0);  // alpha * c * KL (left out when alpha == 0)
+  if (p.target == nullptr) return kl_term;
+  if (y == p.ignore_index) return A(0);
+  if (y < 0 || y >= p.cols) return quiet_nan<A>();           // non-ignored target outside [0, C): NaN row
+  return kl_term + (p.use_ce ? p.one_minus_alpha * ((st[kMs] - s_y) + st[kLogD1]) : A(0));
+}
+
+// Whether the one-pass KL = mu - L of a row is too close to the rounding of its terms (mu, log d_t,
+// log d_s): then the refine kernel recomputes it. NaN and inf rows are kept as they are.
+template <typename A>
+AUGKD_HD bool kd_needs_refine(const A* st) {
+  const A magnitude = abs_(st[kMu]) + abs_(st[kLogDt]) + abs_(st[kLogDs]) + A(1);
+  return st[kMu] - st[kL] < magnitude * A(kRefineRatio);
+}
+
 // Turns the merged state of a whole row into its loss and stats.
 template <typename T, bool NEED1>
 AUGKD_HD void kd_write_row(const KdFwdParams<T>& p, int64_t row, const KdState<acc_type<T>, NEED1>& st, int64_t y,
@@ -189,35 +214,150 @@ AUGKD_HD void kd_write_row(const KdFwdParams<T>& p, int64_t row, const KdState<a
   using A = acc_type<T>;
   const A log_ds = log_(st.d_s);
   const A log_dt = log_(st.d_t);
-  const A lse_s = st.m_s + log_ds;                 // lse_s = m_s + log d_s
-  const A lse_t = st.m_t + log_dt;                 // lse_t = m_t + log d_t
-  const A kl = st.a / st.d_t - log_dt + log_ds;    // KL = A / d_t - log d_t + log d_s
-  A lse_1 = A(0);                                  // lse_1 = 0 when target is None
-  if (p.target != nullptr) {
-    if constexpr (NEED1) {
-      lse_1 = st.m_1 + log_(st.d_1);               // lse_1 = logsumexp(s) = m_1 + log d_1
-    } else {
-      lse_1 = lse_s;                               // T == 1: logsumexp(s) = lse_s
+  A* o = p.stats + row * kKdStats;
+  o[kMs] = st.m_s;
+  o[kLseT] = center_(st.m_t) * p.inv_t + log_dt;  // lse_t = M_t / T + log d_t (teacher energy)
+  o[kMt] = st.m_t;
+  o[kLogDs] = log_ds;
+  o[kLogDt] = log_dt;
+  o[kLogD1] = NEED1 ? log_(st.d_1) : log_ds;       // T == 1 (or no target): the CE's sum is d_s
+  // mu = E_pt[a - b] = A / d_t; a NaN student (also where p_t = 0) reaches mu through log d_s
+  o[kMu] = log_ds != log_ds ? log_ds : st.a / st.d_t;
+  o[kL] = log_dt - log_ds;
+  p.loss[row] = kd_row_loss(p, o, o[kMu] - o[kL], y, s_y);  // KL = mu - L (one pass)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Refinement of an ill-conditioned KL (second sweep; docs/ops-design.md, "Precision"): with
+// rho_j = (a_j - b_j) - L_hat,
+//   S0 = sum_j (p_t,j - p_s,j)     (formed with expm1: about the rounding of L_hat)
+//   S2 = sum_j p_s,j phi(rho_j),   phi(x) = 1 + (x - 1) e^x >= 0 (every term >= 0: nothing cancels)
+//   KL = S2 / (1 + S0) + h(S0),  L = L_hat + log1p(S0),  h(x) = x / (1 + x) - log1p(x)
+// exactly, for any L_hat. phi comes from its Taylor series for |x| <= 0.25, from p_s + p_t (x - 1) beyond.
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename A>
+struct RefineState {
+  A s0, s2;
+  AUGKD_HD static RefineState identity() { return {A(0), A(0)}; }
+  AUGKD_HD RefineState empty() const { return identity(); }
+  AUGKD_HD void merge(const RefineState& o) {
+    s0 += o.s0;
+    s2 += o.s2;
+  }
+  __device__ __forceinline__ RefineState shfl_xor(int m) const {
+    return {__shfl_xor_sync(kFullMask, s0, m), __shfl_xor_sync(kFullMask, s2, m)};
+  }
+};
+
+// phi(x) = x^2 sum_{n=2..12} (n - 1) / n! x^(n - 2)   (|x| <= 0.25)
+template <typename A>
+AUGKD_HD A phi_series(A x) {
+  A q = A(1.0 / 43545600);
+  q = q * x + A(1.0 / 3991680);
+  q = q * x + A(1.0 / 403200);
+  q = q * x + A(1.0 / 45360);
+  q = q * x + A(1.0 / 5760);
+  q = q * x + A(1.0 / 840);
+  q = q * x + A(1.0 / 144);
+  q = q * x + A(1.0 / 30);
+  q = q * x + A(1.0 / 8);
+  q = q * x + A(1.0 / 3);
+  q = q * x + A(0.5);
+  return x * x * q;
+}
+
+// x / (1 + x) - log1p(x) (<= 0), by its series near 0 where the closed form cancels.
+template <typename A>
+AUGKD_HD A h_term(A x) {
+  if (abs_(x) < A(1e-3)) return x * x * (A(-0.5) + x * (A(2.0 / 3) - A(0.75) * x));
+  return x / (A(1) + x) - log1p_(x);
+}
+
+template <typename T>
+struct KdRefineVisitor {
+  using A = acc_type<T>;
+  const T* __restrict__ s_row;
+  const T* __restrict__ t_row;
+  A inv_t, cs, ct, log_ds, log_dt, l_hat;
+  int fmt;
+  RefineState<A> st;
+
+  template <int N>
+  struct Regs {
+    A s[N];
+    A t[N];
+  };
+
+  template <int N>
+  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
+    load_n<N>(s_row + j, r.s);
+    load_n<N>(t_row + j, r.t);
+  }
+
+  template <int N>
+  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A b = (r.s[k] - cs) * inv_t;
+      const A a = (teacher_logit(r.t[k], fmt) - ct) * inv_t;
+      const A p_s = exp_(b - log_ds);
+      const A p_t = exp_(a - log_dt);
+      if (p_s + p_t == A(0)) continue;                     // absent from both distributions
+      const A rho = (a - b) - l_hat;                         // log p_t - log p_s
+      // p_t - p_s = p_s expm1(rho) (rho <= 0) or -p_t expm1(-rho) (rho > 0)
+      st.s0 += rho <= A(0) ? p_s * expm1_(rho) : -p_t * expm1_(-rho);
+      if (abs_(rho) <= A(kPhiSeriesMax)) {
+        st.s2 += p_s * phi_series(rho);                      // p_s phi(rho)
+      } else {
+        st.s2 += p_s + (p_t == A(0) ? A(0) : p_t * (rho - A(1)));  // p_s + p_t (rho - 1)
+      }
     }
   }
-  A loss;
-  const A kl_term = p.use_kl ? p.alpha_c * kl : A(0);  // alpha * c * KL (left out when alpha == 0)
-  if (p.target == nullptr) {
-    loss = kl_term;
-  } else if (y == p.ignore_index) {
-    loss = A(0);
-  } else if (y < 0 || y >= p.cols) {
-    loss = quiet_nan<A>();                         // non-ignored target outside [0, C): NaN row
-  } else {
-    // + (1 - alpha) * CE, CE = lse_1 - s_y (left out when alpha == 1)
-    loss = kl_term + (p.use_ce ? p.one_minus_alpha * (lse_1 - s_y) : A(0));
+};
+
+// The refine visitor of a row, from its stats.
+template <typename T>
+AUGKD_HD KdRefineVisitor<T> kd_refine_visitor(const KdFwdParams<T>& p, int64_t row) {
+  const acc_type<T>* st = p.stats + row * kKdStats;
+  return {p.student + row * p.cols, p.teacher + row * p.cols, p.inv_t, center_(st[kMs]), center_(st[kMt]),
+          st[kLogDs], st[kLogDt], st[kLogDt] - st[kLogDs], p.fmt, RefineState<acc_type<T>>::identity()};
+}
+
+// Writes the refined KL, L and the row's loss.
+template <typename T>
+AUGKD_HD void kd_refine_write(const KdFwdParams<T>& p, int64_t row, const RefineState<acc_type<T>>& r) {
+  using A = acc_type<T>;
+  A* st = p.stats + row * kKdStats;
+  const A l_hat = st[kLogDt] - st[kLogDs];
+  A kl = r.s2 / (A(1) + r.s0) + h_term(r.s0);
+  kl = kl < A(0) ? A(0) : kl;  // rounding only (S2 >= 0, h ~ -S0^2 / 2); NaN stays NaN
+  st[kL] = l_hat + log1p_(r.s0);
+  int64_t y;
+  A s_y;
+  kd_read_target(p, row, y, s_y);
+  p.loss[row] = kd_row_loss(p, st, kl, y, s_y);
+}
+
+// Second sweep over the rows whose one-pass KL is ill-conditioned (the others return at once).
+template <typename T, RowMode MODE>
+__global__ void __launch_bounds__(kMaxRowThreads, 1) kd_loss_refine_kernel(const KdFwdParams<T> p) {
+  using A = acc_type<T>;
+  using State = RefineState<A>;
+  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
+  const RowGroup<MODE> grp(p.cols);
+  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
+    if (!kd_needs_refine(p.stats + row * kKdStats)) continue;  // the same for the whole group
+    KdRefineVisitor<T> v = kd_refine_visitor(p, row);
+    sweep_range<kVec<T>, kKdUnroll>(v.s_row, 0, p.cols, grp.rank, grp.size, v);
+    State st;
+    if constexpr (MODE == RowMode::kWarp) {
+      st = warp_reduce(v.st);
+    } else {
+      st = block_reduce(v.st, smem);
+    }
+    if (grp.rank == 0) kd_refine_write(p, row, st);
   }
-  p.loss[row] = loss;
-  A* st_row = p.stats + row * 4;
-  st_row[0] = lse_s;
-  st_row[1] = lse_t;
-  st_row[2] = lse_1;
-  st_row[3] = kl;
 }
 
 // NEED1: the CE needs its own logsumexp(s) (target given and T != 1).
@@ -238,7 +378,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, 1)
     A s_y = A(0);
     if (MODE != RowMode::kSplit && grp.rank == 0) kd_read_target(p, row, y, s_y);
 
-    KdFwdVisitor<T, NEED1> v{s_row, t_row, p.inv_t, p.fmt, State::identity()};
+    KdFwdVisitor<T, NEED1> v{s_row, t_row, p.inv_t, p.fmt, State::identity(p.inv_t)};
     sweep_range<kVec<T>, kKdUnroll>(s_row, grp.begin, grp.end(p.cols), grp.rank, grp.size, v);
     State st;
     if constexpr (MODE == RowMode::kWarp) {
@@ -285,7 +425,7 @@ struct KdBwdParams {
   const T* __restrict__ student;
   const T* __restrict__ teacher;
   const int64_t* __restrict__ target;  // or nullptr
-  const A* __restrict__ stats;       // (rows, 4): lse_s, lse_t, lse_1, KL
+  const A* __restrict__ stats;       // (rows, 8): see KdStat
   T* __restrict__ grad_student;      // or nullptr (not requested)
   T* __restrict__ grad_teacher;      // or nullptr
   int64_t rows, cols, ignore_index;
@@ -309,7 +449,7 @@ struct KdBwdVisitor {
   const T* __restrict__ t_row;
   T* __restrict__ gs_row;  // nullptr when not requested
   T* __restrict__ gt_row;
-  A lse_s, lse_t, lse_1, kl, g, g_lse;
+  A cs, ct, log_ds, log_dt, log_d1, mu, lc, g, g_lse;  // centred maxima, stats, upstream grads
   int64_t y;
   bool ignored;  // y == ignore_index: no student grad, no KL grad for the teacher
   bool bad;      // non-ignored target outside [0, C): the loss row is NaN, so is its student grad
@@ -331,19 +471,25 @@ struct KdBwdVisitor {
     A gs[N], gt[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A u = r.s[k] * p.inv_t;                          // u = s / T
-      const A w = teacher_logit(r.t[k], p.fmt) * p.inv_t;    // w = v / T
-      const A log_ps = u - lse_s;                            // log p_s = u - lse_s
-      const A log_pt = w - lse_t;                            // log p_t = w - lse_t
-      const A p_s = exp_(log_ps);
-      const A p_t = exp_(log_pt);
+      const A xs = r.s[k] - cs;
+      const A b = xs * p.inv_t;                                      // b = (s - M_s) / T
+      const A a = (teacher_logit(r.t[k], p.fmt) - ct) * p.inv_t;     // a = (v - M_t) / T
+      const A p_s = exp_(b - log_ds);                                // p_s = exp(b - log d_s)
+      const A p_t = exp_(a - log_dt);                                // p_t = exp(a - log d_t)
+      const A delta = a - b;
+      const A rho = delta - lc;                                      // log p_t - log p_s
       if (gs_row != nullptr) {
         A d = A(0);
         if (!ignored) {
           // d loss / d s_j = alpha c / T (p_s - p_t) + (1 - alpha) (p_1 - [j == y])
-          if (p.use_kl) d = p.ks * (p_s - p_t);
+          if (p.use_kl) {
+            // p_s - p_t = -p_s expm1(rho) (rho <= 0) or p_t expm1(-rho): no cancellation at large T
+            A diff = rho <= A(0) ? -p_s * expm1_(rho) : p_t * expm1_(-rho);
+            if (p_s + p_t == A(0)) diff = A(0);                      // absent from both
+            d = p.ks * diff;
+          }
           if (p.use_ce) {
-            const A p_1 = p.t_is_one ? p_s : exp_(r.s[k] - lse_1);   // p_1 = exp(s - lse_1)
+            const A p_1 = p.t_is_one ? p_s : exp_(xs - log_d1);      // p_1 = exp(s - M_s - log d_1)
             // p_1 - [j == y] formed in the compute type, rounded once at the store
             d += p.kce * (j + k == y ? p_1 - A(1) : p_1);
           }
@@ -352,15 +498,17 @@ struct KdBwdVisitor {
         gs[k] = d;
       }
       if (gt_row != nullptr) {
-        A dw = g_lse * p_t;                                  // grad_lse_t * d lse_t / d w = grad_lse_t p_t
+        // grad_lse_t * d lse_t / d w = grad_lse_t p_t; an ignored row without an energy gradient gets 0
+        A dw = g_lse == A(0) ? A(0) : g_lse * p_t;
         if (!ignored && p.use_kl) {
-          // d KL / d w_j = p_t (log p_t - log p_s - KL), 0 where p_t == 0
-          const A dkl = p_t == A(0) ? A(0) : p_t * (log_pt - log_ps - kl);
+          // d KL / d w_j = p_t (log p_t - log p_s - KL) = p_t ((a - b) - mu), 0 where p_t == 0
+          const A dkl = p_t == A(0) ? A(0) : p_t * (delta - mu);
           dw += g * p.alpha_c * dkl;                         // + g alpha c dKL/dw
         }
         if (p.fmt == kProbs) {
-          // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0
-          gt[k] = r.t[k] == A(0) ? A(0) : dw / (p.temperature * r.t[k]);
+          // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0 (an absent class) or where nothing
+          // flows (an ignored row, whatever t holds)
+          gt[k] = (r.t[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.t[k]);
         } else {
           gt[k] = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
         }
@@ -381,7 +529,9 @@ AUGKD_HD KdBwdVisitor<T> kd_bwd_visitor(const KdBwdParams<T>& p, int64_t row) {
   KdBwdVisitor<T> v{p, p.student + off, p.teacher + off,
                     p.grad_student ? p.grad_student + off : nullptr,
                     p.grad_teacher ? p.grad_teacher + off : nullptr,
-                    p.stats[row * 4 + 0], p.stats[row * 4 + 1], p.stats[row * 4 + 2], p.stats[row * 4 + 3],
+                    center_(p.stats[row * kKdStats + kMs]), center_(p.stats[row * kKdStats + kMt]),
+                    p.stats[row * kKdStats + kLogDs], p.stats[row * kKdStats + kLogDt],
+                    p.stats[row * kKdStats + kLogD1], p.stats[row * kKdStats + kMu], p.stats[row * kKdStats + kL],
                     p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
   if (p.target != nullptr) {
     v.y = p.target[row];

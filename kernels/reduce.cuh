@@ -41,6 +41,14 @@ AUGKD_HD float log_(float x) {
 #endif
 }
 AUGKD_HD double log_(double x) { return std::log(x); }
+AUGKD_HD float abs_(float x) { return std::fabs(x); }
+AUGKD_HD double abs_(double x) { return std::fabs(x); }
+// expm1 / log1p at full precision (fast math maps no intrinsic onto them); used where a small difference
+// must not cancel (docs/ops-design.md, "Precision").
+AUGKD_HD float expm1_(float x) { return ::expm1f(x); }
+AUGKD_HD double expm1_(double x) { return ::expm1(x); }
+AUGKD_HD float log1p_(float x) { return ::log1pf(x); }
+AUGKD_HD double log1p_(double x) { return ::log1p(x); }
 // max that ignores a NaN operand (fmax): NaN never becomes a running maximum; a NaN input still
 // reaches the sums through exp(NaN - m) = NaN, so the row stays NaN.
 AUGKD_HD float max_(float a, float b) { return std::fmax(a, b); }
@@ -78,9 +86,17 @@ AUGKD_HD A shift(A m_old, A m_new) {
   return m_old == m_new ? A(0) : m_new - m_old;
 }
 
+// The shift used for a running maximum m inside exp((x - shift) / T): m itself, or 0 while m is still -inf
+// (so no -inf - -inf appears; the -inf entries give exp(-inf) = 0 either way).
+template <typename A>
+AUGKD_HD A center_(A m) {
+  return m == neg_inf<A>() ? A(0) : m;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Reductions of a partial state. A state type S provides:
 //   static S identity();                 the empty state
+//   S empty() const;                     the empty state with this state's parameters (e.g. 1 / T)
 //   void merge(const S& other);          *this <- merge(*this, other), commutative bitwise
 //   S shfl_xor(int lane_mask) const;     the state of lane (lane ^ lane_mask)
 // ---------------------------------------------------------------------------------------------------------
@@ -115,7 +131,7 @@ __device__ __forceinline__ S block_reduce(S s, S* smem) {
   if (lane == 0) smem[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    s = lane < nwarps ? smem[lane] : S::identity();
+    s = lane < nwarps ? smem[lane] : s.empty();
     s = warp_reduce(s);
   }
   return s;
@@ -163,6 +179,7 @@ template <typename A>
 struct SumState {
   A v;
   AUGKD_HD static SumState identity() { return {A(0)}; }
+  AUGKD_HD SumState empty() const { return identity(); }
   AUGKD_HD void merge(const SumState& o) { v = v + o.v; }
   __device__ SumState shfl_xor(int m) const { return {__shfl_xor_sync(kFullMask, v, m)}; }
 };

@@ -19,6 +19,7 @@ struct EntropyState {
   A s;  // S = sum_j exp(u_j - m) (u_j - m), 0 where u_j == -inf
 
   AUGKD_HD static EntropyState identity() { return {neg_inf<A>(), A(0), A(0)}; }
+  AUGKD_HD EntropyState empty() const { return identity(); }
 
   // Re-measure from a larger maximum M >= m:  dm = M - m, r = exp(-dm),
   //   S <- r (S - d dm),  d <- r d.

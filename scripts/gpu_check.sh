@@ -12,7 +12,7 @@ python3 -c "import torch; print(torch.__version__, torch.version.cuda)" || pytho
 python3 -m pip install -q numpy pytest pytest-benchmark ninja 2>/dev/null
 time python3 setup.py build_ext --inplace 2>&1 | tail -5 | tee "$OUT/build.txt"
 python3 -m augkd.ops | tee "$OUT/backends.txt"
-timeout 300 python3 -m pytest -q tests/test_gpu.py tests/test_build.py -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+timeout 300 python3 -m pytest -q tests/test_gpu.py tests/test_build.py "tests/test_numerics.py" -k "gpu or not test_numerics" -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
 timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --out "$OUT/gpu_bench.md" 2>/dev/null
 for backend in triton cuda; do
   AUGKD_BACKEND=$backend timeout 60 python3 -m benchmarks.report --device cuda --only kd_loss --repeats 20 \

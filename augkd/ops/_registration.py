@@ -12,6 +12,10 @@ import torch
 
 from .reference import compute_dtype
 
+# Columns of kd_loss_fwd's stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md);
+# column 1 (lse_t) is the one the front-end returns (teacher energy) and differentiates.
+KD_STATS = 8
+
 _registered: set[tuple[str, str]] = set()
 
 
@@ -24,7 +28,7 @@ def _zeros_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
 def _fake_kd_fwd(student, teacher, target, temperature, alpha, ignore_index, t2_scale, teacher_format):
     acc = compute_dtype(student.dtype)
     rows = student.shape[0]
-    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, 4), dtype=acc)
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, KD_STATS), dtype=acc)
 
 
 def _fake_kd_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,

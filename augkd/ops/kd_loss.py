@@ -21,7 +21,7 @@ def _validate(student, teacher, target, weight, temperature, alpha, reduction, t
         raise ValueError(f"{OP}: student_logits must have shape (..., C) with C >= 1 classes, "
                          f"got {tuple(student.shape)}")
     _checks.same(OP, "teacher_logits", teacher, "student_logits", student)
-    temperature = _checks.positive_float(OP, "temperature", temperature)
+    temperature = reference.check_kd_temperature(OP, _checks.positive_float(OP, "temperature", temperature))
     alpha = _checks.unit_float(OP, "alpha", alpha)
     _checks.choice(OP, "reduction", reduction, REDUCTIONS)
     _checks.choice(OP, "teacher_format", teacher_format, tuple(reference.TEACHER_FORMATS))
@@ -91,7 +91,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         teacher_logits: same shape, dtype and device. Gradients flow into it too when it requires grad
             (AuG-KD's generator backpropagates -KL through both networks).
         target: (...) integer class indices, or None (then ``alpha`` must be 1).
-        temperature: T > 0, applied to both distributions of the KL term.
+        temperature: T in [1e-15, 1e10], applied to both distributions of the KL term (outside that range
+            T^2, 1/T or the KL leave the fp32 range: a ValueError).
         alpha: weight of the KL term in [0, 1]; a term whose weight is exactly 0 is left out.
         weight: optional (...) per-row weights multiplying each row's loss (gets a gradient too).
         ignore_index: target value marking rows to skip.
@@ -147,7 +148,7 @@ class KDLoss(nn.Module):
     def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, ignore_index: int = -100,
                  reduction: str = "batchmean", t2_scale: bool = True, teacher_format: str = "logits"):
         super().__init__()
-        _checks.positive_float("KDLoss", "temperature", temperature)
+        reference.check_kd_temperature("KDLoss", _checks.positive_float("KDLoss", "temperature", temperature))
         _checks.unit_float("KDLoss", "alpha", alpha)
         _checks.choice("KDLoss", "reduction", reduction, REDUCTIONS)
         _checks.choice("KDLoss", "teacher_format", teacher_format, tuple(reference.TEACHER_FORMATS))

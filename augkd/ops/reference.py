@@ -22,33 +22,149 @@ def _safe_where_zero(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p == 0, torch.zeros_like(x), x)
 
 
+# Numerics of the KD loss shared by every backend (docs/ops-design.md, "Precision"):
+# the forward keeps the maximum and the log-sum of each distribution apart, and computes KL from
+# rho_j = log p_t,j - log p_s,j as sum_j p_s,j phi(rho_j), phi(x) = 1 + (x - 1) e^x >= 0 (no cancellation).
+PHI_SERIES_MAX = 0.25  # |rho| <= this: phi by its Taylor series (the closed form cancels there)
+# phi(x) = x^2 * sum_k PHI_COEFFS[k] x^k, coefficient of x^n = (n - 1) / n!, n = 2 .. 12
+PHI_COEFFS = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840, 1 / 5760, 1 / 45360, 1 / 403200, 1 / 3991680,
+              1 / 43545600)
+# The kernels keep their one-pass KL (A / d_t - log d_t + log d_s) when it exceeds this fraction of the
+# magnitude of its terms (relative error < ~64 roundings), and otherwise recompute it in a second sweep.
+REFINE_RATIO = 1 / 64
+# The temperatures for which every backend is tested against float64 (kd_loss): outside, T^2, 1/T or the KL
+# leave the fp32 range for ordinary logits, so such a temperature is rejected.
+TEMPERATURE_RANGE = (1e-15, 1e10)
+
+
+def check_kd_temperature(op: str, temperature: float) -> float:
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= temperature <= hi:
+        raise ValueError(f"{op}: temperature must be in [{lo:g}, {hi:g}] (the range where every backend is "
+                         f"tested against float64), got {temperature!r}")
+    return temperature
+
+
+def phi(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = 1 + (x - 1) e^x = x e^x - expm1(x) (>= 0), accurate for every x; phi(-inf) = 1, phi(inf) = inf.
+    Differentiable (also twice): each branch only sees inputs from its own domain."""
+    small = x.abs() <= PHI_SERIES_MAX
+    xs = torch.where(small, x, torch.zeros_like(x))
+    poly = torch.full_like(xs, PHI_COEFFS[-1])
+    for c in reversed(PHI_COEFFS[:-1]):
+        poly = poly * xs + c
+    xl = torch.where(small | torch.isinf(x), torch.ones_like(x), x)
+    large = 1 + (xl - 1) * torch.exp(xl)
+    large = torch.where(x == float("-inf"), torch.ones_like(x), torch.where(x == float("inf"), x, large))
+    return torch.where(small, xs * xs * poly, large)
+
+
+def _h(x: torch.Tensor) -> torch.Tensor:
+    """x / (1 + x) - log1p(x) (<= 0), by its series near 0 where the closed form cancels."""
+    small = x.abs() < 1e-3
+    xs = torch.where(small, x, torch.zeros_like(x))
+    xl = torch.where(small, torch.ones_like(x), x)
+    series = xs * xs * (-0.5 + xs * (2 / 3 - 0.75 * xs))
+    return torch.where(small, series, xl / (1 + xl) - torch.log1p(xl))
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """Per-row maximum as a constant (B, 1); 0 for a row of -inf (so x - max never computes -inf - -inf)."""
+    m = x.detach().amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(x.shape[:-1] + (1,))
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def kd_kl_rows(a: torch.Tensor, b: torch.Tensor):
+    """KL(softmax(a) || softmax(b)) per row, and L = logsumexp(a) - logsumexp(b), both accurate to a few
+    roundings for any scale of a and b (a, b: the tempered teacher / student logits minus their row maxima).
+
+    With log d = logsumexp, rho_j = (a_j - b_j) - L_hat, L_hat = log d_t - log d_s (as rounded):
+        S0 = sum_j (p_t,j - p_s,j)     (p_t,j = p_s,j e^rho_j; ~ the rounding of L_hat, formed with expm1)
+        S2 = sum_j p_s,j phi(rho_j)
+        KL = S2 / (1 + S0) + h(S0),   L = L_hat + log1p(S0),   h(x) = x / (1 + x) - log1p(x)
+    exactly (any L_hat); every term of S2 is >= 0, so nothing cancels at large T or for nearly equal
+    distributions. A tiny negative result of rounding is clamped to 0.
+    """
+    log_ds = torch.logsumexp(b, dim=-1, keepdim=True)
+    log_dt = torch.logsumexp(a, dim=-1, keepdim=True)
+    l_hat = log_dt - log_ds
+    p_s = torch.exp(b - log_ds)
+    p_t = torch.exp(a - log_dt)
+    either = (p_s + p_t) != 0  # both 0: the class is absent from both, it adds nothing
+    a_ok = torch.where(either, a, torch.zeros_like(a))
+    b_ok = torch.where(either, b, torch.zeros_like(b))
+    rho = (a_ok - b_ok) - l_hat
+    # p_t - p_s = p_s expm1(rho) (rho <= 0) or -p_t expm1(-rho) (rho > 0): |expm1| <= 1, no overflow
+    neg = rho <= 0
+    zero = torch.zeros_like(rho)
+    # (not expm1(-|rho|): its autograd would see |rho|' = 0 at rho = 0, which large T makes common)
+    s0_terms = torch.where(neg, p_s * torch.expm1(torch.where(neg, rho, zero)),
+                           -p_t * torch.expm1(-torch.where(neg, zero, rho)))
+    s0_terms = torch.where(either, s0_terms, torch.zeros_like(s0_terms))
+    rho_t = torch.where(p_t == 0, torch.zeros_like(rho), rho)  # p_t = 0: phi = 1, p_s phi = p_s
+    big = p_s + p_t * (rho_t - 1)
+    small = rho.abs() <= PHI_SERIES_MAX
+    s2_terms = torch.where(small, p_s * phi(torch.where(small, rho, torch.zeros_like(rho))), big)
+    s2_terms = torch.where(either, s2_terms, torch.zeros_like(s2_terms))
+    s0 = s0_terms.sum(-1)
+    s2 = s2_terms.sum(-1)
+    kl = (s2 / (1 + s0) + _h(s0)).clamp_min(0)
+    return kl, l_hat.squeeze(-1) + torch.log1p(s0)
+
+
+def _teacher_logits(teacher: torch.Tensor, teacher_format: int) -> torch.Tensor:
+    if teacher_format != TEACHER_FORMATS["probs"]:
+        return teacher
+    # log(0) = -inf: an absent class, with a zero gradient (not 0 * inf = NaN); NaN stays NaN
+    zero = teacher == 0
+    safe = torch.log(torch.where(zero, torch.ones_like(teacher), teacher))
+    return torch.where(zero, torch.full_like(safe, float("-inf")), safe)
+
+
 def kd_loss_rows(student, teacher, target, temperature: float, alpha: float, ignore_index: int,
                  t2_scale: bool, teacher_format: int):
     """Per-row KD loss (B,) and the teacher's lse_t = logsumexp(v / T) (B,), both differentiable.
 
     loss_i = alpha * c * KL(softmax(v/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), c = T^2 or 1;
-    0 for rows whose target is ignore_index. A term whose weight is exactly 0 is left out, so an
-    infinite KL or CE does not turn into 0 * inf = NaN.
+    exactly 0, with zero gradients, for rows whose target is ignore_index (whatever they hold). A term
+    whose weight is exactly 0 is left out, so an infinite KL or CE does not turn into 0 * inf = NaN.
+    Every logsumexp is taken from the row maximum ((x - max) / T, then max / T + log-sum where a total is
+    needed), so logits offset by a large constant keep their accuracy.
     """
     acc = compute_dtype(student.dtype)
     s = student.to(acc)
-    v = teacher.to(acc)
-    if teacher_format == TEACHER_FORMATS["probs"]:
-        v = torch.log(v)
-    u = s / temperature
-    w = v / temperature
-    log_ps = torch.log_softmax(u, dim=-1)
-    lse_t = torch.logsumexp(w, dim=-1)
-    log_pt = w - lse_t.unsqueeze(-1)
-    p_t = torch.exp(log_pt)
-    kl = (p_t * (_safe_where_zero(p_t, log_pt) - _safe_where_zero(p_t, log_ps))).sum(-1)
-    c = temperature * temperature if t2_scale else 1.0
-    loss = alpha * c * kl if alpha != 0 else torch.zeros_like(kl)
+    t = teacher.to(acc)
+    v = _teacher_logits(t, teacher_format)
+    m_t = _row_max(v)
+    lse_t = (m_t / temperature + torch.logsumexp((v - m_t) / temperature, dim=-1, keepdim=True)).squeeze(-1)
+    valid = None
     if target is not None:
         valid = target != ignore_index
+        keep = valid.unsqueeze(-1)
+        # an ignored row contributes exactly 0 whatever it holds: its inputs never reach the loss or gradients
+        s = torch.where(keep, s, torch.zeros_like(s))
+        v = _teacher_logits(torch.where(keep, t, torch.ones_like(t)), teacher_format)
+        m_t = _row_max(v)
+    m_s = _row_max(s)
+    c = temperature * temperature if t2_scale else 1.0
+    if alpha != 0:
+        a, b = (v - m_t) / temperature, (s - m_s) / temperature
+        kl, _ = kd_kl_rows(a, b)
+        # The value is kl everywhere. Its autograd is accurate while KL is small (large T, close
+        # distributions), but sums terms of size KL for a large KL (small T), where the textbook form's
+        # gradient (p_s - p_t through log_softmax) is the accurate one: rows with KL >= 1 take that.
+        log_ps, log_pt = torch.log_softmax(b, dim=-1), torch.log_softmax(a, dim=-1)
+        p_t = torch.exp(log_pt)
+        textbook = (p_t * (_safe_where_zero(p_t, log_pt) - _safe_where_zero(p_t, log_ps))).sum(-1)
+        kl = torch.where(kl.detach() >= 1, textbook - textbook.detach() + kl.detach(), kl)
+        loss = alpha * c * kl
+    else:
+        loss = s.new_zeros(s.shape[:-1])
+    if target is not None:
         if alpha != 1:
-            safe_target = torch.where(valid, target, torch.zeros_like(target))
-            ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+            safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
+            # CE = (max - s_y) + logsumexp(s - max): no rounding of a large logsumexp
+            ce = ((m_s - s.gather(-1, safe_target)) + torch.logsumexp(s - m_s, dim=-1, keepdim=True)).squeeze(-1)
             loss = loss + (1 - alpha) * ce
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss, lse_t

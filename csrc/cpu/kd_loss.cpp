@@ -4,20 +4,28 @@
 // Per row, with u = s / T, w = v / T (v = t for logits / log-probs, v = log t for probs):
 //   p_s = softmax(u), p_t = softmax(w), KL = sum p_t (log p_t - log p_s), CE = logsumexp(s) - s_y
 //   loss = alpha * c * KL + (1 - alpha) * CE      (c = T^2 if t2_scale; 0 for ignored rows)
+// Every exponent is measured from a raw row maximum: a = (v - M_t) / T, b = (s - M_s) / T, so that a
+// large common offset of the logits never rounds a logsumexp (docs/ops-design.md, "Precision").
 // Forward: rows in parallel; each row is swept in blocks of kRowBlock classes. A block is read once for its
-// maxima (max_j s, max_j t), then re-read from L1 for the sums against the updated running maxima:
-//   d_s = sum exp(u - m_s), d_t = sum exp(w - m_t), d_1 = sum exp(s - m_1),
-//   A   = sum exp(w - m_t) ((w - m_t) - (u - m_s))            (0 where w == -inf)
-// and across blocks the online rules of the doc (A <- r (A + d_t (ds - dt)), d <- r d):
-//   lse_s = m_s + log d_s, lse_t = m_t + log d_t, lse_1 = m_1 + log d_1, KL = A / d_t - log d_t + log d_s.
+// maxima (max_j s, max_j v), then re-read from L1 for the sums against the updated running maxima:
+//   d_s = sum exp(b), d_t = sum exp(a), d_1 = sum exp(s - M_s),
+//   A   = sum exp(a) (a - b)            (0 where a == -inf)
+// and across blocks the online rules of the doc (A <- r (A + d_t (shift_s - shift_t)), d <- r d).
+// KL = A / d_t - log d_t + log d_s when that is well conditioned; otherwise (large T, nearly equal
+// distributions) a second sweep computes it as sum p_s phi(rho) (kd_refine_row).
+// stats = [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L]: mu = E_pt[a - b] = A / d_t (one pass),
+// L = log d_t - log d_s (refined). KL = mu - L; the backward needs rho - KL = (a - b) - mu, which mu gives
+// without the cancellation of two O(1) numbers (masked classes at a large T).
 // Rows with C <= kRowBlock are therefore the plain two-pass scheme over a cached row. Pass 2 prefetches the
 // next block (or row), so pass 1 of that block finds it in cache.
-// Backward: one sweep per row recomputing log p_s = u - lse_s, log p_t = w - lse_t, p_1 = exp(s - lse_1):
+// Backward: one sweep per row recomputing p_s = exp(b - log d_s), p_t = exp(a - log d_t),
+// rho = (a - b) - L, p_1 = exp(s - M_s - log d_1):
+//   p_s - p_t = -p_s expm1(rho) (rho <= 0) or p_t expm1(-rho) (rho > 0)      (no cancellation at large T)
 //   grad_s = g (alpha c / T (p_s - p_t) + (1 - alpha) (p_1 - [j == y]))      (0 for ignored rows)
-//   dL/dw  = g alpha c p_t (log p_t - log p_s - KL) [not ignored] + g_lse_t p_t   (0 where p_t == 0)
+//   dL/dw  = g alpha c p_t ((a - b) - mu) [not ignored] + g_lse_t p_t        (0 where p_t == 0)
 //   grad_t = dL/dw / T (logits, log-probs),  dL/dw / (T t) with 0 where t == 0 (probs)
-// The target entry of grad_s is recomputed in scalar fp32 afterwards so that p_1_y - 1 is formed before the
-// single rounding to the output dtype.
+// The target entry of grad_s is recomputed in scalar precision afterwards so that p_1_y - 1 is formed
+// before the single rounding to the output dtype.
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
 #include <ATen/Dispatch.h>
@@ -37,6 +45,10 @@ namespace augkd::cpu {
 namespace {
 
 constexpr int64_t kProbs = 2;  // teacher_format: 0 logits, 1 log-probs (same math), 2 probs
+// The one-pass KL is kept when it exceeds this fraction of the magnitude of its terms (so its relative
+// rounding error stays below ~64 roundings); otherwise a second sweep recomputes it (kd_refine_row).
+// The same rule in every backend (augkd/ops/reference.py REFINE_RATIO).
+constexpr double kRefineRatio = 1.0 / 64;
 
 template <typename A>
 struct KdParams {
@@ -47,11 +59,72 @@ struct KdParams {
   bool has_target;
 };
 
-// Forward of one row. Writes lse_s, lse_t, lse_1 (raw logsumexp(s), only when LSE1) and KL.
+// Per-row statistics of the forward (the columns of `stats`, see the header).
+enum Stat : int { kMs = 0, kLseT, kMt, kLogDs, kLogDt, kLogD1, kMu, kL, kNumStats };
+
+// phi(x) = x^2 (c_2 + c_3 x + ... + c_12 x^10), c_n = (n - 1) / n!: 1 + (x - 1) e^x for |x| <= 0.25.
+template <typename A>
+inline Vec<A> phi_series(const Vec<A>& x) {
+  constexpr A c[] = {A(1.0 / 2), A(1.0 / 3), A(1.0 / 8), A(1.0 / 30), A(1.0 / 144), A(1.0 / 840),
+                     A(1.0 / 5760), A(1.0 / 45360), A(1.0 / 403200), A(1.0 / 3991680), A(1.0 / 43545600)};
+  Vec<A> p(c[10]);
+  for (int k = 9; k >= 0; --k) p = at::vec::fmadd(p, x, Vec<A>(c[k]));
+  return x * x * p;
+}
+
+// x / (1 + x) - log1p(x), by its series near 0 (where the closed form cancels).
+template <typename A>
+inline A h_term(A x) {
+  if (std::abs(x) < A(1e-3)) return x * x * (A(-0.5) + x * (A(2.0 / 3) - A(0.75) * x));
+  return x / (A(1) + x) - std::log1p(x);
+}
+
+// Second sweep of a row whose one-pass KL is ill-conditioned: with rho = (a - b) - L_hat,
+//   S0 = sum (p_t - p_s) (from expm1: the rounding of L_hat), S2 = sum p_s phi(rho) (every term >= 0),
+//   KL = S2 / (1 + S0) + h(S0), L = L_hat + log1p(S0)          (exact for any L_hat; docs "Precision").
+// Returns the KL; writes the refined L into st.
+template <typename scalar_t, bool PROBS>
+inline acc_t<scalar_t> kd_refine_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
+                                     acc_t<scalar_t> inv_t, acc_t<scalar_t>* st) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  const A cms = center(st[kMs]), cmt = center(st[kMt]);
+  const A log_ds = st[kLogDs], log_dt = st[kLogDt], l_hat = log_dt - log_ds;
+  const V v_inv_t(inv_t), v_cms(cms), v_cmt(cmt), v_lds(log_ds), v_ldt(log_dt), v_lh(l_hat);
+  const V v_zero(A(0)), v_one(A(1)), v_small(A(0.25));
+  V vs0(A(0)), vs2(A(0));
+  vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
+    const V sv = load(s + j, n, neg_inf<A>());
+    const V tv = load(t + j, n, PROBS ? A(0) : neg_inf<A>());
+    const V b = (sv - v_cms) * v_inv_t;
+    const V a = ((PROBS ? vlog(tv) : tv) - v_cmt) * v_inv_t;
+    const V ps = vexp(b - v_lds);
+    const V pt = vexp(a - v_ldt);
+    const V both = ps + pt;  // == 0: the class is absent from both distributions
+    const V rho = (a - b) - v_lh;
+    const V e = (-rho.abs()).expm1();
+    V t0 = V::blendv(-pt * e, ps * e, rho <= v_zero);  // p_t - p_s
+    t0 = zero_where_eq(t0, both, v_zero);
+    const V big = ps + zero_where_eq(pt * (rho - v_one), pt, v_zero);
+    const V small_mask = rho.abs() <= v_small;
+    const V rs = V::blendv(v_zero, rho, small_mask);
+    V t2 = V::blendv(big, ps * phi_series(rs), small_mask);
+    t2 = zero_where_eq(t2, both, v_zero);
+    vs0 += t0;
+    vs2 += t2;
+  });
+  const A s0 = hsum(vs0), s2 = hsum(vs2);
+  const A kl = s2 / (A(1) + s0) + h_term(s0);
+  st[kL] = l_hat + std::log1p(s0);
+  return kl < A(0) ? A(0) : kl;  // rounding only (S2 >= 0, h ~ -S0^2 / 2); NaN stays NaN
+}
+
+// Forward of one row: fills st[0 .. kNumStats) (lse_t from M_t / T + log d_t; log d_1 only when LSE1) and
+// returns the KL.
 template <typename scalar_t, bool PROBS, bool LSE1>
-inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
-                       acc_t<scalar_t> inv_t, acc_t<scalar_t>& lse_s, acc_t<scalar_t>& lse_t,
-                       acc_t<scalar_t>& lse_1, acc_t<scalar_t>& kl) {
+inline acc_t<scalar_t> kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t C,
+                       acc_t<scalar_t> inv_t, acc_t<scalar_t>* st) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
   constexpr int64_t W = V::size();
@@ -59,9 +132,8 @@ inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   const V v_inv_t(inv_t);
   const V v_neg_inf(kNegInf);
 
-  A m1 = kNegInf;    // running max of s (u's max is m1 / T: x -> x / T is monotone)
-  A mtr = kNegInf;   // running max of the raw teacher values
-  A mu = kNegInf, mw = kNegInf;
+  A ms = kNegInf;   // running max of s (b = (s - M_s) / T; also the shift of the CE's sum)
+  A mt = kNegInf;   // running max of v
   A d_s = 0, d_t = 0, d_1 = 0, acc = 0;
 
   for (int64_t b0 = 0; b0 < C; b0 += kRowBlock) {
@@ -72,30 +144,24 @@ inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
       vms = vmax(vms, load(s + j, n, kNegInf));
       vmt = vmax(vmt, load(t + j, n, kNegInf));
     });
-    const A new_m1 = nan_max(m1, hmax(vms));
-    const A new_mtr = nan_max(mtr, hmax(vmt));
-    const A new_mu = new_m1 * inv_t;
-    const A new_mw = (PROBS ? std::log(new_mtr) : new_mtr) * inv_t;
+    const A new_ms = nan_max(ms, hmax(vms));
+    const A new_mtr = hmax(vmt);
+    const A new_mt = nan_max(mt, PROBS ? std::log(new_mtr) : new_mtr);
 
     // rescale the sums of the earlier blocks to the new maxima
-    const A r_s = rescale(mu, new_mu);
-    const A r_t = rescale(mw, new_mw);
-    const A cu = center(new_mu), cw = center(new_mw);
-    acc = r_t * (acc + d_t * ((cu - center(mu)) - (cw - center(mw))));
+    const A cs = center(new_ms), ct = center(new_mt);
+    const A shift_s = (cs - center(ms)) * inv_t, shift_t = (ct - center(mt)) * inv_t;
+    const A r_s = ms == kNegInf ? A(0) : std::exp(-shift_s);
+    const A r_t = mt == kNegInf ? A(0) : std::exp(-shift_t);
+    acc = r_t * (acc + d_t * (shift_s - shift_t));
     d_t *= r_t;
     d_s *= r_s;
-    A c1 = 0;
-    if constexpr (LSE1) {
-      d_1 *= rescale(m1, new_m1);
-      c1 = center(new_m1);
-    }
-    m1 = new_m1;
-    mtr = new_mtr;
-    mu = new_mu;
-    mw = new_mw;
+    if constexpr (LSE1) d_1 *= ms == kNegInf ? A(0) : std::exp(-(cs - center(ms)));
+    ms = new_ms;
+    mt = new_mt;
 
     // pass 2 over the (cached) block: sums against the new maxima
-    const V v_cu(cu), v_cw(cw), v_c1(c1);
+    const V v_cs(cs), v_ct(ct);
     V vds(A(0)), vdt(A(0)), vd1(A(0)), vacc(A(0));
     const int64_t ahead = b1 - b0;  // the next block's data, fetched while this one computes
     vec_loop<W>(b0, b1, [&](int64_t j, int64_t n) {
@@ -103,14 +169,15 @@ inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
       prefetch(t + j + ahead);
       const V sv = load(s + j, n, kNegInf);
       const V tv = load(t + j, n, PROBS ? A(0) : kNegInf);
-      const V xu = at::vec::fmsub(sv, v_inv_t, v_cu);                     // u - m_s
-      const V xw = at::vec::fmsub(PROBS ? vlog(tv) : tv, v_inv_t, v_cw);  // w - m_t
-      const V es = vexp(xu);
-      const V et = vexp(xw);
+      const V xs = sv - v_cs;
+      const V xb = xs * v_inv_t;                                      // b
+      const V xa = ((PROBS ? vlog(tv) : tv) - v_ct) * v_inv_t;       // a
+      const V es = vexp(xb);
+      const V et = vexp(xa);
       vds += es;
       vdt += et;
-      vacc += zero_where_eq(et * (xw - xu), xw, v_neg_inf);
-      if constexpr (LSE1) vd1 += vexp(sv - v_c1);
+      vacc += zero_where_eq(et * (xa - xb), xa, v_neg_inf);
+      if constexpr (LSE1) vd1 += vexp(xs);
     });
     d_s += hsum(vds);
     d_t += hsum(vdt);
@@ -118,10 +185,20 @@ inline void kd_fwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
     if constexpr (LSE1) d_1 += hsum(vd1);
   }
   const A log_ds = std::log(d_s), log_dt = std::log(d_t);
-  lse_s = mu + log_ds;
-  lse_t = mw + log_dt;
-  lse_1 = LSE1 ? m1 + std::log(d_1) : A(0);
-  kl = acc / d_t - log_dt + log_ds;
+  const A mean_delta = acc / d_t;  // E_pt[a - b]
+  const A kl = mean_delta - log_dt + log_ds;
+  st[kMs] = ms;
+  st[kMt] = mt;
+  st[kLseT] = center(mt) * inv_t + log_dt;
+  st[kLogDs] = log_ds;
+  st[kLogDt] = log_dt;
+  st[kLogD1] = LSE1 ? std::log(d_1) : log_ds;
+  st[kMu] = std::isnan(log_ds) ? log_ds : mean_delta;  // a NaN student (also where p_t = 0) reaches mu
+  st[kL] = log_dt - log_ds;
+  // one-pass KL: a difference of terms of this size; keep it when the rounding is far below the result
+  const A magnitude = std::abs(mean_delta) + std::abs(log_dt) + std::abs(log_ds) + A(1);
+  if (kl < magnitude * A(kRefineRatio)) return kd_refine_row<scalar_t, PROBS>(s, t, C, inv_t, st);
+  return kl;
 }
 
 // Backward of one row. gs / gt: grad rows (written when SG / TG).
@@ -133,7 +210,8 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   using V = Vec<A>;
   constexpr int64_t W = V::size();
   const bool ignored = prm.has_target && y == prm.ignore_index;
-  const A lse_s = st[0], lse_t = st[1], lse_1 = st[2], kl = st[3];
+  const A cms = center(st[kMs]), cmt = center(st[kMt]);
+  const A log_ds = st[kLogDs], log_dt = st[kLogDt], log_d1 = st[kLogD1], mu = st[kMu], lc = st[kL];
   const A ks = ignored ? A(0) : g * prm.alpha * prm.c * prm.inv_t;               // on (p_s - p_t)
   const A k1 = (ignored || !prm.has_target) ? A(0) : g * (A(1) - prm.alpha);     // on (p_1 - onehot)
   const A kt = g * prm.alpha * prm.c;                                             // on dKL/dw
@@ -146,28 +224,44 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
     if (!TG) return;
   }
   const bool kl_term = prm.alpha != A(0);  // alpha == 0 leaves the KL term out of both gradients
+  // an ignored row's teacher gets only the energy's gradient: none (0, whatever the row holds) without one
+  const bool teacher_kl = !ignored && kl_term;
   if (!student && !TG) return;
+  if (!student && TG && !teacher_kl && g_lse_t == A(0)) {
+    vec_loop<W>(0, C, [&](int64_t j, int64_t n) { store(gt + j, V(A(0)), n); });
+    return;
+  }
 
-  const V v_inv_t(prm.inv_t), v_lse_s(lse_s), v_lse_t(lse_t), v_lse_1(lse_1), v_kl(kl);
-  const V v_ks(ks), v_k1(k1), v_kt(kt), v_glt(g_lse_t), v_zero(A(0));
+  const V v_inv_t(prm.inv_t), v_cms(cms), v_cmt(cmt), v_lds(log_ds), v_ldt(log_dt), v_ld1(log_d1), v_lc(lc);
+  const V v_mu(mu), v_ks(ks), v_k1(k1), v_kt(kt), v_glt(g_lse_t), v_zero(A(0));
   vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
     const V sv = load(s + j, n, A(0));
     const V tv = load(t + j, n, A(1));
-    const V lps = at::vec::fmsub(sv, v_inv_t, v_lse_s);                      // log p_s
-    const V lpt = at::vec::fmsub(PROBS ? vlog(tv) : tv, v_inv_t, v_lse_t);   // log p_t
-    const V ps = vexp(lps);
-    const V pt = vexp(lpt);
+    const V xs = sv - v_cms;
+    const V b = xs * v_inv_t;
+    const V a = ((PROBS ? vlog(tv) : tv) - v_cmt) * v_inv_t;
+    const V ps = vexp(b - v_lds);
+    const V pt = vexp(a - v_ldt);
+    const V delta = a - b;
+    const V rho = delta - v_lc;  // log p_t - log p_s, accurate to the rounding of a and b
     if (SG && student && (y >= 0 || !prm.has_target) && (y < C || !prm.has_target)) {
-      V r = kl_term ? v_ks * (ps - pt) : v_zero;
+      V r = v_zero;
+      if (kl_term) {
+        const V e = (-rho.abs()).expm1();
+        V diff = V::blendv(pt * e, -ps * e, rho <= v_zero);  // p_s - p_t
+        diff = zero_where_eq(diff, ps + pt, v_zero);          // absent from both: 0, not expm1(NaN)
+        r = v_ks * diff;
+      }
       if (k1 != A(0)) {
-        const V p1 = P1 ? vexp(sv - v_lse_1) : ps;
+        const V p1 = P1 ? vexp(xs - v_ld1) : ps;
         r = at::vec::fmadd(v_k1, p1, r);
       }
       store(gs + j, r, n);
     }
     if constexpr (TG) {
-      V dw = v_glt * pt;
-      if (!ignored && kl_term) dw = at::vec::fmadd(v_kt, zero_where_eq(pt * (lpt - lps - v_kl), pt, v_zero), dw);
+      V dw = g_lse_t != A(0) ? v_glt * pt : v_zero;
+      // dKL/dw = p_t (rho - KL) = p_t ((a - b) - mu)
+      if (teacher_kl) dw = at::vec::fmadd(v_kt, zero_where_eq(pt * (delta - v_mu), pt, v_zero), dw);
       V r = dw * v_inv_t;
       if constexpr (PROBS) r = zero_where_eq(r / tv, tv, v_zero);
       store(gt + j, r, n);
@@ -176,12 +270,17 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
 
   // target entry: recompute in acc precision with the -1 before the single rounding
   if (SG && student && k1 != A(0) && y >= 0 && y < C) {
-    const A sy = static_cast<A>(s[y]);
+    const A xs = static_cast<A>(s[y]) - cms;
+    const A b = xs * prm.inv_t;
     const A ty = static_cast<A>(t[y]);
-    const A ps = std::exp(sy * prm.inv_t - lse_s);
-    const A pt = std::exp((PROBS ? std::log(ty) : ty) * prm.inv_t - lse_t);
-    const A p1 = P1 ? std::exp(sy - lse_1) : ps;
-    gs[y] = static_cast<scalar_t>((kl_term ? ks * (ps - pt) : A(0)) + k1 * (p1 - A(1)));
+    const A a = ((PROBS ? std::log(ty) : ty) - cmt) * prm.inv_t;
+    const A ps = std::exp(b - log_ds);
+    const A pt = std::exp(a - log_dt);
+    const A rho = (a - b) - lc;
+    A diff = rho <= A(0) ? -ps * std::expm1(rho) : pt * std::expm1(-rho);
+    if (ps + pt == A(0)) diff = A(0);
+    const A p1 = P1 ? std::exp(xs - log_d1) : ps;
+    gs[y] = static_cast<scalar_t>((kl_term ? ks * diff : A(0)) + k1 * (p1 - A(1)));
   }
 }
 
@@ -193,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   const int64_t B = student.size(0), C = student.size(1);
   const auto row_opts = student.options().dtype(checks::row_dtype(student.scalar_type()));
   at::Tensor loss = at::empty({B}, row_opts);
-  at::Tensor stats = at::empty({B, 4}, row_opts);
+  at::Tensor stats = at::empty({B, kNumStats}, row_opts);
   const bool has_target = target.has_value() && target->defined();
   const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
   const bool lse1_separate = has_target && temperature != 1.0;
@@ -219,28 +318,23 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
         at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             const scalar_t* s = s_ptr + i * C;
-            A lse_s, lse_t, lse_1, kl;
-            kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, lse_s,
-                                                                                lse_t, lse_1, kl);
+            A* st = stats_ptr + kNumStats * i;
+            const A kl =
+                kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, st);
             // a term whose weight is exactly 0 is left out (an infinite KL or CE must not give 0 * inf)
             A row_loss = a != A(0) ? a * c * kl : A(0);
             if (has_target) {
-              if (!decltype(lse1)::value) lse_1 = lse_s;  // T == 1
               const int64_t y = y_ptr[i];
               if (y == ignore_index) {
                 row_loss = A(0);
               } else if (y < 0 || y >= C) {
                 row_loss = std::numeric_limits<A>::quiet_NaN();  // invalid label: a NaN row, no OOB read
               } else if (a != A(1)) {
-                row_loss += (A(1) - a) * (lse_1 - static_cast<A>(s[y]));
+                // CE = (M_s - s_y) + log d_1: no rounding of a large logsumexp
+                row_loss += (A(1) - a) * ((st[kMs] - static_cast<A>(s[y])) + st[kLogD1]);
               }
             }
             loss_ptr[i] = row_loss;
-            A* st = stats_ptr + 4 * i;
-            st[0] = lse_s;
-            st[1] = lse_t;
-            st[2] = lse_1;
-            st[3] = kl;
           }
         });
       });
@@ -285,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, 
                 kd_bwd_row<scalar_t, decltype(probs)::value, decltype(sg)::value, decltype(tg)::value,
                            decltype(p1)::value>(s_ptr + i * C, t_ptr + i * C, sg ? gs_ptr + i * C : nullptr,
                                                 tg ? gt_ptr + i * C : nullptr, C, prm, g_ptr[i], glt_ptr[i],
-                                                st_ptr + 4 * i, has_target ? y_ptr[i] : int64_t(-1));
+                                                st_ptr + kNumStats * i, has_target ? y_ptr[i] : int64_t(-1));
               }
             });
           });

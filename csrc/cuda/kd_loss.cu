@@ -7,6 +7,9 @@
 //             states go to a workspace, then one thread per row merges them in order;
 //             otherwise one block per row. Per-thread states are merged by warp shuffles, then through
 //             shared memory; 128..512 threads per block (about 4 vectors per thread).
+//   refine:   after the forward, a second sweep over the rows whose one-pass KL is ill-conditioned
+//             (kd_needs_refine; the other rows return at once): one warp per row for C <= 1024, else one
+//             block per row.
 //   backward: C <= 1024: one warp per row; larger C: a 2-D grid of (column tile, row) blocks.
 // Everything runs on the current stream, with no host synchronisation.
 #include <ATen/Dispatch.h>
@@ -57,6 +60,14 @@ void launch_kd_fwd(const KdFwdParams<T>& p, const FwdLayout& lay, const at::Tens
       break;
     }
   }
+  if (p.cols <= kWarpRowMaxCols) {
+    const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
+    kd_loss_refine_kernel<T, RowMode::kWarp><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
+  } else {
+    const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
+    kd_loss_refine_kernel<T, RowMode::kBlock><<<blocks, kTileThreads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
@@ -73,11 +84,11 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   const int64_t cols = s.size(1);
   const auto row_opts = s.options().dtype(checks::row_dtype(s.scalar_type()));
   at::Tensor loss = at::empty({rows}, row_opts);
-  at::Tensor stats = at::empty({rows, 4}, row_opts);
+  at::Tensor stats = at::empty({rows, kKdStats}, row_opts);
   if (rows == 0) return {loss, stats};
 
   const double c = t2_scale ? temperature * temperature : 1.0;
-  const bool need1 = has_target && temperature != 1.0;  // CE needs logsumexp(s) apart from lse_s
+  const bool need1 = has_target && temperature != 1.0;  // the CE needs its own sum d_1
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 

@@ -125,6 +125,66 @@ def scalar(hi, lo, ACC: tl.constexpr):
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
+# Numerics shared with the other backends (augkd/ops/reference.py, docs/ops-design.md "Precision").
+# (Triton makes a Python float literal an fp32 constant: fp64-exact coefficients are built with tl.full.)
+REFINE_RATIO: tl.constexpr = tl.constexpr(1.0 / 64)
+PHI_SERIES_MAX: tl.constexpr = tl.constexpr(0.25)
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 accurate near 0 (Taylor to x^13 for |x| < 0.35, where exp(x) - 1 would cancel)."""
+    small = tl.abs(x) < 0.35
+    z = tl.where(small, x, 0.0)
+    p = tl.full([], 1.0 / 6227020800.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 479001600.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 39916800.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 3628800.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 362880.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 40320.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 5040.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 720.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 120.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 24.0, z.dtype)
+    p = p * z + tl.full([], 1.0 / 6.0, z.dtype)
+    p = p * z + tl.full([], 0.5, z.dtype)
+    p = p * z + tl.full([], 1.0, z.dtype)
+    return tl.where(small, z * p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def phi_series(x):
+    """phi(x) = 1 + (x - 1) e^x = x^2 sum_n (n - 1) / n! x^(n - 2), n = 2 .. 12 (for |x| <= 0.25)."""
+    p = tl.full([], 1.0 / 43545600.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 3991680.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 403200.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 45360.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 5760.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 840.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 144.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 30.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 8.0, x.dtype)
+    p = p * x + tl.full([], 1.0 / 3.0, x.dtype)
+    p = p * x + tl.full([], 0.5, x.dtype)
+    return x * x * p
+
+
+@triton.jit
+def log1p_small(x):
+    """log1p(x): series for |x| < 1e-3 (the only range the refinement produces), log(1 + x) beyond."""
+    small = tl.abs(x) < 1e-3
+    z = tl.where(small, x, 0.0)
+    return tl.where(small, z * (1.0 + z * (-0.5 + z * (1.0 / 3.0 - 0.25 * z))), tl.log(1.0 + x))
+
+
+@triton.jit
+def h_term(x):
+    """x / (1 + x) - log1p(x) (<= 0), by its series near 0."""
+    small = tl.abs(x) < 1e-3
+    z = tl.where(small, x, 0.0)
+    return tl.where(small, z * z * (-0.5 + z * (2.0 / 3.0 - 0.75 * z)), x / (1.0 + x) - tl.log(1.0 + x))
+
+
 def empty0(like: torch.Tensor) -> torch.Tensor:
     """The (0,) tensor returned for a gradient that was not asked for."""
     return like.new_empty((0,))
