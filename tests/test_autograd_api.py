@@ -273,3 +273,18 @@ def test_plain_temperature_tensor_still_works_on_the_kernels():
     """A temperature tensor that does not require grad is a number: the fused kernels still run it."""
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     torch.testing.assert_close(ops.kd_loss(s, t, temperature=torch.tensor(3.0)), ops.kd_loss(s, t, temperature=3.0))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_double_backward_inside_torch_compile_raises(backend, device):
+    """torch.compile's backward is first-order only (AOTAutograd): a second derivative through a compiled
+    call raises; it never returns a silent zero."""
+    torch._dynamo.reset()
+    s = torch.randn(3, 5, dtype=F64, device=device, requires_grad=True)
+    t = torch.randn(3, 5, dtype=F64, device=device)
+    with use_backend(backend):
+        fn = torch.compile(lambda a, b: ops.kd_loss(a, b, temperature=2.0), fullgraph=True, backend="aot_eager")
+        loss = fn(s, t)
+    with pytest.raises(RuntimeError, match="create_graph|double backward"):
+        (g,) = torch.autograd.grad(loss, s, create_graph=True)
+        (g ** 2).sum().backward()

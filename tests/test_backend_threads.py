@@ -101,3 +101,20 @@ def test_first_call_of_a_process_inside_torch_compile(backend):
     done = subprocess.run([sys.executable, "-c", _FIRST_CALL.format(backend=backend)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_compiled_code_follows_the_threads_backend():
+    """A function compiled under one backend recompiles (not silently reuses) under another."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    if not ops._extension.LOADED:
+        pytest.skip(f"extension augkd._C not loaded: {ops._extension.WHY_NOT_LOADED}")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    fn = torch.compile(lambda a, b: ops.kd_loss(a, b, temperature=2.0), fullgraph=True, backend=counter)
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    with use_backend("torch"):
+        fn(s, t)
+    with use_backend("cpu"):
+        fn(s, t)
+    assert ["kd_loss_fwd" in str(g.code) for g in counter.graphs] == [False, True]

@@ -255,15 +255,15 @@ def _eager_function(namespace: str, family: str) -> type:
         backward_impl = backward_for(getattr(ns, f"{family}_bwd").default)
 
         class Fused(torch.autograd.Function):
-            # forward without ctx + setup_context: the form torch.func requires of an autograd.Function
+            # The ctx-in-forward form, not forward + setup_context: the latter binds the arguments with
+            # inspect.signature on every call (~50 us). torch.func transforms, which need setup_context,
+            # never reach this class: backends.select() routes them to the torch backend.
             @staticmethod
-            def forward(*inputs):
-                return fwd(*inputs)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
+            def forward(ctx, *inputs):
                 ctx.set_materialize_grads(False)  # unused outputs (the stats) get None, not a zero tensor
+                output = fwd(*inputs)
                 setup(ctx, inputs, output)
+                return output
 
             @staticmethod
             def backward(ctx, *grads):

@@ -43,12 +43,17 @@ def _parse(name: str, source: str) -> str:
 _default: str = _parse(os.environ.get("AUGKD_BACKEND", "auto") or "auto", "AUGKD_BACKEND")
 # use_backend() changes the backend of the thread that holds the context only: a worker thread (a data
 # loader's pin-memory thread, a serving thread) keeps its own choice.
-_per_thread = threading.local()
+class _PerThread(threading.local):
+    def __init__(self):
+        self.name = _default  # runs once in each thread that reads it
+
+
+_per_thread = _PerThread()
 
 
 def requested() -> str:
     """The backend asked for now in this thread: 'auto' or a backend name."""
-    return getattr(_per_thread, "name", _default)
+    return _per_thread.name
 
 
 @contextlib.contextmanager
