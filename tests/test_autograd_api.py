@@ -288,3 +288,24 @@ def test_double_backward_inside_torch_compile_raises(backend, device):
     with pytest.raises(RuntimeError, match="create_graph|double backward"):
         (g,) = torch.autograd.grad(loss, s, create_graph=True)
         (g ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_forward_mode_ad(backend, device):
+    """Dual tensors (torch.autograd.forward_ad) and torch.func.jvp: the tangent of the loss is the
+    directional derivative <grad, v> of the float64 reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(8)
+    s, t, v = (torch.randn(4, 6, generator=gen, dtype=F64).to(device) for _ in range(3))
+    y = torch.tensor([0, 5, -100, 2], device=device)
+    leaf = s.clone().requires_grad_(True)
+    with use_backend("torch"):
+        (g,) = torch.autograd.grad(ops.kd_loss(leaf, t, y, temperature=2.0, alpha=0.5), leaf)
+    expected = (g * v).sum()
+    with use_backend(backend):
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(ops.kd_loss(fwAD.make_dual(s, v), t, y, temperature=2.0, alpha=0.5)).tangent
+        _, jvp = torch.func.jvp(lambda a: ops.kd_loss(a, t, y, temperature=2.0, alpha=0.5), (s,), (v,))
+    torch.testing.assert_close(tangent, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(jvp, expected, rtol=1e-9, atol=1e-12)

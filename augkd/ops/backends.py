@@ -10,8 +10,8 @@ Backends (one schema, several implementations side by side):
 CPU -> cpu, else torch. Override with the AUGKD_BACKEND environment variable (read at import: the
 default of every thread) or `with augkd.ops.use_backend("torch"): ...` (the calling thread only).
 Asking for a backend that cannot run raises BackendUnavailable with the reason; "auto" never raises.
-Calls under a torch.func transform (grad, vmap, jacrev, ...) run the torch backend, whose formulas
-every transform understands.
+Calls under a torch.func transform (grad, vmap, jacrev, ...) or inside a forward-mode AD dual level
+run the torch backend, whose formulas every transform understands.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _extension
 
@@ -142,8 +143,10 @@ def select(device: torch.device) -> str:
         reason = why_unavailable(name, device)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} was requested but cannot run: {reason}")
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        # torch.func.grad / vmap / jacrev / jvp: the fused kernels have no batching or forward-mode rules
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                               or _forward_ad._current_level >= 0):
+        # torch.func.grad / vmap / jacrev / jvp, or forward-mode AD with dual tensors: the fused kernels
+        # have no batching or forward-mode rules
         return "torch"
     if name != "auto":
         return name
