@@ -56,3 +56,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def as_leaf(x: torch.Tensor, dtype: torch.dtype, requires_grad: bool = True) -> torch.Tensor:
     return x.detach().to(dtype).requires_grad_(requires_grad)
+
+
+def _backends_with_devices() -> list:
+    """(backend, device) for every backend on every device type: the CPU ones here (as BACKENDS_HERE),
+    and torch, cuda and triton on a GPU when one is present (skipped with the reason otherwise)."""
+    cases = []
+    for case in BACKENDS_HERE:
+        name, marks = (case, ()) if isinstance(case, str) else (case.values[0], case.marks)
+        cases.append(pytest.param(name, "cpu", marks=marks, id=f"{name}-cpu"))
+    gpu = torch.cuda.is_available()
+    for name in ("torch", "cuda", "triton"):
+        reason = "no CUDA device visible" if not gpu else backends.why_unavailable(name, torch.device("cuda"))
+        cases.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.skipif(
+            reason is not None, reason=f"{name} backend on CUDA unavailable: {reason}")))
+    return cases
+
+
+BACKEND_DEVICES = _backends_with_devices()

@@ -58,7 +58,7 @@ def test_kd_loss(backend, dtype, rows, classes, fmt):
         s_ = s.to(device, dt).requires_grad_()
         t_ = t.to(device, dt).requires_grad_()
         with use_backend(backend_name):
-            loss, energy = ops.kd_loss(s_, t_, y.to(device), temperature=4.0, alpha=0.5, weight=w.to(device, dt),
+            loss, energy = ops.kd_loss(s_, t_, y.to(device), temperature=4.0, alpha=0.5, sample_weight=w.to(device, dt),
                                        reduction="none", teacher_format=fmt, return_teacher_energy=True)
         g = torch.linspace(-1, 1, rows, dtype=torch.float64).to(device, loss.dtype)
         gs, gt = torch.autograd.grad((loss * g).sum() + energy.sum() * 0.1, [s_, t_])

@@ -56,7 +56,7 @@ def run(backend, s, t, target, weight, cfg, dtype, grad_seed=1):
     t_ = as_leaf(t, dtype)
     w_ = None if weight is None else as_leaf(weight, dtype)
     with use_backend(backend):
-        loss = kd_loss(s_, t_, target, temperature=cfg["temperature"], alpha=cfg["alpha"], weight=w_,
+        loss = kd_loss(s_, t_, target, temperature=cfg["temperature"], alpha=cfg["alpha"], sample_weight=w_,
                        reduction=cfg["reduction"], teacher_format=cfg["fmt"])
     gen = torch.Generator().manual_seed(grad_seed)
     grad_out = torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype)
@@ -297,7 +297,6 @@ def test_t2_scale_off_divides_by_t_squared():
 
 BAD_CASES = [
     ("shape", lambda s, t, y: kd_loss(s, t[:, :-1]), ValueError, "teacher_logits must have the same shape"),
-    ("dtype", lambda s, t, y: kd_loss(s, t.double()), TypeError, "teacher_logits must have the same dtype"),
     ("int logits", lambda s, t, y: kd_loss(s.long(), t.long()), TypeError, "student_logits must be a floating"),
     ("float target", lambda s, t, y: kd_loss(s, t, y.float(), alpha=0.5), TypeError, "target must be an integer"),
     ("target shape", lambda s, t, y: kd_loss(s, t, y[:2], alpha=0.5), ValueError, "target must have shape"),

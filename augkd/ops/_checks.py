@@ -30,6 +30,31 @@ def same(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tens
                          f"got {tuple(value.shape)}")
 
 
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is active around this call."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def scalar_parameter(op: str, name: str, value, check):
+    """A float hyper-parameter that may also come as a one-element tensor. `check(op, name, number)`
+    validates the number and returns it as a float.
+
+    A tensor that requires grad (or any tensor under a torch.func transform, which may be differentiating
+    through it) is returned as a 0-dim tensor, so the op can be differentiated with respect to it; any
+    other tensor becomes a float. Never a silent detach."""
+    if not isinstance(value, torch.Tensor):
+        return check(op, name, value)
+    if value.numel() != 1:
+        raise ValueError(f"{op}: {name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+    if not (value.requires_grad or transformed()):
+        return check(op, name, value.item())
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating tensor to take a gradient, got {value.dtype}")
+    if eager() and not transformed():
+        check(op, name, value.detach().item())  # the range check reads the value
+    return value.reshape(())
+
+
 def positive_float(op: str, name: str, value) -> float:
     try:
         number = float(value)

@@ -4,17 +4,25 @@ every namespace that implements the schemas: `augkd` (C++ CPU/CUDA) and `augkd_t
 Fakes let torch.compile / FakeTensor trace the opaque C++ ops; the autograd glue routes each forward
 op's backward to the same backend's `*_bwd` op, which recomputes from the few per-row stats the
 forward saved (the flash-attention pattern: no B x C buffer is kept between forward and backward).
+
+The `*_bwd` ops are not differentiable themselves. A backward that must build a graph (grad mode on
+inside backward: `create_graph=True`, gradgradcheck, Hessian-vector products) recomputes the gradient
+through the torch formulas of `reference` from the saved inputs instead, so a second derivative is
+exact on every backend and never a silent zero. That path reads only the saved inputs, not the
+forward's statistics, so it holds whatever the kernels choose to save.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import reference
 from .reference import compute_dtype
 
 # Columns of kd_loss_fwd's stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md);
 # column 1 (lse_t) is the one the front-end returns (teacher energy) and differentiates.
 KD_STATS = 8
+KD_STATS_LSE_T = 1
 
 _registered: set[tuple[str, str]] = set()
 
@@ -82,20 +90,52 @@ FAKES = {
 
 # ---------------------------------------------------------------- autograd
 
+def _graph_grads(compute, inputs, wanted, grad_outputs):
+    """Gradients of `compute()`'s outputs, weighted by `grad_outputs`, w.r.t. the `wanted` `inputs`,
+    recorded as a graph (the double-backward path). `compute` runs the torch formulas on the saved
+    inputs, so the graph reaches the inputs' own history and the incoming gradients."""
+    result = [None] * len(inputs)
+    targets = [x for x, w in zip(inputs, wanted) if w]
+    if not targets:
+        return result
+    with torch.enable_grad():
+        outputs = compute()
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        grads = (torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True) if pairs else [None] * len(targets))
+    found = iter(grads)
+    for i, w in enumerate(wanted):
+        if w:
+            g = next(found)
+            result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result
+
+
 def _kd_setup(ctx, inputs, output):
     student, teacher, target, temperature, alpha, ignore_index, t2_scale, teacher_format = inputs
     ctx.save_for_backward(student, teacher, target, output[1])
     ctx.args = (temperature, alpha, ignore_index, t2_scale, teacher_format)
 
 
+def _kd_graph_backward(ctx, grad_loss, grad_stats):
+    student, teacher, target, _ = ctx.saved_tensors
+    grad_lse_t = None if grad_stats is None else grad_stats[:, KD_STATS_LSE_T]
+    gs, gt = _graph_grads(lambda: reference.kd_loss_rows(student, teacher, target, *ctx.args), (student, teacher),
+                          ctx.needs_input_grad[:2], (grad_loss, grad_lse_t))
+    return (gs, gt) + (None,) * 6
+
+
 def _kd_backward_for(bwd):
     def backward(ctx, grad_loss, grad_stats):
         if grad_loss is None and grad_stats is None:
             return (None,) * 8
+        if torch.is_grad_enabled():
+            return _kd_graph_backward(ctx, grad_loss, grad_stats)
         student, teacher, target, stats = ctx.saved_tensors
         rows = stats.shape[0]
         grad_loss = _zeros_rows(stats, rows) if grad_loss is None else grad_loss.contiguous()
-        grad_lse_t = _zeros_rows(stats, rows) if grad_stats is None else grad_stats[:, 1].contiguous()
+        grad_lse_t = (_zeros_rows(stats, rows) if grad_stats is None
+                      else grad_stats[:, KD_STATS_LSE_T].contiguous())
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gs, gt = bwd(grad_loss, grad_lse_t, student, teacher, target, stats, *ctx.args, need_s, need_t)
         return (gs if need_s else None, gt if need_t else None) + (None,) * 6
@@ -113,6 +153,10 @@ def _unc_backward_for(bwd):
         if grad_energy is None and grad_entropy is None:
             return None, None
         logits, energy, entropy = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            (gz,) = _graph_grads(lambda: reference.uncertainty(logits, ctx.temperature), (logits,),
+                                 ctx.needs_input_grad[:1], (grad_energy, grad_entropy))
+            return gz, None
         rows = energy.shape[0]
         ge = _zeros_rows(energy, rows) if grad_energy is None else grad_energy.contiguous()
         gh = _zeros_rows(entropy, rows) if grad_entropy is None else grad_entropy.contiguous()
@@ -138,6 +182,11 @@ def _latent_backward_for(bwd):
         z, mask, psi, s = ctx.saved_tensors
         want = ctx.needs_input_grad[:4]
         want_s = want[3] and s is not None
+        if torch.is_grad_enabled():
+            mix = ctx.s_scalar if s is None else s.unsqueeze(1)
+            grads = _graph_grads(lambda: (reference.latent_mixup(z, mask, psi, mix),), (z, mask, psi, s),
+                                 (*want[:3], want_s), (grad_out,))
+            return (*grads, None)
         gz, gm, gp, gs = bwd(grad_out.contiguous(), z, mask, psi, s, ctx.s_scalar, *want[:3], want_s)
         return _only(want[0], gz), _only(want[1], gm), _only(want[2], gp), _only(want_s, gs), None
     return backward
@@ -156,6 +205,11 @@ def _pixel_backward_for(bwd):
         generated, real, s, mean, std = ctx.saved_tensors
         want_g, want_r, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         want_s = want_s and s is not None
+        if torch.is_grad_enabled():
+            mix = ctx.s_scalar if s is None else s.view(-1, 1, 1, 1)
+            gg, gr, gs = _graph_grads(lambda: (reference.pixel_mixup(generated, real, mix, mean, std),),
+                                      (generated, real, s), (want_g, want_r, want_s), (grad_out,))
+            return gg, gr, gs, None, None, None
         gg, gr, gs = bwd(grad_out.contiguous(), generated, real, s, ctx.s_scalar, mean, std, want_g, want_r, want_s)
         return _only(want_g, gg), _only(want_r, gr), _only(want_s, gs), None, None, None
     return backward
@@ -202,6 +256,9 @@ def _eager_function(namespace: str, family: str) -> type:
         backward_impl = backward_for(getattr(ns, f"{family}_bwd").default)
 
         class Fused(torch.autograd.Function):
+            # The ctx-in-forward form, not forward + setup_context: the latter binds the arguments with
+            # inspect.signature on every call (~50 us). torch.func transforms, which need setup_context,
+            # never reach this class: backends.select() routes them to the torch backend.
             @staticmethod
             def forward(ctx, *inputs):
                 ctx.set_materialize_grads(False)  # unused outputs (the stats) get None, not a zero tensor

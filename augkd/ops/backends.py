@@ -7,18 +7,22 @@ Backends (one schema, several implementations side by side):
   torch   plain differentiable torch code: runs everywhere, the fallback
 
 "auto" picks per call from the tensors' device: CUDA -> triton, else cuda, else torch;
-CPU -> cpu, else torch. Override with the AUGKD_BACKEND environment variable (read at import) or
-`with augkd.ops.use_backend("torch"): ...`. Asking for a backend that cannot run raises
-BackendUnavailable with the reason; "auto" never raises.
+CPU -> cpu, else torch. Override with the AUGKD_BACKEND environment variable (read at import: the
+default of every thread) or `with augkd.ops.use_backend("torch"): ...` (the calling thread only).
+Asking for a backend that cannot run raises BackendUnavailable with the reason; "auto" never raises.
+Calls under a torch.func transform (grad, vmap, jacrev, ...) or inside a forward-mode AD dual level
+run the torch backend, whose formulas every transform understands.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _extension
 
@@ -37,23 +41,35 @@ def _parse(name: str, source: str) -> str:
     return value
 
 
-_requested: str = _parse(os.environ.get("AUGKD_BACKEND", "auto") or "auto", "AUGKD_BACKEND")
+_default: str = _parse(os.environ.get("AUGKD_BACKEND", "auto") or "auto", "AUGKD_BACKEND")
+# use_backend() changes the backend of the thread that holds the context only: a worker thread (a data
+# loader's pin-memory thread, a serving thread) keeps its own choice.
+class _PerThread(threading.local):
+    def __init__(self):
+        self.name = _default  # runs once in each thread that reads it
+
+
+_per_thread = _PerThread()
 
 
 def requested() -> str:
-    """The backend asked for now: 'auto' or a backend name."""
-    return _requested
+    """The backend asked for now in this thread: 'auto' or a backend name."""
+    return _per_thread.name
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block on backend `name` ('auto', 'triton', 'cuda', 'cpu', 'torch')."""
-    global _requested
-    previous, _requested = _requested, _parse(name, "use_backend(name)")
+    """Run the ops inside the block on backend `name` ('auto', 'triton', 'cuda', 'cpu', 'torch').
+
+    The choice holds for the calling thread only; other threads keep theirs (AUGKD_BACKEND by default).
+    """
+    chosen = _parse(name, "use_backend(name)")
+    previous = requested()
+    _per_thread.name = chosen
     try:
         yield
     finally:
-        _requested = previous
+        _per_thread.name = previous
 
 
 class _TritonMissing:
@@ -81,6 +97,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Importing triton and registering the autograd of its ops cannot be traced by torch.compile, and the
+# first op call of a process may well be inside a compiled function: the compiler runs this check as
+# plain Python at trace time and keeps its answer as a constant.
+@torch.compiler.assume_constant_result
+def _triton_unavailable() -> str:
+    """'' when the Triton ops are imported and registered, else why they cannot be."""
+    module = _triton_module()
+    return "" if module.AVAILABLE else module.WHY_UNAVAILABLE
+
+
 def why_unavailable(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run tensors on `device`, else the reason it cannot."""
     if backend == "torch":
@@ -103,20 +129,27 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
             return (f"the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
                     f"got a {device.type} tensor")
-        module = _triton_module()
-        if not module.AVAILABLE:
-            return f"triton is unavailable: {module.WHY_UNAVAILABLE}"
+        why = _triton_unavailable()
+        if why:
+            return f"triton is unavailable: {why}"
         return None
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def select(device: torch.device) -> str:
-    """The backend that runs the next op call on `device`."""
-    if _requested != "auto":
-        reason = why_unavailable(_requested, device)
+    """The backend that runs the next op call on `device` in this thread."""
+    name = requested()
+    if name != "auto":
+        reason = why_unavailable(name, device)
         if reason is not None:
-            raise BackendUnavailable(f"backend {_requested!r} was requested but cannot run: {reason}")
-        return _requested
+            raise BackendUnavailable(f"backend {name!r} was requested but cannot run: {reason}")
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                               or _forward_ad._current_level >= 0):
+        # torch.func.grad / vmap / jacrev / jvp, or forward-mode AD with dual tensors: the fused kernels
+        # have no batching or forward-mode rules
+        return "torch"
+    if name != "auto":
+        return name
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
     for backend in order:
         if why_unavailable(backend, device) is None:
@@ -132,7 +165,7 @@ def ops_namespace(backend: str):
 def namespace_name(backend: str) -> str:
     """Name of the torch.ops namespace of a kernel backend: augkd_triton or augkd (C++ CPU/CUDA)."""
     if backend == "triton":
-        _triton_module()  # imports and registers the Triton ops on first use
+        _triton_unavailable()  # imports and registers the Triton ops on first use
         return "augkd_triton"
     return "augkd"
 

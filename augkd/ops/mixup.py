@@ -38,13 +38,23 @@ def _mix_weight(op: str, s, rows: int, like: torch.Tensor, shapes: str):
     return None, value
 
 
+def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two inputs of different floating dtypes (mixed precision, autocast) in their promoted dtype; the
+    casts are differentiable, so each gradient comes back in its input's dtype."""
+    if a.dtype == b.dtype:
+        return a, b
+    common = torch.promote_types(a.dtype, b.dtype)
+    return a.to(common), b.to(common)
+
+
 def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> torch.Tensor:
     """``(1 - s) * (mask * psi + (1 - mask) * z) + s * z`` in one kernel.
 
     Args:
         z: (B, L) latents (the encoder's output).
         mask: (B, L) or (1, L) anchor mask (AnchorNet's m); a (1, L) mask gets its gradient summed over B.
-        psi: (B, L) the anchor mapping psi(m * z).
+        psi: (B, L) the anchor mapping psi(m * z). A dtype other than z's is promoted with it (so is the
+            output's dtype); each gradient comes back in its input's dtype.
         s: mixup factor: a float, or per-sample (B, 1) / (B,) tensor. s = 0 gives the anchor output, s = 1 z.
     """
     op = "latent_mixup"
@@ -53,7 +63,8 @@ def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> t
     _checks.tensor(op, "mask", mask)
     if z.dim() != 2:
         raise ValueError(f"{op}: z must have shape (B, L), got {tuple(z.shape)}")
-    _checks.same(op, "psi", psi, "z", z)
+    _checks.same(op, "psi", psi, "z", z, dtype=False)
+    z, psi = _promoted(z, psi)
     rows, width = z.shape
     if mask.device != z.device:
         raise ValueError(f"{op}: mask must be on {z.device}, got {mask.device}")
@@ -92,7 +103,8 @@ def pixel_mixup(generated: torch.Tensor, real: torch.Tensor, s, mean: Sequence[f
     """``normalize((1 - s) * generated + s * real)`` per channel in one kernel.
 
     Args:
-        generated, real: (B, C, H, W) images (same shape, dtype, device).
+        generated, real: (B, C, H, W) images (same shape and device; different floating dtypes are
+            promoted, and so is the output's dtype).
         s: a float, or per-sample (B, 1, 1, 1) / (B,) tensor.
         mean, std: per-channel normalisation (C values each) or None (0 and 1).
     """
@@ -101,7 +113,8 @@ def pixel_mixup(generated: torch.Tensor, real: torch.Tensor, s, mean: Sequence[f
     _checks.tensor(op, "real", real)
     if generated.dim() != 4:
         raise ValueError(f"{op}: generated must have shape (B, C, H, W), got {tuple(generated.shape)}")
-    _checks.same(op, "real", real, "generated", generated)
+    _checks.same(op, "real", real, "generated", generated, dtype=False)
+    generated, real = _promoted(generated, real)
     rows, channels = generated.shape[:2]
     mean_t = _channel_vector(op, "mean", mean, channels, generated)
     std_t = _channel_vector(op, "std", std, channels, generated)
