@@ -270,6 +270,8 @@ def test_alpha_tensor_gets_its_gradient():
      "temperature must be a finite number > 0"),
     (lambda s: ops.kd_loss(s, s, torch.zeros(3, dtype=torch.long), alpha=torch.tensor(1.5, requires_grad=True)),
      ValueError, r"alpha must be in \[0, 1\]"),
+    (lambda s: ops.kd_loss(s, s, alpha=torch.tensor(1.0, requires_grad=True)), ValueError,
+     "an alpha that requires grad needs a target"),
 ])
 def test_bad_tensor_hyperparameters(call, error, message):
     with pytest.raises(error, match=message):
