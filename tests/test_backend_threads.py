@@ -90,15 +90,14 @@ _FIRST_CALL = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["triton", "auto"])
-def test_first_call_of_a_process_inside_torch_compile(backend):
+def test_first_call_of_a_process_inside_torch_compile():
     """A fresh process whose first kd_loss call is compiled with fullgraph=True under TRITON_INTERPRET=1:
     the Triton ops are imported and registered outside the traced code (a graph break before)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     probe = subprocess.run([sys.executable, "-c", "import triton"], env=env, capture_output=True, text=True)
     if probe.returncode:
         pytest.skip(f"triton is not importable here: {probe.stderr.strip().splitlines()[-1:]}")
-    done = subprocess.run([sys.executable, "-c", _FIRST_CALL.format(backend=backend)], env=env,
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL.format(backend="triton")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

@@ -46,6 +46,21 @@ def test_batchmean_is_torch_kl_div_batchmean_on_3d_logits(backend, device, fmt):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_batchmean_with_probability_targets_is_kl_div_without_log_target(backend, device):
+    s, t, _ = _inputs(device, seed=4)
+    p = torch.softmax(t, -1)
+    s32 = s.float().requires_grad_()
+    with use_backend(backend):
+        ours = kd_loss(s32, p.float(), teacher_format="probs", reduction="batchmean")
+    (gs,) = torch.autograd.grad(ours, s32)
+    s64 = s.clone().requires_grad_()
+    theirs = F.kl_div(F.log_softmax(s64, -1), p, reduction="batchmean", log_target=False)
+    (rs,) = torch.autograd.grad(theirs, s64)
+    assert_close(ours, theirs, torch.float32, "batchmean loss")
+    assert_close(gs, rs, torch.float32, "grad student")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_reduction_table(backend, device):
     """Every reduction from the per-row losses of "none", with ignored rows and per-row weights on
     (B, T, V) logits (the table in README "Ops API")."""

@@ -48,8 +48,11 @@ def _validate(student, teacher, target, temperature, alpha, reduction, teacher_f
     _checks.choice(OP, "teacher_format", teacher_format, tuple(reference.TEACHER_FORMATS))
     lead = student.shape[:-1]
     if target is None:
-        if isinstance(alpha, torch.Tensor) or alpha != 1.0:
-            raise ValueError(f"{OP}: alpha={float(alpha)} mixes in the hard-label CE, which needs a target; "
+        if isinstance(alpha, torch.Tensor):
+            raise ValueError(f"{OP}: an alpha that requires grad needs a target: its gradient is the KL term "
+                             "minus the hard-label CE; pass target=... or a float alpha=1.0")
+        if alpha != 1.0:
+            raise ValueError(f"{OP}: alpha={alpha} mixes in the hard-label CE, which needs a target; "
                              "pass target=... or alpha=1.0")
     else:
         _checks.tensor(OP, "target", target, floating=False)
