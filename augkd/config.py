@@ -441,6 +441,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("temperatures must be positive")
     if cfg.data.setting == "folders" and not cfg.data.root:
         raise ConfigError("data.setting = 'folders' needs data.root (the dataset directory)")
+    __import__("augkd.config_checks", fromlist=["_"]).check_config(cfg)  # finite floats, widths, architectures
 
 
 # ----------------------------------------------------------------------------------------------
