@@ -45,11 +45,10 @@ def run_compare(
     resume: bool = False,
     teacher_per_seed: bool = True,
 ) -> str:
-    from .method.lock import RunLock
-    from .method.rundir import check_out_dir
+    from .method.rundir import check_out_dir, take_run_dir
 
     check_out_dir(out)
-    lock = RunLock(out)  # the stage cache is shared by its runs: one compare per directory at a time
+    lock = take_run_dir(out)  # the stage cache is shared by its runs: one compare per directory at a time
     try:
         return _run_compare(user, methods, seeds, out, quiet=quiet, resume=resume, teacher_per_seed=teacher_per_seed)
     finally:

@@ -420,6 +420,7 @@ def build_config(user: dict[str, Any] | None = None) -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks that the type alone cannot express."""
+    __import__("augkd.config_checks", fromlist=["_"]).check_config(cfg)  # finite floats, widths, batch sizes
     positive_ints = [
         "teacher.epochs", "teacher.batch_size", "df.iters_per_epoch", "df.batch_size", "df.student_steps",
         "df.latent_size", "df.val_batches", "anchor.batch_size", "mixup.batch_size",
@@ -441,7 +442,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("temperatures must be positive")
     if cfg.data.setting == "folders" and not cfg.data.root:
         raise ConfigError("data.setting = 'folders' needs data.root (the dataset directory)")
-    __import__("augkd.config_checks", fromlist=["_"]).check_config(cfg)  # finite floats, widths, architectures
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,7 +97,10 @@ class TeacherArtefact:
         if not isinstance(info, dict):
             raise CheckpointError(f"{self.info_path}: expected a JSON object")
         digests.check("teacher", self.info_path, info.get("config_digest"), self.ctx.digests["teacher"])
-        return {"model": _read_teacher_state(self.ctx, self.path)}, info
+        try:
+            return {"model": _read_teacher_state(self.ctx, self.path)}, info
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
 
     def write(self, states: dict, info: dict) -> None:
         models.save_state(states["model"], self.path)
@@ -221,16 +224,14 @@ def build_teacher(ctx: Context) -> nn.Module:
 
 
 def _read_teacher_state(ctx: Context, path: str) -> dict[str, torch.Tensor]:
-    """A teacher file's weights, checked: they fit the architecture and the class count, and are finite."""
+    """A teacher file's weights, checked: they fit the architecture and the class count, and are finite.
+    Raises ValueError naming the file and the fault."""
     teacher = build_teacher(ctx)
-    try:
-        models.load_state(teacher, path, role="teacher")
-    except ValueError as err:  # class-count mismatch, wrong architecture, unreadable file
-        raise ConfigError(f"teacher.path: {err}") from None
+    models.load_state(teacher, path, role="teacher")  # class-count mismatch, wrong architecture, unreadable file
     bad = [k for k, v in teacher.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise ConfigError(f"teacher.path: {path}: non-finite (NaN or infinite) values in {', '.join(bad[:8])}"
-                          f"{' ...' if len(bad) > 8 else ''}; the teacher diverged or the file is damaged")
+        raise ValueError(f"{path}: non-finite (NaN or infinite) values in {', '.join(bad[:8])}"
+                         f"{' ...' if len(bad) > 8 else ''}; the teacher diverged or the file is damaged")
     return teacher.state_dict()
 
 
@@ -238,7 +239,10 @@ def load_teacher_file(ctx: Context, path: str) -> nn.Module:
     if not os.path.isfile(path):
         raise ConfigError(f"teacher.path: file not found: {path}")
     teacher = build_teacher(ctx)
-    teacher.load_state_dict(_read_teacher_state(ctx, path))
+    try:
+        teacher.load_state_dict(_read_teacher_state(ctx, path))
+    except ValueError as err:
+        raise ConfigError(f"teacher.path: {err}") from None
     return teacher.to(ctx.device)
 
 

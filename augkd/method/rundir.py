@@ -177,12 +177,12 @@ def prepare(
     lock, refused = None, None
     if dist.is_main:
         try:
-            lock = RunLock(run_dir)
-        except RunDirLocked as err:
-            refused = str(err)
+            lock = take_run_dir(run_dir)
+        except (RunDirLocked, ConfigError) as err:
+            refused = (type(err).__name__, str(err))
     refused = dist.from_main(refused)  # every process learns whether rank 0 holds the directory
     if refused:
-        raise RunDirLocked(refused)
+        raise (RunDirLocked if refused[0] == "RunDirLocked" else ConfigError)(refused[1])
     try:
         ctx = _prepare_locked(cfg, run_dir, cfg_path, quiet=quiet, resume=resume, stage_dirs=stage_dirs,
                               allow_existing=allow_existing, dist=dist, device_name=device_name)
@@ -210,6 +210,14 @@ def check_out_dir(run_dir: str) -> None:
         raise ConfigError(f"--out: cannot create {run_dir}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out: cannot create or write {run_dir}: {parent} is not writable")
+
+
+def take_run_dir(run_dir: str) -> RunLock:
+    """Create ``run_dir`` if needed and lock it for this run (RunDirLocked when a live run holds it)."""
+    try:
+        return RunLock(run_dir)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot create or write {run_dir} ({err.strerror or err})") from None
 
 
 def _remove_if_only_lock(run_dir: str) -> None:
