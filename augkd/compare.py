@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from .atomic import write_text
+from .atomic import remove_stale_temporaries, write_text
 from .config import build_config
 from .report import read_json, write_csv, write_json
 
@@ -49,6 +49,7 @@ def run_compare(
 
     check_out_dir(out)
     lock = take_run_dir(out)  # the stage cache is shared by its runs: one compare per directory at a time
+    remove_stale_temporaries(out)  # a killed compare's half-written tables (safe: this process holds out)
     try:
         return _run_compare(user, methods, seeds, out, quiet=quiet, resume=resume, teacher_per_seed=teacher_per_seed)
     finally:
