@@ -45,7 +45,7 @@ def run_compare(
     resume: bool = False,
     teacher_per_seed: bool = True,
 ) -> str:
-    from .method.rundir import check_out_dir, take_run_dir
+    from .method.lock import check_out_dir, take_run_dir
 
     check_out_dir(out)
     lock = take_run_dir(out)  # the stage cache is shared by its runs: one compare per directory at a time

@@ -5,7 +5,10 @@ import pytest
 from augkd.cli import main
 from tests.test_resume import SMOKE, assert_same_weights
 
-METHODS = ("augkd", "no-mixup")
+# In this order compare trains the teacher, Module 1 and Module 2 for augkd and loads them from its cache
+# for the others: kd the teacher, dfkd and no-anchor Module 1, no-mixup Module 1 and Module 2. (official
+# shares only the teacher, ce does not train with it.)
+METHODS = ("augkd", "kd", "dfkd", "no-anchor", "no-mixup")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ made under another configuration, pickles in checkpoints, non-finite settings, t
 settings that would crash late, and unusable --out paths."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import signal

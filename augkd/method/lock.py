@@ -1,4 +1,4 @@
-"""The run directory's lock: one live run per directory.
+"""The run directory's lock (one live run per directory), and the checks on ``--out`` before it is taken.
 
 An exclusive ``flock`` on ``<run dir>/.lock``, taken before anything is written and held until the run
 ends. The operating system drops it when the process dies, also on ``kill -9``, so a killed run never
@@ -12,6 +12,7 @@ import fcntl
 import os
 
 from ..atomic import default_file_mode
+from ..config import ConfigError
 from ..errors import RunDirLocked
 
 
@@ -58,3 +59,38 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "unknown"
+
+
+def check_out_dir(run_dir: str) -> None:
+    """--out must be a directory this process can create and write (checked before any work)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"--out: {run_dir} exists and is not a directory")
+    parent = run_dir
+    while not os.path.exists(parent):
+        up = os.path.dirname(os.path.abspath(parent))
+        if up == os.path.abspath(parent):
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out: cannot create {run_dir}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: cannot create or write {run_dir}: {parent} is not writable")
+
+
+def take_run_dir(run_dir: str) -> RunLock:
+    """Create ``run_dir`` if needed and lock it for this run (RunDirLocked when a live run holds it)."""
+    try:
+        return RunLock(run_dir)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot create or write {run_dir} ({err.strerror or err})") from None
+
+
+def remove_if_only_lock(run_dir: str) -> None:
+    """Undo ``take_run_dir`` on a directory it created, when a start is refused before anything was written."""
+    try:
+        if set(os.listdir(run_dir)) <= {RunLock.NAME}:
+            for name in os.listdir(run_dir):
+                os.unlink(os.path.join(run_dir, name))
+            os.rmdir(run_dir)
+    except OSError:
+        pass

@@ -33,10 +33,10 @@ from ..config_checks import check_architectures
 from ..data import load_setting
 from ..distributed import Dist
 from ..report import write_json
+from ..errors import RunDirLocked
 from .context import Context, data_to
 from .digests import stage_digests
-from ..errors import RunDirLocked
-from .lock import RunLock
+from .lock import check_out_dir, remove_if_only_lock, take_run_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -190,44 +190,10 @@ def prepare(
         if lock is not None:
             lock.release()
             if created:  # leave no empty run directory behind a refused start
-                _remove_if_only_lock(run_dir)
+                remove_if_only_lock(run_dir)
         raise
     ctx.lock = lock
     return ctx
-
-
-def check_out_dir(run_dir: str) -> None:
-    """--out must be a directory this process can create and write (checked before any work)."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(f"--out: {run_dir} exists and is not a directory")
-    parent = run_dir
-    while not os.path.exists(parent):
-        up = os.path.dirname(os.path.abspath(parent))
-        if up == os.path.abspath(parent):
-            break
-        parent = up
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out: cannot create {run_dir}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out: cannot create or write {run_dir}: {parent} is not writable")
-
-
-def take_run_dir(run_dir: str) -> RunLock:
-    """Create ``run_dir`` if needed and lock it for this run (RunDirLocked when a live run holds it)."""
-    try:
-        return RunLock(run_dir)
-    except OSError as err:
-        raise ConfigError(f"--out: cannot create or write {run_dir} ({err.strerror or err})") from None
-
-
-def _remove_if_only_lock(run_dir: str) -> None:
-    try:
-        if set(os.listdir(run_dir)) <= {RunLock.NAME}:
-            for name in os.listdir(run_dir):
-                os.unlink(os.path.join(run_dir, name))
-            os.rmdir(run_dir)
-    except OSError:
-        pass
 
 
 def _read_config_json(path: str) -> dict:
