@@ -127,9 +127,11 @@ def restore_or_train(
     if artefact.exists():
         try:
             states, info = artefact.read()
+            _check_fits(artefact.path, states, modules)  # before loading anything: no half-loaded module
         except ConfigMismatch:
             raise
         except CheckpointError as err:
+            info = None
             ctx.log.warning("%s; recomputing the %s stage", err, artefact.stage)
         else:
             for name, m in modules.items():
@@ -149,6 +151,15 @@ def restore_or_train(
             m.train()
             m.requires_grad_(True)
     return info
+
+
+def _check_fits(path: str, states: dict, modules: dict[str, nn.Module]) -> None:
+    for name, m in modules.items():
+        sd, own = states.get(name), m.state_dict()
+        if not isinstance(sd, dict) or set(sd) != set(own) or any(
+            not isinstance(sd[k], torch.Tensor) or sd[k].shape != own[k].shape for k in own
+        ):
+            raise CheckpointError(f"{path}: the saved {name} does not fit this run's {name} network")
 
 
 def _result_info(stage: str, result, extra: dict | None = None) -> dict:
