@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 from .config import METHODS, ConfigError, build_config, field_types, load_file, parse_overrides, _type_name
+from .config_checks import check_user_values
+from .errors import RunError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,7 +71,10 @@ def gather_config(args: argparse.Namespace) -> dict[str, Any]:
     """File < overrides < explicit flags. Returns dotted user keys (typed in build_config)."""
     user: dict[str, Any] = {}
     if args.config:
-        user.update(load_file(args.config))
+        from_file = load_file(args.config)
+        # every value the file sets is checked, also one that an override below replaces
+        check_user_values(from_file, f"config file {args.config}")
+        user.update(from_file)
     user.update(parse_overrides(args.overrides))
     if args.seed is not None:
         user["seed"] = args.seed
@@ -97,7 +102,7 @@ def _processes(cfg):
 
 def cmd_train_teacher(args, user) -> int:
     from .method.pipeline import obtain_teacher
-    from .method.rundir import close_logger, prepare
+    from .method.rundir import finish, prepare
     from .report import write_json
 
     user.pop("teacher.path", None)
@@ -121,13 +126,13 @@ def cmd_train_teacher(args, user) -> int:
                 f"student-domain test Acc {100 * info['student_test']['acc']:.1f}%"
             )
     finally:
-        close_logger(ctx.log)
+        finish(ctx)
     return 0
 
 
 def cmd_run(args, user) -> int:
     from .method.pipeline import run_method
-    from .method.rundir import close_logger, prepare
+    from .method.rundir import finish, prepare
 
     cfg = build_config(user)
     dist, device_name = _processes(cfg)
@@ -137,7 +142,7 @@ def cmd_run(args, user) -> int:
     try:
         s = run_method(ctx)
     finally:
-        close_logger(ctx.log)
+        finish(ctx)
     if not dist.is_main:
         return 0
     t = s["test"]
@@ -197,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"augkd: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # damaged or foreign artefacts, a diverged stage, a run directory in use
+        print(f"augkd: error: {err}", file=sys.stderr)
+        return 1
     finally:
         from .distributed import shutdown_process_group
 

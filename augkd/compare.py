@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from .atomic import remove_stale_temporaries, write_text
 from .config import build_config
 from .report import read_json, write_csv, write_json
 
@@ -44,10 +45,21 @@ def run_compare(
     resume: bool = False,
     teacher_per_seed: bool = True,
 ) -> str:
-    from .method.pipeline import run_method, stage_keys
-    from .method.rundir import close_logger, prepare
+    from .method.lock import check_out_dir, take_run_dir
 
-    os.makedirs(out, exist_ok=True)
+    check_out_dir(out)
+    lock = take_run_dir(out)  # the stage cache is shared by its runs: one compare per directory at a time
+    remove_stale_temporaries(out)  # a killed compare's half-written tables (safe: this process holds out)
+    try:
+        return _run_compare(user, methods, seeds, out, quiet=quiet, resume=resume, teacher_per_seed=teacher_per_seed)
+    finally:
+        lock.release()
+
+
+def _run_compare(user, methods, seeds, out, *, quiet, resume, teacher_per_seed) -> str:
+    from .method.pipeline import run_method, stage_keys
+    from .method.rundir import finish, prepare
+
     cache = os.path.join(out, "cache")
     rows: list[dict[str, Any]] = []
     shared_teacher = user.get("teacher.path")
@@ -61,14 +73,18 @@ def run_compare(
             stage_dirs = {s: os.path.join(cache, keys[s]) for s in ("teacher", "df", "anchor")}
             run_dir = os.path.join(out, f"seed{seed}", method)
             summary_path = os.path.join(run_dir, "metrics", "summary.json")
+            summary = None
             if os.path.isfile(summary_path):
-                summary = read_json(summary_path)  # finished earlier (compare was re-run)
-            else:
+                try:
+                    summary = read_json(summary_path)  # finished earlier (compare was re-run)
+                except (OSError, ValueError) as err:  # damaged: rerun it (its stages are on disk)
+                    print(f"[compare] {summary_path} is unreadable ({err}); running {method} again", file=sys.stderr)
+            if summary is None:
                 ctx = prepare(cfg, run_dir, quiet=quiet, resume=resume, stage_dirs=stage_dirs, allow_existing=True)
                 try:
                     summary = run_method(ctx)
                 finally:
-                    close_logger(ctx.log)
+                    finish(ctx)
             if not teacher_per_seed and not shared_teacher:
                 # The first run trained the teacher; every later seed loads that file.
                 shared_teacher = os.path.join(stage_dirs["teacher"], "teacher.pt")
@@ -94,8 +110,7 @@ def run_compare(
                 )
     table, agg = summarize(rows, methods)
     write_csv(os.path.join(out, "compare_summary.csv"), agg)
-    with open(os.path.join(out, "compare.md"), "w") as fh:
-        fh.write(table)
+    write_text(os.path.join(out, "compare.md"), table)
     write_json(os.path.join(out, "compare.json"), {"methods": methods, "seeds": seeds, "runs": rows, "summary": agg})
     return table
 

@@ -412,6 +412,7 @@ def build_config(user: dict[str, Any] | None = None) -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks that the type alone cannot express."""
+    __import__("augkd.config_checks", fromlist=["_"]).check_config(cfg)  # finite floats, widths, batch sizes
     positive_ints = [
         "teacher.epochs", "teacher.batch_size", "df.iters_per_epoch", "df.batch_size", "df.student_steps",
         "df.latent_size", "df.val_batches", "anchor.batch_size", "mixup.batch_size",

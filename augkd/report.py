@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .atomic import write_text
+from .atomic import atomic_path, write_text
 
 
 def _plain(v: Any) -> Any:
@@ -40,14 +40,11 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
         for k in r:
             if k not in header:
                 header.append(k)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=header)
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(r.get(k)) for k in header})
-    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> Any:

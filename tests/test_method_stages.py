@@ -10,7 +10,7 @@ from augkd.method.anchor import run_anchor
 from augkd.method.data_free import run_data_free
 from augkd.method.mixup import mixed_batch, run_mixup
 from augkd.method.pipeline import build_teacher
-from augkd.method.rundir import close_logger, prepare
+from augkd.method.rundir import finish, prepare
 
 TINY = {
     "threads": 1, "plots": False, "df.epochs": 1, "df.iters_per_epoch": 1, "df.batch_size": 8,
@@ -31,7 +31,7 @@ def setup(tmp_path):
     S = models.build_classifier(cfg.student.arch, K, shape[0], shape[1])
     A = models.AnchorNet(L, K, mask=cfg.anchor.mask)
     yield ctx, T, G, E, S, A
-    close_logger(ctx.log)
+    finish(ctx)
 
 
 def test_shapes_through_generator_encoder_anchor(setup):

@@ -8,6 +8,10 @@ Two layouts are accepted for a domain ``<root>/<domain>``:
 Classes are the sorted class-folder names (torchvision ``ImageFolder``'s convention, so a teacher
 trained with torchvision keeps its class indices). Files are found recursively inside each class
 folder and sorted, which makes the image order, and so the saved split indices, reproducible.
+Symbolic links are followed, but every directory is entered once (by real path, so a link back up the
+tree is no loop) and every real file counts once; a file reachable from two classes, or from two of
+the folders that make up the splits (teacher domains, student domain, test folder), is an error naming
+it, since it would get two labels or sit in training and test at once.
 
 Images are decoded eagerly into one preallocated uint8 array of the final size (N, C, S, S): only one
 full-resolution image per worker thread is alive at a time, so memory stays at the size of the result
@@ -54,6 +58,45 @@ def class_root(path: str) -> str:
     return path
 
 
+def _class_files(folder: str) -> list[str]:
+    """The image files under ``folder``, each real file once, each real directory entered once."""
+    seen_dirs = {os.path.realpath(folder)}
+    seen_files: set[str] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if d.startswith(".") or real in seen_dirs:
+                continue  # hidden, or a directory already walked (a link loop or a second link to it)
+            seen_dirs.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            if f.startswith(".") or not f.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, f)
+            real = os.path.realpath(path)
+            if real not in seen_files and os.path.isfile(real):
+                seen_files.add(real)
+                found.append(path)
+    return found
+
+
+def check_disjoint(groups: dict[str, list[str]]) -> None:
+    """Refuse a real file that appears in two groups (classes, or domains feeding different splits)."""
+    owner: dict[str, str] = {}
+    for group, paths in groups.items():
+        for p in paths:
+            real = os.path.realpath(p)
+            other = owner.setdefault(real, group)
+            if other != group:
+                raise ValueError(
+                    f"image {real} is found in {other} and in {group} (through {p}); each image must belong to "
+                    "one class of one domain, or it would get two labels or land in two splits"
+                )
+
+
 def scan_folder(path: str) -> tuple[list[str], list[str], list[int]]:
     """List (class_names, image_paths, labels) of a domain folder in either layout."""
     croot = class_root(path)
@@ -64,32 +107,42 @@ def scan_folder(path: str) -> tuple[list[str], list[str], list[int]]:
         )
     paths: list[str] = []
     labels: list[int] = []
+    per_class: dict[str, list[str]] = {}
     for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(croot, name), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found.extend(
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
-            )
+        found = _class_files(os.path.join(croot, name))
+        per_class[f"class {name!r} of {path}"] = found
         if not found:
             raise ValueError(
                 f"class folder {os.path.join(croot, name)} holds no images (extensions {', '.join(IMG_EXTENSIONS)})"
             )
         paths.extend(found)
         labels.extend([label] * len(found))
+    check_disjoint(per_class)
     return classes, paths, labels
+
+
+# Largest image decoded (width x height): 64 megapixels, 4x the area of a 4K photo. A bigger one is
+# usually a decompression bomb (a small file that expands to gigabytes), and would be resized to
+# image_size anyway; raise the limit here for genuine huge scans.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def _decode(path: str, size: int, grayscale: bool) -> np.ndarray:
     Image = _pil()
     try:
         with Image.open(path) as img:
+            w, h = img.size  # read from the header; nothing is decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{w}x{h} = {w * h} pixels, more than augkd.data.folders.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS} "
+                    "(a decompression bomb?)"
+                )
             img = img.convert("L" if grayscale else "RGB")
             # Bilinear with Pillow's built-in antialiasing: what torchvision's Resize does on PIL images.
             img = img.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, hit inside open()
+        raise ValueError(f"cannot read image {path}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr

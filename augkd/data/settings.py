@@ -24,7 +24,7 @@ import torch
 from .containers import Domain, DomainShift, Split
 from .digits import IMAGE_SIZE as DIGITS_SIZE
 from .digits import load_mnist5k, load_optdigits
-from .folders import check_same_classes, load_images, resolve_test_folder, scan_folder
+from .folders import check_disjoint, check_same_classes, load_images, resolve_test_folder, scan_folder
 from .splits import (
     FORMAT_VERSION,
     STUDENT_STREAM,
@@ -138,8 +138,10 @@ def _load_folders(root, teacher_domains, student_domain, test_folder, image_size
     s_classes, s_paths, s_labels = scan_folder(os.path.join(root, student_domain))
     t_paths, t_labels, t_groups = [], [], []
     names = {}
+    by_domain = {f"student domain {student_domain!r}": s_paths}
     for di, d in enumerate(teacher_domains):
         classes, paths, labels = scan_folder(os.path.join(root, d))
+        by_domain[f"teacher domain {d!r}"] = paths
         check_same_classes(s_classes, student_domain, classes, d)
         t_paths += paths
         t_labels += labels
@@ -151,6 +153,10 @@ def _load_folders(root, teacher_domains, student_domain, test_folder, image_size
         folder = resolve_test_folder(root, test_folder)
         e_classes, e_paths, e_labels = scan_folder(folder)
         check_same_classes(s_classes, student_domain, e_classes, folder)
+        by_domain[f"test folder {folder}"] = e_paths
+    # The same image in two domains would be trained on as one and tested on as the other.
+    check_disjoint(by_domain)
+    if test_folder is not None:
         test = (load_images(e_paths, image_size, grayscale=grayscale, cache_dir=cache_dir), torch.tensor(e_labels, dtype=torch.int64))
 
     return {

@@ -33,6 +33,10 @@ class Context:
     # shareable stages (teacher, Module 1, Module 2) at a cache when `augkd compare` runs.
     stage_dirs: dict[str, str] = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)  # data-parallel processes (torchrun); one by default
+    # Stage name -> digest of the configuration its output depends on (method/digests.py); every
+    # artefact records it and an artefact with another digest is refused.
+    digests: dict[str, str] = field(default_factory=dict)
+    lock: Any = None  # the run directory's lock (rundir.RunLock), held for the run's life
 
     @property
     def mean(self):

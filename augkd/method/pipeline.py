@@ -4,22 +4,26 @@ Each stage ends by writing a final artefact (``<stage>_final.pt``: the best weig
 history). A stage whose final artefact exists is loaded instead of trained, which is how ``--resume``
 skips finished stages and how ``augkd compare`` shares the teacher, Module 1 and Module 2 between
 methods (their stage directories then point into a cache keyed by the config that stage depends on).
+``restore_or_train`` is the one place this happens: a loaded stage leaves its modules exactly as a
+trained one does, and an artefact made under another configuration (its digest differs) is refused.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
-from typing import Any
+from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from .. import models
-from ..config import ConfigError, RunConfig, section_dict
-from ..report import plot_curves, write_csv, write_json
+from ..config import ConfigError
+from ..report import plot_curves, read_json, write_csv, write_json
 from . import checkpoint as ckpt
+from . import digests
+from .digests import stage_keys  # noqa: F401  (re-exported: the compare cache's directory names)
+from ..errors import CheckpointError, ConfigMismatch
 from .anchor import run_anchor
 from .context import Context
 from .data_free import run_data_free
@@ -46,32 +50,120 @@ CURVES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage cache keys (for `augkd compare`)
+# Stage artefacts: the one place a finished stage enters a run
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+class FinalArtefact:
+    """``<stage>_final.pt``: the stage's weights ("states") and its record ("info"), with the digest of the
+    configuration that produced them."""
+
+    def __init__(self, ctx: Context, stage: str):
+        self.ctx, self.stage = ctx, stage
+        self.path = os.path.join(ctx.stage_dir(stage), f"{stage}_final.pt")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
+    def read(self) -> tuple[dict, dict]:
+        obj = ckpt.load(self.path, self.ctx.device)
+        if not (isinstance(obj, dict) and isinstance(obj.get("states"), dict) and isinstance(obj.get("info"), dict)):
+            raise CheckpointError(f"{self.path}: not a final stage artefact of this package (no states/info)")
+        digests.check(self.stage, self.path, obj["info"].get("config_digest"), self.ctx.digests[self.stage])
+        return obj["states"], obj["info"]
+
+    def write(self, states: dict, info: dict) -> None:
+        ckpt.atomic_save({"states": states, "info": info}, self.path)
 
 
-def stage_keys(cfg: RunConfig) -> dict[str, str]:
-    """Each shareable stage's key covers exactly the settings its output depends on."""
-    d = section_dict(cfg, "data", "teacher", "student", "df", "anchor")
-    teacher = _digest({"seed": cfg.seed, "data": d["data"], "teacher": d["teacher"]})
-    df = _digest({"teacher": teacher, "student": d["student"], "df": d["df"]})
-    anchor = _digest({"df": df, "anchor": d["anchor"]})
-    return {"teacher": "teacher-" + teacher, "df": "df-" + df, "anchor": "anchor-" + anchor}
+class TeacherArtefact:
+    """The trained teacher: ``teacher.pt`` (a plain state_dict, usable as ``--teacher``) and
+    ``teacher_info.json`` (its record and configuration digest)."""
+
+    stage = "teacher"
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.path = teacher_path(ctx)
+        self.info_path = os.path.join(os.path.dirname(self.path), "teacher_info.json")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path) and os.path.isfile(self.info_path)
+
+    def read(self) -> tuple[dict, dict]:
+        try:
+            info = read_json(self.info_path)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.info_path}: unreadable ({err})") from None
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.info_path}: expected a JSON object")
+        digests.check("teacher", self.info_path, info.get("config_digest"), self.ctx.digests["teacher"])
+        try:
+            return {"model": _read_teacher_state(self.ctx, self.path)}, info
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+
+    def write(self, states: dict, info: dict) -> None:
+        models.save_state(states["model"], self.path)
+        write_json(self.info_path, info)
 
 
-# ---------------------------------------------------------------------------------------------
-# Final artefacts
+def restore_or_train(
+    ctx: Context,
+    artefact,
+    modules: dict[str, nn.Module],
+    train: Callable[[], tuple[dict[str, dict], dict]],
+    *,
+    frozen: tuple[str, ...] = (),
+) -> dict:
+    """Load ``artefact`` into ``modules`` when it exists, else ``train()`` (-> states, info) and write it.
+
+    Either way the modules leave in the same state, so a run that loads a stage (resume, ``compare``'s
+    cache) continues exactly like one that trained it: those named in ``frozen`` in eval mode without
+    parameter gradients, the others in train mode with gradients. A damaged artefact is reported and
+    the stage recomputed (from its last per-epoch checkpoint when resuming); one made under another
+    configuration is refused.
+    """
+    info = None
+    if artefact.exists():
+        try:
+            states, info = artefact.read()
+            _check_fits(artefact.path, states, modules)  # before loading anything: no half-loaded module
+        except ConfigMismatch:
+            raise
+        except CheckpointError as err:
+            info = None
+            ctx.log.warning("%s; recomputing the %s stage", err, artefact.stage)
+        else:
+            for name, m in modules.items():
+                m.load_state_dict(states[name])
+            ctx.log.info("%s: reusing the finished stage in %s", artefact.stage, artefact.path)
+    if info is None:
+        states, info = train()
+        info = {**info, "config_digest": ctx.digests[artefact.stage]}
+        if ctx.dist.is_main:
+            artefact.write(states, info)
+        ctx.dist.barrier()  # on disk before any process looks for it
+    for name, m in modules.items():
+        if name in frozen:
+            m.eval()
+            m.requires_grad_(False)
+        else:
+            m.train()
+            m.requires_grad_(True)
+    return info
 
 
-def _final_path(ctx: Context, stage: str) -> str:
-    return os.path.join(ctx.stage_dir(stage), f"{stage}_final.pt")
+def _check_fits(path: str, states: dict, modules: dict[str, nn.Module]) -> None:
+    for name, m in modules.items():
+        sd, own = states.get(name), m.state_dict()
+        if not isinstance(sd, dict) or set(sd) != set(own) or any(
+            not isinstance(sd[k], torch.Tensor) or sd[k].shape != own[k].shape for k in own
+        ):
+            raise CheckpointError(f"{path}: the saved {name} does not fit this run's {name} network")
 
 
-def _save_final(ctx: Context, stage: str, states: dict, result, extra: dict | None = None) -> dict:
-    info = {
+def _result_info(stage: str, result, extra: dict | None = None) -> dict:
+    return {
         "stage": stage,
         "best_epoch": result.best_epoch,
         "best_row": result.best_row,
@@ -79,18 +171,6 @@ def _save_final(ctx: Context, stage: str, states: dict, result, extra: dict | No
         "seconds": result.seconds,
         **(extra or {}),
     }
-    if ctx.dist.is_main:
-        ckpt.atomic_save({"states": states, "info": info}, _final_path(ctx, stage))
-    ctx.dist.barrier()  # on disk before any process looks for it
-    return info
-
-
-def _load_final(ctx: Context, stage: str) -> dict | None:
-    path = _final_path(ctx, stage)
-    if not os.path.isfile(path):
-        return None
-    ctx.log.info("%s: reusing the finished stage in %s", stage, path)
-    return ckpt.load(path, ctx.device)
 
 
 def _stage_outputs(ctx: Context, stage: str, info: dict) -> None:
@@ -154,13 +234,25 @@ def build_teacher(ctx: Context) -> nn.Module:
     return _build_classifier(ctx, ctx.cfg.teacher.arch, ctx.cfg.teacher.pretrained)
 
 
+def _read_teacher_state(ctx: Context, path: str) -> dict[str, torch.Tensor]:
+    """A teacher file's weights, checked: they fit the architecture and the class count, and are finite.
+    Raises ValueError naming the file and the fault."""
+    teacher = build_teacher(ctx)
+    models.load_state(teacher, path, role="teacher")  # class-count mismatch, wrong architecture, unreadable file
+    bad = [k for k, v in teacher.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: non-finite (NaN or infinite) values in {', '.join(bad[:8])}"
+                         f"{' ...' if len(bad) > 8 else ''}; the teacher diverged or the file is damaged")
+    return teacher.state_dict()
+
+
 def load_teacher_file(ctx: Context, path: str) -> nn.Module:
     if not os.path.isfile(path):
         raise ConfigError(f"teacher.path: file not found: {path}")
     teacher = build_teacher(ctx)
     try:
-        models.load_state(teacher, path, role="teacher")
-    except ValueError as err:  # class-count mismatch, wrong architecture, unreadable file
+        teacher.load_state_dict(_read_teacher_state(ctx, path))
+    except ValueError as err:
         raise ConfigError(f"teacher.path: {err}") from None
     return teacher.to(ctx.device)
 
@@ -177,34 +269,29 @@ def obtain_teacher(ctx: Context) -> tuple[nn.Module, dict]:
         info: dict = {"source": os.path.abspath(cfg.path)}
         side = os.path.join(os.path.dirname(os.path.abspath(cfg.path)), "teacher_info.json")
         if os.path.isfile(side):
-            with open(side) as fh:
-                info.update(json.load(fh))
+            try:
+                info.update({k: v for k, v in read_json(side).items() if k != "config_digest"})
+            except (OSError, ValueError, AttributeError) as err:
+                ctx.log.warning("%s: unreadable, ignored (%s)", side, err)
+        teacher.eval()
+        teacher.requires_grad_(False)
     else:
-        path = teacher_path(ctx)
-        info_path = os.path.join(os.path.dirname(path), "teacher_info.json")
-        if os.path.isfile(path) and os.path.isfile(info_path):
-            ctx.log.info("teacher: reusing %s", path)
-            teacher = load_teacher_file(ctx, path)
-            with open(info_path) as fh:
-                info = json.load(fh)
-        else:
-            teacher, info = train_teacher(ctx)
-            if ctx.dist.is_main:
-                models.save_state(teacher, path)
-                write_json(info_path, info)
-            ctx.dist.barrier()
+        ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "teacher-init"))
+        teacher = build_teacher(ctx)
+
+        def train() -> tuple[dict, dict]:
+            info = train_teacher(ctx, teacher)
+            return {"model": ckpt.cpu_state_dict(teacher)}, info
+
+        info = restore_or_train(ctx, TeacherArtefact(ctx), {"model": teacher}, train, frozen=("model",))
         _stage_outputs(ctx, "teacher", info)
-    teacher.eval()
-    teacher.requires_grad_(False)
     info["student_test"] = evaluate(teacher, ctx.data.student.test, ctx.normalize)
     return teacher, info
 
 
-def train_teacher(ctx: Context) -> tuple[nn.Module, dict]:
+def train_teacher(ctx: Context, teacher: nn.Module) -> dict:
     """Official recipe: Adam, CE, ConstantLR warm-up per batch, no weight decay unless asked (B9)."""
     cfg = ctx.cfg.teacher
-    ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "teacher-init"))
-    teacher = build_teacher(ctx)
     dom = ctx.data.teacher
     ctx.log.info("teacher: training %s on %s (%d train / %d val images)", cfg.arch, dom.name, len(dom.train), len(dom.val))
     result = train_supervised(
@@ -223,7 +310,7 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, dict]:
         "teacher: best epoch %d, val acc %.1f%%, teacher-domain test acc %.1f%%",
         result.best_epoch + 1, 100 * result.best_row.get("val_acc", float("nan")), 100 * info["teacher_test"]["acc"],
     )
-    return teacher, info
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +324,15 @@ def stage_data_free(ctx: Context, teacher: nn.Module) -> tuple[nn.Module, nn.Mod
     G = models.Generator(cfg.latent_size, shape, cfg.generator_hidden).to(ctx.device)
     E = models.Encoder(shape, ctx.data.num_classes, cfg.latent_size, cfg.encoder_hidden).to(ctx.device)
     S = _build_classifier(ctx, ctx.cfg.student.arch, ctx.cfg.student.pretrained)
-    final = _load_final(ctx, "df")
-    if final is not None:
-        G.load_state_dict(final["states"]["generator"])
-        E.load_state_dict(final["states"]["encoder"])
-        S.load_state_dict(final["states"]["student"])
-        info = final["info"]
-    else:
+    modules = {"generator": G, "encoder": E, "student": S}
+
+    def train() -> tuple[dict, dict]:
         ctx.log.info("Module 1 (data-free): %d epochs x %d iterations, batch %d", cfg.epochs, cfg.iters_per_epoch, cfg.batch_size)
         result = run_data_free(ctx, teacher, G, E, S)
-        states = {k: ckpt.cpu_state_dict(m) for k, m in (("generator", G), ("encoder", E), ("student", S))}
-        info = _save_final(ctx, "df", states, result)
+        return {k: ckpt.cpu_state_dict(m) for k, m in modules.items()}, _result_info("df", result)
+
+    # G and E are only used from here on; the student trains on in Module 3 or the fine-tune.
+    info = restore_or_train(ctx, FinalArtefact(ctx, "df"), modules, train, frozen=("generator", "encoder"))
     _stage_outputs(ctx, "df", info)
     _log_df(ctx, info)
     if ctx.cfg.plots and ctx.dist.is_main:
@@ -259,16 +344,13 @@ def stage_anchor(ctx: Context, teacher, G, E) -> tuple[nn.Module, dict]:
     cfg = ctx.cfg.anchor
     ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "anchor-init"))
     A = models.AnchorNet(ctx.cfg.df.latent_size, ctx.data.num_classes, mask=cfg.mask).to(ctx.device)
-    final = _load_final(ctx, "anchor")
-    if final is not None:
-        A.load_state_dict(final["states"]["anchor"])
-        info = final["info"]
-    else:
+
+    def train() -> tuple[dict, dict]:
         ctx.log.info("Module 2 (anchor): %d epochs, mask penalty %s", cfg.epochs, cfg.mask_penalty)
         result = run_anchor(ctx, teacher, G, E, A)
-        info = _save_final(ctx, "anchor", {"anchor": ckpt.cpu_state_dict(A)}, result)
-    A.eval()
-    A.requires_grad_(False)
+        return {"anchor": ckpt.cpu_state_dict(A)}, _result_info("anchor", result)
+
+    info = restore_or_train(ctx, FinalArtefact(ctx, "anchor"), {"anchor": A}, train, frozen=("anchor",))
     _stage_outputs(ctx, "anchor", info)
     _log_anchor(ctx, info)
     if ctx.cfg.plots and ctx.dist.is_main:
@@ -277,18 +359,16 @@ def stage_anchor(ctx: Context, teacher, G, E) -> tuple[nn.Module, dict]:
 
 
 def stage_mixup(ctx: Context, teacher, S, G, E, A) -> dict:
-    final = _load_final(ctx, "mixup")
-    if final is not None:
-        S.load_state_dict(final["states"]["student"])
-        info = final["info"]
-    else:
+    def train() -> tuple[dict, dict]:
         m = ctx.cfg.mixup
         ctx.log.info(
             "Module 3 (mixup): %d epochs, f %s a=%g b=%g, u %s, KD target %s, anchor %s, mixing %s",
             m.epochs, m.schedule, m.a, m.b, m.u_schedule, m.kd_target, A is not None, m.mix_samples,
         )
         result = run_mixup(ctx, teacher, S, G, E, A)
-        info = _save_final(ctx, "mixup", {"student": ckpt.cpu_state_dict(S)}, result)
+        return {"student": ckpt.cpu_state_dict(S)}, _result_info("mixup", result)
+
+    info = restore_or_train(ctx, FinalArtefact(ctx, "mixup"), {"student": S}, train, frozen=("student",))
     _stage_outputs(ctx, "mixup", info)
     if ctx.cfg.plots and ctx.dist.is_main:
         plot_mixup(ctx, os.path.join(ctx.run_dir, "plots", "mixup.png"), G, E, A)
@@ -297,11 +377,8 @@ def stage_mixup(ctx: Context, teacher, S, G, E, A) -> dict:
 
 def stage_finetune(ctx: Context, S: nn.Module, teacher: nn.Module | None) -> dict:
     """Baselines: CE (ce, dfkd) or CE + KD (kd) on the labelled student data, Module 3's budget."""
-    final = _load_final(ctx, "finetune")
-    if final is not None:
-        S.load_state_dict(final["states"]["student"])
-        info = final["info"]
-    else:
+
+    def train() -> tuple[dict, dict]:
         m = ctx.cfg.mixup
         ctx.log.info("fine-tune (%s): %d epochs on %d labelled images", ctx.cfg.method, m.epochs, len(ctx.data.student.train))
         result = train_supervised(
@@ -310,7 +387,9 @@ def stage_finetune(ctx: Context, S: nn.Module, teacher: nn.Module | None) -> dic
             warmup_steps=m.warmup_steps, warmup_factor=m.warmup_factor, scheduler_step=m.scheduler_step,
             teacher=teacher, kd_u=ctx.cfg.baseline.kd_u, temperature=m.temperature,
         )
-        info = _save_final(ctx, "finetune", {"student": ckpt.cpu_state_dict(S)}, result)
+        return {"student": ckpt.cpu_state_dict(S)}, _result_info("finetune", result)
+
+    info = restore_or_train(ctx, FinalArtefact(ctx, "finetune"), {"student": S}, train, frozen=("student",))
     _stage_outputs(ctx, "finetune", info)
     return info
 

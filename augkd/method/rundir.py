@@ -9,8 +9,10 @@ Run directory layout::
     teacher.pt                 teacher state_dict (when trained in this run)
     student.pt                 final student state_dict
     metrics/<stage>.csv        one row per epoch per stage;  metrics/summary.json
-    checkpoints/               <stage>_state.pt (resumable, per epoch) and <stage>_final.pt
+    checkpoints/               <stage>_state.pt (resumable, per epoch; the one before as
+                               <stage>_state.prev.pt) and <stage>_final.pt
     plots/                     training curves and image grids
+    .lock                      held (flock) by the live run; holds its pid
 """
 from __future__ import annotations
 
@@ -25,11 +27,16 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import remove_stale_temporaries, write_text
 from ..config import ConfigError, RunConfig, flatten, to_dict, to_toml
+from ..config_checks import check_architectures
 from ..data import load_setting
 from ..distributed import Dist
 from ..report import write_json
+from ..errors import RunDirLocked
 from .context import Context, data_to
+from .digests import stage_digests
+from .lock import check_out_dir, remove_if_only_lock, take_run_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +107,14 @@ def close_logger(log: logging.Logger) -> None:
         h.close()
 
 
+def finish(ctx: Context) -> None:
+    """End of a run (also on errors): close the log and release the run directory."""
+    close_logger(ctx.log)
+    if ctx.lock is not None:
+        ctx.lock.release()
+        ctx.lock = None
+
+
 def load_data(cfg: RunConfig):
     d = cfg.data
     kwargs = dict(seed=cfg.seed, k_shot=d.k_shot or None, val_per_class=d.val_per_class)
@@ -155,11 +170,50 @@ def prepare(
     the fixed files, and ``device_name`` is this process's device (``cuda:<local rank>``)."""
     dist = dist or Dist()
     cfg_path = os.path.join(run_dir, "config.json")
+    check_architectures(cfg)
+    check_out_dir(run_dir)
+    created = not os.path.exists(run_dir)
+    # Only rank 0 takes the lock: the processes of one torchrun job share the directory.
+    lock, refused = None, None
+    if dist.is_main:
+        try:
+            lock = take_run_dir(run_dir)
+        except (RunDirLocked, ConfigError) as err:
+            refused = (type(err).__name__, str(err))
+    refused = dist.from_main(refused)  # every process learns whether rank 0 holds the directory
+    if refused:
+        raise (RunDirLocked if refused[0] == "RunDirLocked" else ConfigError)(refused[1])
+    try:
+        ctx = _prepare_locked(cfg, run_dir, cfg_path, quiet=quiet, resume=resume, stage_dirs=stage_dirs,
+                              allow_existing=allow_existing, dist=dist, device_name=device_name)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            if created:  # leave no empty run directory behind a refused start
+                remove_if_only_lock(run_dir)
+        raise
+    ctx.lock = lock
+    return ctx
+
+
+def _read_config_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: {path} is unreadable or damaged ({err}); the run's settings are also in "
+                          "config.toml next to it: start a new run with --config <that file>") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"--resume: {path}: expected a JSON object (the resolved configuration)")
+    return old
+
+
+def _prepare_locked(cfg, run_dir, cfg_path, *, quiet, resume, stage_dirs, allow_existing, dist, device_name) -> Context:
     if os.path.isfile(cfg_path) and not (resume or allow_existing):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    fresh_resume = resume and not os.path.isfile(cfg_path)
     if resume and os.path.isfile(cfg_path):
-        with open(cfg_path) as fh:
-            old = json.load(fh)
+        old = _read_config_json(cfg_path)
         if _comparable(old) != _comparable(to_dict(cfg)):
             diffs = [k for k, v in flatten(_comparable(to_dict(cfg))).items() if flatten(_comparable(old)).get(k) != v]
             raise ConfigError(
@@ -174,9 +228,16 @@ def prepare(
     for sub in ("", "metrics", "checkpoints", "plots"):
         os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
     log = make_logger(run_dir, quiet, dist)
+    if fresh_resume:
+        log.warning("--resume: %s holds no earlier run (no config.json); starting a fresh run there", run_dir)
     if dist.is_main:
-        with open(os.path.join(run_dir, "config.toml"), "w") as fh:
-            fh.write(to_toml(cfg))
+        # Temporaries of a killed writer: safe to delete now that this run holds the directory.
+        stale = []
+        for d in [os.path.join(run_dir, sub) for sub in ("", "metrics", "checkpoints", "plots")] + list((stage_dirs or {}).values()):
+            stale += remove_stale_temporaries(d)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
+        write_text(os.path.join(run_dir, "config.toml"), to_toml(cfg))
         write_json(cfg_path, to_dict(cfg))
         write_json(os.path.join(run_dir, "versions.json"), {**versions(device), "processes": dist.world})
         write_json(os.path.join(run_dir, "splits.json"), data.splits)
@@ -192,6 +253,6 @@ def prepare(
     )
     return Context(
         cfg=cfg, device=device, data=data_to(data, device), run_dir=run_dir, log=log, quiet=quiet,
-        resume=resume, stage_dirs=dict(stage_dirs or {}), dist=dist,
+        resume=resume, stage_dirs=dict(stage_dirs or {}), dist=dist, digests=stage_digests(cfg),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -36,8 +37,9 @@ def _read(path: str) -> Mapping:
             f"loading them would execute pickled code (torch.load weights_only=True failed: {str(exc).splitlines()[0]}). "
             "Save only the state_dict (model.state_dict()) or convert it to .safetensors"
         ) from None
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:  # truncated, damaged, not a torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: corrupt or truncated, not a readable PyTorch checkpoint ({first})") from None
 
 
 def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
