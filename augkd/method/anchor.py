@@ -8,8 +8,6 @@ E, G and T are frozen, but the gradient flows through G and T into A.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.nn as nn
 
@@ -20,6 +18,7 @@ from .evaluation import minibatches
 from .losses import anchor_loss
 from .loop import LoopResult, run_epochs
 from .schedules import cosine
+from .step_sums import StepSums
 
 STAGE = "anchor"
 
@@ -59,18 +58,38 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
         invariant=cfg.invariant, temperature=cfg.energy_temperature, ce_weight=cfg.ce_weight, penalty=cfg.mask_penalty
     )
 
-    def forward(x_enc: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, net: nn.Module = anchor):
-        with torch.no_grad():
-            z = encoder(x_enc, y, generator=noise)
+    def decode_anchor(z: torch.Tensor, y: torch.Tensor, net: nn.Module = anchor):
         z_a, mask = net(z, y)
         x_a = generator(z_a)
         logits = teacher(ctx.normalize(x_a))
-        return z, x_a, mask, logits
+        return x_a, mask, logits
+
+    def forward(x_enc: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, net: nn.Module = anchor):
+        with torch.no_grad():
+            z = encoder(x_enc, y, generator=noise)
+        return (z,) + decode_anchor(z, y, net)
+
+    # What the evaluation needs from the frozen E, G and T is the same every epoch: the validation
+    # latents (E's noise restarts from one seed each epoch) and the teacher's logits on the decoded
+    # G(z) without the anchor. Computed once per stage, on the first evaluation.
+    val_fixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @torch.inference_mode()
+    def fixed_val_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if not val_fixed:
+            noise = ckpt.make_generator(ctx.device, seed + 1)  # the same encoder noise every epoch
+            for i in range(0, len(val), cfg.batch_size):
+                x, y = val.images[i : i + cfg.batch_size], val.labels[i : i + cfg.batch_size]
+                # B7: the released evaluation feeds E normalised images although training feeds raw ones.
+                x_enc = x if cfg.eval_encoder_input == "raw" else ctx.normalize(x)
+                z = encoder(x_enc, y, generator=noise)
+                val_fixed.append((z, y, teacher(ctx.normalize(generator(z)))))  # without the anchor
+        return val_fixed
 
     def train_epoch(epoch: int) -> dict:
         lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with
         anchor.train()
-        sums: dict[str, float] = defaultdict(float)
+        steps = StepSums()  # the losses stay tensors; one host read per epoch
         n = 0
         for x, y in minibatches(
             train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad, hflip=ctx.cfg.data.hflip, min_batch=2,
@@ -87,31 +106,28 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
             n += b
             for k, v in (("loss", terms.total), ("energy", terms.energy), ("ce", terms.ce),
                          ("penalty", terms.penalty), ("mask_mass", terms.mask_mass)):
-                sums[k] += v.item() * b
+                steps.add(k, v, b)
         if cfg.scheduler_step == "epoch":
             sched.step()
-        row = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+        row = {f"train_{k}": v / max(n, 1) for k, v in steps.sums().items()}
         row["lr"] = lr
         return row
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def eval_epoch(epoch: int) -> dict:
         anchor.eval()
-        noise = ckpt.make_generator(ctx.device, seed + 1)  # the same encoder noise every epoch
-        total = 0.0
+        losses = StepSums()
         masses, logits_a, logits_g, labels = [], [], [], []
-        for i in range(0, len(val), cfg.batch_size):
-            x, y = val.images[i : i + cfg.batch_size], val.labels[i : i + cfg.batch_size]
-            # B7: the released evaluation feeds E normalised images although training feeds raw ones.
-            x_enc = x if cfg.eval_encoder_input == "raw" else ctx.normalize(x)
-            z, _, mask, logits = forward(x_enc, y, noise)
+        for z, y, decoded in fixed_val_batches():
+            _, mask, logits = decode_anchor(z, y)
             terms = anchor_loss(logits, y, mask, **loss_kw)
             # per_sample: a mean per batch -> weight by batch size; batch_sum: a sum -> add up (released).
-            total += terms.total.item() * (y.shape[0] if cfg.mask_penalty == "per_sample" else 1)
+            losses.add("total", terms.total, y.shape[0] if cfg.mask_penalty == "per_sample" else 1)
             masses.append(mask.sum(1))
             logits_a.append(logits)
-            logits_g.append(teacher(ctx.normalize(generator(z))))  # without the anchor, for comparison
+            logits_g.append(decoded)
             labels.append(y)
+        total = losses.sums().get("total", 0.0)
         y_all = torch.cat(labels)
         row = {"val_anchor_loss": total / len(val) if cfg.mask_penalty == "per_sample" else total}
         row["val_mask_mass"] = float(torch.cat(masses).mean())

@@ -16,6 +16,9 @@ from ..data import DomainShift, Split, normalize
 from ..distributed import Dist
 
 
+NCHW_ENV = "AUGKD_CPU_NCHW"  # 1: keep the networks in NCHW on CPU too (benchmarks compare the two layouts)
+
+
 class SimulatedKill(RuntimeError):
     """Raised by the test hook AUGKD_DEBUG_KILL_AFTER=<stage>:<epoch> right after that epoch's checkpoint."""
 
@@ -37,6 +40,7 @@ class Context:
     # artefact records it and an artefact with another digest is refused.
     digests: dict[str, str] = field(default_factory=dict)
     lock: Any = None  # the run directory's lock (rundir.RunLock), held for the run's life
+    _norm_stats: dict = field(default_factory=dict, repr=False)  # (device, dtype) -> (mean, std), see normalize
 
     @property
     def mean(self):
@@ -47,7 +51,38 @@ class Context:
         return self.data.std
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.data.mean, self.data.std)
+        """``(x - mean) / std`` per channel, as ``augkd.data.normalize`` computes it, with the two
+        per-channel tensors built (and std checked) once per device and dtype instead of on every call."""
+        key = (x.device, x.dtype)
+        stats = self._norm_stats.get(key)
+        if stats is None:
+            if x.dim() != 4:
+                return normalize(x, self.data.mean, self.data.std)  # its error names the problem
+            probe = x.new_zeros((1, x.shape[1], 1, 1))
+            normalize(probe, self.data.mean, self.data.std)  # the same checks, once
+            channels = x.shape[1]
+            with torch.inference_mode(False):  # ordinary tensors even when first asked for in an evaluation
+                mean = torch.as_tensor(self.data.mean, dtype=x.dtype, device=x.device).reshape(-1)
+                std = torch.as_tensor(self.data.std, dtype=x.dtype, device=x.device).reshape(-1)
+                stats = (mean.expand(channels).reshape(1, -1, 1, 1).clone(),
+                         std.expand(channels).reshape(1, -1, 1, 1).clone())
+            self._norm_stats[key] = stats
+        if x.dim() != 4 or x.shape[1] != stats[0].shape[1]:
+            return normalize(x, self.data.mean, self.data.std)
+        return (x - stats[0]) / stats[1]
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move a network to the run's device in the memory format its convolutions run fastest in there.
+
+        CPU: channels-last (NHWC). The small CNNs here run 1.5-2.5x faster forward+backward in it with
+        oneDNN (and max pooling about 10x: the NCHW CPU kernel is far slower at these sizes); results
+        agree with NCHW to fp32 rounding. Other devices keep the default layout (not measured here).
+        A module without 4-D parameters is only moved.
+        """
+        fmt = torch.channels_last if self.device.type == "cpu" and os.environ.get(NCHW_ENV) != "1" else None
+        if fmt is None:
+            return module.to(self.device)
+        return module.to(self.device, memory_format=fmt)
 
     def stage_dir(self, stage: str) -> str:
         d = self.stage_dirs.get(stage, os.path.join(self.run_dir, "checkpoints"))

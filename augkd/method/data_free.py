@@ -9,8 +9,6 @@ Per iteration: one G step, then ``student_steps`` steps of S and of E, each on a
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.nn as nn
 
@@ -20,6 +18,7 @@ from .evaluation import accuracy_key, evaluate
 from .losses import BNStatsHook, cvae_loss, entropy_nats, generator_loss_terms, student_df_loss
 from .loop import LoopResult, run_epochs
 from .schedules import cosine
+from .step_sums import StepSums
 
 STAGE = "df"
 
@@ -79,7 +78,7 @@ def run_data_free(
         bn_weight=cfg.bn_weight,
     )
 
-    def generator_step() -> dict[str, float]:
+    def generator_step() -> dict[str, torch.Tensor]:
         z = torch.randn(B, L, generator=noise, device=ctx.device)
         x = generator_ddp(z)
         xn = ctx.normalize(x)
@@ -96,14 +95,14 @@ def run_data_free(
         loss.backward()
         opt_g.step()
         return {
-            "g_loss": loss.item(),
-            "g_adv_kl": terms.adversarial.item(),
-            "g_pseudo_ce": terms.pseudo_ce.item(),
-            "g_balance": terms.balance.item(),
-            "g_bn": terms.bn.item(),
+            "g_loss": loss,
+            "g_adv_kl": terms.adversarial,
+            "g_pseudo_ce": terms.pseudo_ce,
+            "g_balance": terms.balance,
+            "g_bn": terms.bn,
         }
 
-    def student_encoder_step() -> dict[str, float]:
+    def student_encoder_step() -> dict[str, torch.Tensor]:
         z = torch.randn(B, L, generator=noise, device=ctx.device)
         with torch.no_grad():
             x = generator(z)  # train mode: batch statistics, as released
@@ -121,40 +120,36 @@ def run_data_free(
         opt_e.zero_grad(set_to_none=True)
         loss_e.backward()
         opt_e.step()
-        return {"s_kl": loss_s.item(), "e_loss": loss_e.item(), "e_mse": mse.item(), "e_kl": kl.item()}
+        return {"s_kl": loss_s, "e_loss": loss_e, "e_mse": mse, "e_kl": kl}
 
     def train_epoch(epoch: int) -> dict:
         lr_g, lr_e = opt_g.param_groups[0]["lr"], opt_e.param_groups[0]["lr"]  # this epoch's rates
         generator.train()
         student.train()
         encoder.train()
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
+        steps = StepSums()  # the losses stay tensors; one host read per epoch
         for _ in ctx.bar(range(cfg.iters_per_epoch), desc=f"df {epoch + 1}/{cfg.epochs}"):
             for k, v in generator_step().items():
-                sums[k] += v
-                counts[k] += 1
+                steps.add(k, v)
             for _ in range(cfg.student_steps):
                 for k, v in student_encoder_step().items():
-                    sums[k] += v
-                    counts[k] += 1
+                    steps.add(k, v)
         sch_g.step()
         sch_s.step()
         if cfg.step_encoder_scheduler:  # B4: the released code never steps E's scheduler
             sch_e.step()
-        row = {k: sums[k] / counts[k] for k in sums}
+        row = {k: v / steps.counts[k] for k, v in steps.sums().items()}
         row["lr_g"] = lr_g
         row["lr_e"] = lr_e
         return row
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def eval_epoch(epoch: int) -> dict:
         generator.eval()
         encoder.eval()
         student.eval()
         val_noise = ckpt.make_generator(ctx.device, seed + 2)  # same encoder noise every epoch
-        g_total = cvae_total = 0.0
-        all_t = []
+        g_losses, cvae_losses, all_t = [], [], []
         chunks = val_z.split(B)
         for z in chunks:
             x = generator(z)
@@ -163,11 +158,14 @@ def run_data_free(
             t_logits = teacher(xn)
             bn_batch = hooks.stop()
             s_logits = student(xn)
-            g_total += float(generator_loss_terms(t_logits, s_logits, bn_batch, bn_running).total(**weights))
+            g_losses.append(generator_loss_terms(t_logits, s_logits, bn_batch, bn_running).total(**weights))
             z_hat, mu, logvar = encoder(x, t_logits.argmax(1), return_dist=True, generator=val_noise)
-            cvae_total += float(cvae_loss(z_hat, z, mu, logvar, cfg.cvae_kl_weight)[0])
+            cvae_losses.append(cvae_loss(z_hat, z, mu, logvar, cfg.cvae_kl_weight)[0])
             all_t.append(t_logits)
-        row = {"val_g_loss": g_total / len(chunks), "val_cvae": cvae_total / len(chunks)}
+        # one host read; summed in Python in batch order, as adding float(loss) batch by batch does
+        values = torch.stack(g_losses + cvae_losses).double().tolist()
+        g_values, cvae_values = values[: len(chunks)], values[len(chunks) :]
+        row = {"val_g_loss": sum(g_values) / len(chunks), "val_cvae": sum(cvae_values) / len(chunks)}
         row.update(generated_class_balance(torch.cat(all_t), K))
         m = evaluate(student, ctx.data.student.val, ctx.normalize)
         row.update({"val_acc": m["acc"], "val_acc3": m["acc3"], "val_acc5": m["acc5"]})

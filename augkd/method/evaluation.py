@@ -12,7 +12,7 @@ from ..distributed import Dist
 from .losses import topk_correct
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, normalize, batch_size: int = 512) -> torch.Tensor:
     """Logits of ``model`` (eval mode) on raw [0,1] images, normalised on the way in."""
     was_training = model.training

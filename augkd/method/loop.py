@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..report import write_csv
 from . import checkpoint as ckpt
 from . import digests
+from .background import BackgroundWriter, snapshot
 from .context import Context, SimulatedKill
 from ..errors import CheckpointError, StageDiverged
 from .evaluation import is_better
@@ -104,6 +105,15 @@ def _check_state(stage: str):
     return check
 
 
+def _write_job(csv_path: str, history: list[dict[str, Any]], state_path: str, state: dict | None):
+    """The epoch's files: the metrics CSV, then (at a checkpoint epoch) the resumable state."""
+    def job() -> None:
+        write_csv(csv_path, history)
+        if state is not None:
+            ckpt.atomic_save(state, state_path, keep_previous=True)
+    return job
+
+
 def run_epochs(
     ctx: Context,
     stage: str,
@@ -155,50 +165,59 @@ def run_epochs(
 
     bar = ctx.bar(total=epochs, desc=stage, leave=False)
     bar.update(start)
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"epoch": epoch}
-        row.update(dist.mean_metrics(train_epoch(epoch)))
-        _check_finite(ctx, stage, epoch, row, best_modules, state_path, last_saved)
-        dist.sync_buffers(*best_modules.values())
-        row.update(dist.from_main(evaluate(epoch) if dist.is_main else None))
-        elapsed += time.perf_counter() - t0
-        row["seconds"] = round(elapsed, 3)
-        history.append(row)
-        key = select_key(row)
-        if is_better(key, best_key):
-            best_key, best_epoch, best_row = key, epoch, dict(row)
-            best_states = {k: ckpt.cpu_state_dict(m) for k, m in best_modules.items()}
-        if dist.is_main:
-            write_csv(csv_path, history)
-        if describe is not None:
-            ctx.log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, describe(row))
-            bar.set_postfix_str(describe(row)[:80])
-        bar.update(1)
-        last = epoch == epochs - 1
-        if last or (epoch + 1) % ctx.cfg.checkpoint_every == 0:
-            rngs = dist.gather(ckpt.capture_rng(generators))  # every process's, for an exact resume
+    # The CSV and checkpoint are written while the next epoch trains (from snapshots); with several
+    # processes synchronously, since the barrier after a checkpoint promises that it is on disk.
+    writer = BackgroundWriter(enabled=not dist.enabled)
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update(dist.mean_metrics(train_epoch(epoch)))
+            _check_finite(ctx, stage, epoch, row, best_modules, state_path, last_saved)
+            dist.sync_buffers(*best_modules.values())
+            row.update(dist.from_main(evaluate(epoch) if dist.is_main else None))
+            elapsed += time.perf_counter() - t0
+            row["seconds"] = round(elapsed, 3)
+            history.append(row)
+            key = select_key(row)
+            if is_better(key, best_key):
+                best_key, best_epoch, best_row = key, epoch, dict(row)
+                best_states = {k: ckpt.cpu_state_dict(m) for k, m in best_modules.items()}
+            if describe is not None:
+                ctx.log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, describe(row))
+                bar.set_postfix_str(describe(row)[:80])
+            bar.update(1)
+            last = epoch == epochs - 1
+            checkpoint = last or (epoch + 1) % ctx.cfg.checkpoint_every == 0
+            state = None
+            if checkpoint:
+                rngs = dist.gather(ckpt.capture_rng(generators))  # every process's, for an exact resume
+                if dist.is_main:
+                    state = {
+                        "stage": stage,
+                        "epoch": epoch,
+                        "objects": {name: obj.state_dict() for name, obj in objects.items()},
+                        "rng": rngs[0],
+                        "best": {"key": best_key, "epoch": best_epoch, "row": best_row, "states": best_states},
+                        "history": history,
+                        "seconds": elapsed,
+                        "splits": ctx.data.splits,
+                        "config_digest": expected_digest,
+                    }
+                    if dist.enabled:
+                        state.update(processes=dist.world, rng_by_rank=rngs)
             if dist.is_main:
-                state = {
-                    "stage": stage,
-                    "epoch": epoch,
-                    "objects": {name: obj.state_dict() for name, obj in objects.items()},
-                    "rng": rngs[0],
-                    "best": {"key": best_key, "epoch": best_epoch, "row": best_row, "states": best_states},
-                    "history": history,
-                    "seconds": elapsed,
-                    "splits": ctx.data.splits,
-                    "config_digest": expected_digest,
-                }
-                if dist.enabled:
-                    state.update(processes=dist.world, rng_by_rank=rngs)
-                ckpt.atomic_save(state, state_path, keep_previous=True)
-            last_saved = epoch
-            dist.barrier()  # the checkpoint is on disk before any process moves on (or is killed)
-            if _kill_requested(stage, epoch):
-                bar.close()
-                raise SimulatedKill(f"{KILL_ENV}: simulated kill after {stage} epoch {epoch}")
-    bar.close()
+                writer.submit(_write_job(csv_path, list(history), state_path, snapshot(state)))
+            if checkpoint:
+                last_saved = epoch
+                dist.barrier()  # the checkpoint is on disk before any process moves on (or is killed)
+                if _kill_requested(stage, epoch):  # the write in flight completes first (finally below)
+                    raise SimulatedKill(f"{KILL_ENV}: simulated kill after {stage} epoch {epoch}")
+    finally:
+        try:
+            writer.wait()  # every epoch's files are complete when the stage returns or fails
+        finally:
+            bar.close()
     if epochs == 0 and dist.is_main:
         write_csv(csv_path, history)
     return LoopResult(best_epoch, best_row, best_states, history, elapsed)

@@ -11,8 +11,6 @@ y, and learns from u * CE(labels) + (1-u) * T^2 * KL(teacher || student) with T 
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.nn as nn
 
@@ -24,6 +22,7 @@ from .evaluation import accuracy_key, evaluate, minibatches
 from .losses import mixup_loss
 from .loop import LoopResult, run_epochs
 from .schedules import constant_warmup, kd_weight_u, mixup_factor
+from .step_sums import StepSums
 
 STAGE = "mixup"
 
@@ -81,7 +80,7 @@ def run_mixup(
         f_mix = f if cfg.mix_samples else 0.0
         lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with
         student.train()
-        sums: dict[str, float] = defaultdict(float)
+        steps = StepSums()  # the loss and counts stay tensors; one host read per epoch
         n = 0
         for x, y in minibatches(train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad,
                                 hflip=ctx.cfg.data.hflip, shard=ctx.dist, aug_generator=local):
@@ -112,17 +111,18 @@ def run_mixup(
                 sched.step()
             b = y.shape[0]
             n += b
-            sums["loss"] += loss.item() * b
+            steps.add("loss", loss, b)
             with torch.no_grad():
                 if cfg.kd_target == "teacher":
                     t_mix = target[b:]
                 else:
                     t_mix = teacher(x_mix)
-                sums["teacher_acc_mixed"] += float((t_mix.argmax(1) == y).float().sum())
+                steps.add("teacher_acc_mixed", (t_mix.argmax(1) == y).float().sum())
         if cfg.scheduler_step == "epoch":
             sched.step()
-        row = {"f": f, "u": u, "train_loss": sums["loss"] / max(n, 1)}
-        row["teacher_acc_mixed"] = sums["teacher_acc_mixed"] / max(n, 1)
+        sums = steps.sums()
+        row = {"f": f, "u": u, "train_loss": sums.get("loss", 0.0) / max(n, 1)}
+        row["teacher_acc_mixed"] = sums.get("teacher_acc_mixed", 0.0) / max(n, 1)
         row["lr"] = lr
         return row
 

@@ -227,7 +227,7 @@ def _log_anchor(ctx: Context, info: dict) -> None:
 
 def _build_classifier(ctx: Context, arch: str, pretrained: bool) -> nn.Module:
     c, h, _ = ctx.data.image_shape
-    return models.build_classifier(arch, ctx.data.num_classes, c, h, pretrained=pretrained).to(ctx.device)
+    return ctx.place(models.build_classifier(arch, ctx.data.num_classes, c, h, pretrained=pretrained))
 
 
 def build_teacher(ctx: Context) -> nn.Module:
@@ -254,7 +254,7 @@ def load_teacher_file(ctx: Context, path: str) -> nn.Module:
         teacher.load_state_dict(_read_teacher_state(ctx, path))
     except ValueError as err:
         raise ConfigError(f"teacher.path: {err}") from None
-    return teacher.to(ctx.device)
+    return ctx.place(teacher)
 
 
 def teacher_path(ctx: Context) -> str:
@@ -321,8 +321,8 @@ def stage_data_free(ctx: Context, teacher: nn.Module) -> tuple[nn.Module, nn.Mod
     cfg = ctx.cfg.df
     ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "df-init"))
     shape = tuple(ctx.data.image_shape)
-    G = models.Generator(cfg.latent_size, shape, cfg.generator_hidden).to(ctx.device)
-    E = models.Encoder(shape, ctx.data.num_classes, cfg.latent_size, cfg.encoder_hidden).to(ctx.device)
+    G = ctx.place(models.Generator(cfg.latent_size, shape, cfg.generator_hidden))
+    E = ctx.place(models.Encoder(shape, ctx.data.num_classes, cfg.latent_size, cfg.encoder_hidden))
     S = _build_classifier(ctx, ctx.cfg.student.arch, ctx.cfg.student.pretrained)
     modules = {"generator": G, "encoder": E, "student": S}
 

@@ -16,6 +16,7 @@ from .evaluation import accuracy_key, evaluate, minibatches
 from .losses import mixup_loss
 from .loop import LoopResult, run_epochs
 from .schedules import constant_warmup
+from .step_sums import StepSums
 
 
 def train_supervised(
@@ -54,7 +55,7 @@ def train_supervised(
     def train_epoch(epoch: int) -> dict:
         lr_start = opt.param_groups[0]["lr"]
         model.train()
-        total, n = 0.0, 0
+        steps, n = StepSums(), 0  # the loss stays a tensor; one host read per epoch
         batches = minibatches(train, batch_size, order, augment_pad=pad, hflip=hflip, shard=ctx.dist,
                               aug_generator=local)
         for x, y in batches:
@@ -71,11 +72,11 @@ def train_supervised(
             opt.step()
             if scheduler_step == "batch":
                 sched.step()
-            total += loss.item() * y.shape[0]
+            steps.add("loss", loss, y.shape[0])
             n += y.shape[0]
         if scheduler_step == "epoch":
             sched.step()
-        return {"train_loss": total / max(n, 1), "lr": lr_start}
+        return {"train_loss": steps.sums().get("loss", 0.0) / max(n, 1), "lr": lr_start}
 
     def eval_epoch(epoch: int) -> dict:
         m = evaluate(model, val, ctx.normalize)

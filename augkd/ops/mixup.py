@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from . import _checks, _registration, backends, reference
+from . import _checks, _registration, backends, crossover, reference
 
 
 def _mix_weight(op: str, s, rows: int, like: torch.Tensor, shapes: str):
@@ -71,7 +71,7 @@ def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> t
     if mask.dim() != 2 or mask.shape[1] != width or mask.shape[0] not in (1, rows):
         raise ValueError(f"{op}: mask must have shape ({rows}, {width}) or (1, {width}), got {tuple(mask.shape)}")
     s_tensor, s_scalar = _mix_weight(op, s, rows, z, f"({rows}, 1) or ({rows},)")
-    backend = backends.select(z.device)
+    backend = crossover.cheaper_backend(op, z.shape, backends.select(z.device))
     if backend == "torch":
         return reference.latent_mixup(z, mask.to(z.dtype), psi, s_tensor.unsqueeze(1) if s_tensor is not None
                                       else s_scalar)

@@ -1,0 +1,124 @@
+"""The pieces that make the job fast keep its numbers: per-epoch sums read once equal the per-step
+.item() sums bit for bit; the background writer writes every job, in order, from snapshots the
+training cannot change, and hands its errors back; the cached normalisation equals the plain one."""
+import os
+import threading
+
+import pytest
+import torch
+
+from augkd.data import normalize
+from augkd.method.background import BackgroundWriter, snapshot
+from augkd.method.step_sums import StepSums
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_step_sums_equal_item_sums_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    values = [(torch.randn((), generator=g) * 10 ** torch.randint(-3, 4, (), generator=g)).to(dtype)
+              for _ in range(500)]
+    scales = [int(s) for s in torch.randint(1, 300, (500,), generator=g)]
+    steps = StepSums()
+    want: dict[str, float] = {}
+    for i, (v, b) in enumerate(zip(values, scales)):
+        key = "ab"[i % 2]
+        steps.add(key, v, b)
+        want[key] = want.get(key, 0.0) + v.item() * b
+    got = steps.sums()
+    assert got == want  # exact, not approximately
+    assert steps.counts == {"a": 250, "b": 250}
+    assert StepSums().sums() == {}
+
+
+def test_step_sums_keep_no_graph():
+    w = torch.ones((), requires_grad=True)
+    steps = StepSums()
+    steps.add("loss", w * 3)
+    assert not steps._values[0].requires_grad
+    assert steps.sums() == {"loss": 3.0}
+
+
+def test_snapshot_is_not_reached_by_later_in_place_changes():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    live = {"model": model.state_dict(), "opt": opt.state_dict(), "history": [{"loss": 1.0}]}
+    snap = snapshot(live)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = opt.state_dict()["state"][0]["exp_avg"].clone()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # changes the weights and Adam's moments in place
+    live["history"].append({"loss": 2.0})
+    for k, v in before.items():
+        assert torch.equal(snap["model"][k], v)
+    assert torch.equal(snap["opt"]["state"][0]["exp_avg"], exp_avg)
+    assert not torch.equal(snap["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert snap["history"] == [{"loss": 1.0}]
+
+
+def test_background_writer_runs_jobs_in_order_and_one_at_a_time(tmp_path):
+    writer = BackgroundWriter()
+    order, running = [], []
+    lock = threading.Lock()
+
+    def job(i):
+        def run():
+            with lock:
+                running.append(i)
+                assert len(running) == 1  # never two in flight
+            (tmp_path / f"{i}.txt").write_text(str(i))
+            order.append(i)
+            with lock:
+                running.remove(i)
+        return run
+
+    for i in range(20):
+        writer.submit(job(i))
+    writer.wait()
+    assert order == list(range(20))
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{i}.txt" for i in range(20))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_background_writer_hands_errors_back(enabled):
+    writer = BackgroundWriter(enabled=enabled)
+
+    def fail():
+        raise OSError("disk full")
+
+    if enabled:
+        writer.submit(fail)
+        with pytest.raises(OSError, match="disk full"):
+            writer.wait()
+        writer.wait()  # reported once
+    else:
+        with pytest.raises(OSError, match="disk full"):
+            writer.submit(fail)
+
+
+def test_background_writer_reports_a_failed_job_at_the_next_submit():
+    writer = BackgroundWriter()
+    writer.submit(lambda: (_ for _ in ()).throw(OSError("no space")))
+    with pytest.raises(OSError, match="no space"):
+        writer.submit(lambda: None)
+
+
+def test_context_normalize_equals_the_plain_one(tmp_path):
+    from augkd.method.context import Context
+    from augkd.config import build_config
+
+    class Data:
+        mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
+
+    ctx = Context(cfg=build_config({}), device=torch.device("cpu"), data=Data(), run_dir=str(tmp_path), log=None)
+    x = torch.rand(5, 3, 4, 4)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), x.double()):
+        assert torch.equal(ctx.normalize(inp), normalize(inp, Data.mean, Data.std))
+    with torch.inference_mode():  # first use inside an evaluation: the cached tensors stay ordinary
+        ctx2 = Context(cfg=build_config({}), device=torch.device("cpu"), data=Data(), run_dir=str(tmp_path), log=None)
+        ctx2.normalize(x)
+    y = ctx2.normalize(x.clone().requires_grad_())
+    y.sum().backward()  # would raise "Inference tensors cannot be saved for backward"
+    with pytest.raises(ValueError):
+        ctx.normalize(torch.rand(5, 2, 4, 4))  # wrong channel count: the plain function's error
