@@ -226,3 +226,22 @@ def test_bad_arguments_raise_clear_errors(backend, change, match):
     with use_backend(backend), pytest.raises((ValueError, TypeError), match=match):
         topk_kd_loss(s.float(), idx, val if not val.dtype.is_floating_point else val.float(), y, alpha=0.5,
                      **change.get("kw", {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_compile_fullgraph_matches_eager(backend):
+    s, idx, val, y = make((6,), 40, 5)
+
+    def step(x):
+        return topk_kd_loss(x * 2, idx, val.float(), y, tail="bucket", temperature=2.0, alpha=0.5)
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        a = s.float().requires_grad_()
+        eager = step(a)
+        (ga,) = torch.autograd.grad(eager, [a])
+        b = s.float().requires_grad_()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(b)
+        (gb,) = torch.autograd.grad(compiled, [b])
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(gb, ga)
