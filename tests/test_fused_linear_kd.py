@@ -209,9 +209,11 @@ def test_no_grad_gives_the_same_value():
 def test_auto_chunk_rows():
     cpu = torch.device("cpu")
     assert auto_chunk_rows(2048, 32000, torch.float32, cpu) == 128
-    assert auto_chunk_rows(512, 128256, torch.float32, cpu) == 32
+    assert auto_chunk_rows(512, 128256, torch.float32, cpu) == 128  # raised to MIN_CHUNK_ROWS
+    assert auto_chunk_rows(4096, 1000, torch.float32, cpu) == 4096
     assert auto_chunk_rows(10, 32000, torch.float32, cpu) == 10
-    assert auto_chunk_rows(4096, 10**9, torch.float32, cpu) == 1
+    assert auto_chunk_rows(4096, 10**9, torch.float32, cpu) == 128
+    assert auto_chunk_rows(4096, 32000, torch.float64, cpu) == 128
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -241,3 +243,26 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 def test_alpha_below_one_needs_a_target():
     with pytest.raises(ValueError, match="needs a target"):
         fused_linear_kd_loss(torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 4), torch.randn(5, 4), alpha=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("reduction", ["token_mean", "none"])
+def test_compile_matches_eager(backend, reduction):
+    """torch.compile around the loss (the chunk loop runs eagerly behind a graph break)."""
+    tensors, target = make((9,), 6, 5, 21, seed=7)
+    xs, ws, bs, xt, wt, bt = leaves(tensors, F32, [True, True, True, False, False, False])
+
+    def step(a, b, c):
+        out = fused_linear_kd_loss(a, b, xt, wt, target, student_bias=c, temperature=2.0, alpha=0.5,
+                                   reduction=reduction, chunk_size=4)
+        return out.sum()
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        eager = step(xs, ws, bs)
+        ge = torch.autograd.grad(eager, [xs, ws, bs])
+        compiled = torch.compile(step, backend="aot_eager")(xs, ws, bs)
+        gc = torch.autograd.grad(compiled, [xs, ws, bs])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)

@@ -26,18 +26,23 @@ REDUCTIONS = ("none", "sum", "mean", "token_mean", "batchmean")
 DIVERGENCES = ("kl",)
 
 # One chunk's fp32 logits take at most this many bytes (a chunk holds about 3 such buffers at a time: student
-# and teacher logits, the gradient of the student logits). CPU: 16 MiB keeps the chunk's matmuls large
-# (128 rows at V = 32000) while the buffers stay a small fraction of eager's N x V tensors; GPU: 128 MiB,
-# fewer launches per call.
+# and teacher logits, the gradient of the student logits), unless that is fewer than MIN_CHUNK_ROWS rows.
+# CPU: 16 MiB (128 rows at V = 32000) keeps the buffers a small fraction of eager's N x V tensors; GPU:
+# 128 MiB, fewer launches per call.
 CHUNK_LOGIT_BYTES = {"cpu": 16 << 20, "cuda": 128 << 20}
+# Every chunk reads the whole weight for its logits and its input gradient, and reads and writes the weight
+# gradient: per chunk of c rows that is ~3 x V x H floats against c x V for the logits. Below ~128 rows the
+# weight traffic dominates and the matmuls turn memory-bound (measured on CPU at V = 128256, H = 256: 32 rows
+# twice as slow as 64..256).
+MIN_CHUNK_ROWS = 128
 
 
 def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: the largest power of two whose logits (rows x vocab in the compute dtype) fit in
-    CHUNK_LOGIT_BYTES for the device type, at least 1 and at most `rows`."""
+    CHUNK_LOGIT_BYTES for the device type, at least MIN_CHUNK_ROWS, at most `rows` (and at least 1)."""
     budget = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES["cuda"])
     fit = max(1, budget // (max(vocab, 1) * torch.finfo(acc_dtype).bits // 8))
-    return max(1, min(rows, 1 << int(math.log2(fit))))
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, 1 << int(math.log2(fit)))))
 
 
 @dataclass(frozen=True)
@@ -201,13 +206,15 @@ def _sweep(cfg: _Config, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad):
                 g_rows = row_grad[lo:hi] if row_grad.dim() else row_grad.expand(hi - lo)
                 grads = torch.autograd.grad(loss, leaves, g_rows.to(loss.dtype), allow_unused=True)
         rows[lo:hi] = loss.detach()
+        shape = zs.shape
+        del zs, zt, loss  # the logits are done with: only their gradients take part in the matmuls below
         if leaves:
             grads = list(grads)
-            for head, z in ((student, zs), (teacher, zt)):
-                if z.requires_grad:
+            for head in (student, teacher):
+                if head.wants_grad:
                     g = grads.pop(0)
-                    head.backward(lo, hi, torch.zeros_like(z) if g is None else g)
-        del zs, zt, loss
+                    head.backward(lo, hi, torch.zeros(shape, dtype=cfg.acc, device=x_s.device) if g is None else g)
+            del grads, g
     return rows, student.grads() + teacher.grads()
 
 
@@ -293,7 +300,7 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
             (sum / number of rows not ignored; all rows without a target), ``"batchmean"`` (sum /
             ``student_input.shape[0]``, as torch's KLDivLoss: N for (N, H) input, B for (B, T, H) input).
         chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 16 MiB (CPU)
-            or 128 MiB (CUDA) (V = 32000: 128 rows on CPU).
+            or 128 MiB (CUDA), but at least 128 rows (V = 32000 or 128256: 128 rows on CPU).
 
     Gradients flow into every tensor that requires grad, the teacher's too. For the scalar reductions they are
     computed during the forward and the backward only scales them, so a second backward through the same loss
