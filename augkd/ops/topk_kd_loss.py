@@ -172,10 +172,10 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, te
         fp32 loss (fp64 for fp64 input): a scalar, or the leading shape for ``"none"``.
     """
     backend = backends.select(student_logits.device) if isinstance(student_logits, torch.Tensor) else "torch"
+    if isinstance(teacher_values, torch.Tensor) and teacher_values.requires_grad and torch.is_grad_enabled():
+        backend = "torch"  # the kernels differentiate the student only
     temperature, alpha = _validate(student_logits, teacher_indices, teacher_values, target, temperature, alpha,
                                    values, tail, divergence, ignore_index, reduction, check_range=backend != "cpu")
-    if teacher_values.requires_grad and torch.is_grad_enabled():
-        backend = "torch"  # the kernels differentiate the student only
     lead, vocab, k = student_logits.shape[:-1], student_logits.shape[-1], teacher_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)
     acc = compute_dtype(student.dtype)
