@@ -208,12 +208,13 @@ def test_no_grad_gives_the_same_value():
 
 def test_auto_chunk_rows():
     cpu = torch.device("cpu")
-    assert auto_chunk_rows(2048, 32000, torch.float32, cpu) == 128
+    assert auto_chunk_rows(2048, 32000, torch.float32, cpu) == 256
     assert auto_chunk_rows(512, 128256, torch.float32, cpu) == 128  # raised to MIN_CHUNK_ROWS
     assert auto_chunk_rows(4096, 1000, torch.float32, cpu) == 4096
     assert auto_chunk_rows(10, 32000, torch.float32, cpu) == 10
     assert auto_chunk_rows(4096, 10**9, torch.float32, cpu) == 128
     assert auto_chunk_rows(4096, 32000, torch.float64, cpu) == 128
+    assert auto_chunk_rows(4096, 32000, torch.float32, torch.device("cuda")) == 1024
 
 
 @pytest.mark.parametrize("kwargs,match", [

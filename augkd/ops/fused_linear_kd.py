@@ -27,9 +27,9 @@ DIVERGENCES = ("kl",)
 
 # One chunk's fp32 logits take at most this many bytes (a chunk holds about 3 such buffers at a time: student
 # and teacher logits, the gradient of the student logits), unless that is fewer than MIN_CHUNK_ROWS rows.
-# CPU: 16 MiB (128 rows at V = 32000) keeps the buffers a small fraction of eager's N x V tensors; GPU:
+# CPU: 32 MiB (256 rows at V = 32000) keeps the buffers a small fraction of eager's N x V tensors; GPU:
 # 128 MiB, fewer launches per call.
-CHUNK_LOGIT_BYTES = {"cpu": 16 << 20, "cuda": 128 << 20}
+CHUNK_LOGIT_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}
 # Every chunk reads the whole weight for its logits and its input gradient, and reads and writes the weight
 # gradient: per chunk of c rows that is ~3 x V x H floats against c x V for the logits. Below ~128 rows the
 # weight traffic dominates and the matmuls turn memory-bound (measured on CPU at V = 128256, H = 256: 32 rows
@@ -299,8 +299,8 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
         reduction: ``"none"`` (per row, shape of the leading dims), ``"sum"``, ``"mean"`` / ``"token_mean"``
             (sum / number of rows not ignored; all rows without a target), ``"batchmean"`` (sum /
             ``student_input.shape[0]``, as torch's KLDivLoss: N for (N, H) input, B for (B, T, H) input).
-        chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 16 MiB (CPU)
-            or 128 MiB (CUDA), but at least 128 rows (V = 32000 or 128256: 128 rows on CPU).
+        chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 32 MiB (CPU)
+            or 128 MiB (CUDA), but at least 128 rows (CPU: 256 rows at V = 32000, 128 at V = 128256).
 
     Gradients flow into every tensor that requires grad, the teacher's too. For the scalar reductions they are
     computed during the forward and the backward only scales them, so a second backward through the same loss
