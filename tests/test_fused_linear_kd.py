@@ -267,3 +267,19 @@ def test_compile_matches_eager(backend, reduction):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+def test_matches_liger_chunked_forward_kl():
+    """Liger-Kernel's LigerFusedLinearJSDLoss at beta = 0 is the forward KL(teacher || student) with hard/soft
+    weights and no T^2: the same loss and gradients as ours with alpha = soft / (hard + soft) scaled."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel (pip liger-kernel) not installed")
+    tensors, target = make((24,), 16, 16, 50, bias_s=False, ignored=0.0, seed=8)
+    xs, ws, _, xt, wt, _ = leaves(tensors, F32, [True, True, False, False, False, False])
+    temperature = 2.0
+    liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5 * temperature**2, beta=0.0,
+                                            temperature=temperature, compiled=False)
+    want = liger(xs, ws, xt, wt, target)
+    got = fused_linear_kd_loss(xs, ws, xt, wt, target, temperature=temperature, alpha=0.5, reduction="token_mean")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, [xs, ws]), torch.autograd.grad(want, [xs, ws])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
