@@ -4,8 +4,10 @@ Each case builds its inputs once and offers one forward+backward callable per pr
   eager    the formula as a torch user writes it
   compile  torch.compile of that same formula (compile time excluded by warm-up)
   augkd    the fused op (auto backend: C++ on CPU tensors, Triton/CUDA on GPU tensors)
-  liger    Liger-Kernel's KL path, on GPU when liger_kernel is installed (KD loss only)
+  liger    Liger-Kernel: its KL path on GPU (KD loss); LigerFusedLinearJSDLoss (chunked, torch.compile'd, CPU
+           and GPU) for the fused linear KD; rows appear when liger_kernel imports
   augkd-nostream  the fused mixups with the CPU kernels' streaming stores off (CPU mixups only)
+  augkd-dense     top-k KD: the dense teacher materialised, then the fused kd_loss
 """
 
 from __future__ import annotations
@@ -159,6 +161,100 @@ def _pixel_inputs(shape):
     return build
 
 
+# ---------------------------------------------------------------- language-model scale (LLM distillation)
+
+T_LM, ALPHA_LM = 2.0, 0.5
+
+
+def flkd_eager(xs, ws, xt, wt, y):
+    """Both heads, then the KD formula on the N x V logits (what fused_linear_kd_loss avoids holding)."""
+    s = xs @ ws.t()
+    with torch.no_grad():
+        t = xt @ wt.t()
+    return kd_eager_at(s, t, y, T_LM, ALPHA_LM)
+
+
+def kd_eager_at(s, t, y, temperature, alpha):
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="batchmean",
+                  log_target=True) * temperature * temperature
+    return alpha * kl + (1 - alpha) * F.cross_entropy(s, y)
+
+
+def flkd_augkd(xs, ws, xt, wt, y):
+    return ops.fused_linear_kd_loss(xs, ws, xt, wt, y, temperature=T_LM, alpha=ALPHA_LM, reduction="batchmean")
+
+
+_liger_losses: dict = {}
+
+
+def flkd_liger(xs, ws, xt, wt, y):
+    """Liger-Kernel's chunked fused linear JSD at beta = 0 (its forward KL), same T and hard/soft weights (it has
+    no T^2 factor: the soft weight carries it)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # imported only when benchmarked
+
+    if "jsd" not in _liger_losses:
+        _liger_losses["jsd"] = LigerFusedLinearJSDLoss(weight_hard_loss=1 - ALPHA_LM,
+                                                       weight_soft_loss=ALPHA_LM * T_LM * T_LM, beta=0.0,
+                                                       temperature=T_LM)
+    return _liger_losses["jsd"](xs, ws, xt, wt, y)
+
+
+def _flkd_inputs(rows, hidden, vocab):
+    def build(device, dtype):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        xs = torch.randn(rows, hidden, generator=gen).to(device, dtype).requires_grad_()
+        ws = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, dtype).requires_grad_()
+        xt = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+        wt = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, dtype)
+        y = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+        return {"inputs": {"xs": xs, "ws": ws, "xt": xt, "wt": wt, "y": y}, "leaves": [xs, ws], "grad": None}
+    return build
+
+
+TOPK = 64
+FILL = torch.finfo(torch.float32).min  # dense teacher off its k entries: probability 0, no inf - inf in formulas
+
+
+def _dense_teacher(s, idx, val):
+    return torch.full_like(s, FILL, requires_grad=False).scatter_(-1, idx, val)
+
+
+def topk_eager(s, idx, val, y):
+    return kd_eager_at(s, _dense_teacher(s, idx, val), y, T_LM, ALPHA_LM)
+
+
+def topk_dense_augkd(s, idx, val, y):
+    return ops.kd_loss(s, _dense_teacher(s, idx, val), y, temperature=T_LM, alpha=ALPHA_LM, reduction="batchmean")
+
+
+def topk_augkd(s, idx, val, y):
+    return ops.topk_kd_loss(s, idx, val, y, values="logits", temperature=T_LM, alpha=ALPHA_LM, reduction="batchmean")
+
+
+def _topk_inputs(rows, vocab):
+    def build(device, dtype):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        s = (torch.randn(rows, vocab, generator=gen) * 3).to(device, dtype).requires_grad_()
+        t = torch.randn(rows, vocab, generator=gen) * 3
+        top = t.topk(TOPK, -1)
+        y = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+        return {"inputs": {"s": s, "idx": top.indices.to(device), "val": top.values.to(device, dtype), "y": y},
+                "leaves": [s], "grad": None}
+    return build
+
+
+def llm_cases(*, gpu: bool = False) -> list[Case]:
+    cases = []
+    for rows, hidden, vocab in [(2048, 512, 32000), (512, 256, 128256)]:
+        providers = _with_compile(flkd_eager, flkd_augkd, {"liger": flkd_liger})
+        cases.append(Case("fused_linear_kd", (rows, hidden, vocab), _flkd_inputs(rows, hidden, vocab), providers,
+                          rows * vocab))
+    rows, vocab = (4096 if gpu else 512), 128256
+    cases.append(Case("topk_kd_loss", (rows, vocab, TOPK), _topk_inputs(rows, vocab),
+                      _with_compile(topk_eager, topk_augkd, {"augkd-dense": topk_dense_augkd}), rows * vocab))
+    return cases
+
+
 def all_cases(*, gpu: bool = False) -> list[Case]:
     kd_extra = {"liger": kd_liger} if gpu else None
     kd_shapes = [(4096, 1000), (512, 32000), (64, 31), (16, 131072)]
@@ -171,7 +267,7 @@ def all_cases(*, gpu: bool = False) -> list[Case]:
     shape = (2048, 3, 32, 32)
     cases.append(Case("pixel_mixup", shape, _pixel_inputs(shape), _mixup_providers(pixel_eager, pixel_augkd, gpu),
                       2048 * 3 * 32 * 32))
-    return cases
+    return cases + llm_cases(gpu=gpu)
 
 
 def step(case_inputs: dict, formula: Callable) -> None:

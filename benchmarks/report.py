@@ -73,13 +73,17 @@ def time_interleaved(built_by_provider, formulas, repeats, device):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+SKIPPED: dict[str, str] = {}  # provider -> why it has no rows
+
+
 def _providers(case) -> dict:
     formulas = dict(case.formulas)
     if "liger" in formulas:
         try:
             import liger_kernel  # noqa: F401
-        except ImportError:
+        except ImportError as exc:
             formulas.pop("liger")
+            SKIPPED["liger"] = f"liger_kernel does not import here ({exc})"
     return formulas
 
 
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--only", default=None, help="op name filter, e.g. kd_loss")
+    parser.add_argument("--only", default=None, help="op names, comma-separated, e.g. kd_loss,topk_kd_loss")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--malloc", default="keep", choices=["keep", "system"],
                         help="CPU timing: keep freed memory in the heap (default) or glibc's defaults")
@@ -137,7 +141,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    cases = [c for c in all_cases(gpu=gpu) if args.only is None or c.op == args.only]
+    only = None if args.only is None else set(args.only.split(","))
+    cases = [c for c in all_cases(gpu=gpu) if only is None or c.op in only]
     if args.memory_child:
         print(json.dumps(peaks(cases, device)))
         return
@@ -168,6 +173,7 @@ def main(argv=None) -> None:
                 f"{peak / 2**20:.1f} | {peak / unit:.2f} |")
         print("\n".join(lines[-len(formulas):]), file=sys.stderr, flush=True)
         del built
+    lines += [f"\n{name}: not measured: {why}" for name, why in SKIPPED.items()]
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -14,12 +14,16 @@ import torch
 from .cases import all_cases, step
 
 CASES = all_cases()
-PROVIDERS = ["eager", "compile", "augkd"]
+PROVIDERS = ["eager", "compile", "augkd", "augkd-dense", "liger"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "") for c in CASES])
 def test_forward_backward(benchmark, case, provider):
+    if provider not in case.formulas:
+        pytest.skip(f"{case.op} has no {provider} provider")
+    if provider == "liger":
+        pytest.importorskip("liger_kernel", reason="Liger-Kernel (pip liger-kernel) is not installed")
     built = case.build(torch.device("cpu"), torch.float32)
     formula = case.formulas[provider]
     step(built, formula)  # warm-up (and compilation for torch.compile)

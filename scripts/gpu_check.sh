@@ -13,7 +13,13 @@ python3 -m pip install -q numpy pytest pytest-benchmark ninja 2>/dev/null
 time python3 setup.py build_ext --inplace 2>&1 | tail -5 | tee "$OUT/build.txt"
 python3 -m augkd.ops | tee "$OUT/backends.txt"
 timeout 300 python3 -m pytest -q tests/test_gpu.py tests/test_build.py "tests/test_numerics.py" -k "gpu or not test_numerics" -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
-timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --out "$OUT/gpu_bench.md" 2>/dev/null
+# LLM distillation: topk_kd_loss on both GPU backends, fused_linear_kd_loss with GPU heads
+timeout 150 python3 -m pytest -q tests/test_gpu_llm.py -x 2>&1 | tail -30 | tee "$OUT/gpu_tests_llm.txt"
+timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --out "$OUT/gpu_bench.md" \
+  --only kd_loss,uncertainty,latent_mixup,pixel_mixup 2>/dev/null
+# fused_linear_kd vs eager / torch.compile / Liger, topk_kd_loss vs a dense teacher (N = 4096 on the GPU)
+timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --only fused_linear_kd,topk_kd_loss \
+  --out "$OUT/gpu_bench_llm.md" 2>/dev/null
 for backend in triton cuda; do
   AUGKD_BACKEND=$backend timeout 60 python3 -m benchmarks.report --device cuda --only kd_loss --repeats 20 \
     --out "$OUT/gpu_bench_kd_$backend.md" 2>/dev/null

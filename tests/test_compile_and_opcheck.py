@@ -24,7 +24,10 @@ def _samples(grad: bool):
     sv = torch.rand(4, requires_grad=grad)
     g, r = torch.rand(3, 2, 4, 4, requires_grad=grad), torch.rand(3, 2, 4, 4, requires_grad=grad)
     mean, std = torch.tensor([0.4, 0.5]), torch.tensor([0.2, 0.3])
+    idx = torch.tensor([[0, 4, 2], [12, 1, 3], [5, 6, 7], [8, 0, 11], [9, 10, 2]])
+    val = torch.log_softmax(torch.randn(5, 13), -1).gather(-1, idx)
     return {
+        "topk_kd_loss_fwd": [(s, idx, val, y, 2.0, 0.5, -100, True, 1, 1, 0), (s, idx, val, None, 1.0, 1.0, -100, False, 0, 0, 1)],
         "kd_loss_fwd": [(s, t, y, 2.0, 0.5, -100, True, 0), (s, t, None, 1.0, 1.0, -100, False, 1)],
         "uncertainty_fwd": [(s, 1.5)],
         "latent_mixup_fwd": [(z, m, psi, sv, 0.0), (z, m.expand(4, 6).contiguous(), psi, None, 0.3)],
@@ -34,7 +37,8 @@ def _samples(grad: bool):
 
 
 @needs_extension
-@pytest.mark.parametrize("name", ["kd_loss_fwd", "uncertainty_fwd", "latent_mixup_fwd", "pixel_mixup_fwd"])
+@pytest.mark.parametrize("name", ["kd_loss_fwd", "uncertainty_fwd", "latent_mixup_fwd", "pixel_mixup_fwd",
+                                  "topk_kd_loss_fwd"])
 def test_opcheck_cpp_ops(name):
     op = getattr(torch.ops.augkd, name).default
     for args in _samples(grad=True)[name]:

@@ -80,11 +80,23 @@ def _fake_pixel_bwd(grad_out, generated, real, s, s_scalar, mean, std, generated
     return _grad_or_empty(generated_grad, generated, generated), _grad_or_empty(real_grad, real, real), gs
 
 
+def _fake_topk_fwd(student, indices, values, target, temperature, alpha, ignore_index, t2_scale, values_format,
+                   tail, divergence):
+    acc = compute_dtype(student.dtype)
+    rows = student.shape[0]
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, 8), dtype=acc)
+
+
+def _fake_topk_bwd(grad_loss, student, indices, values, target, stats, *args):
+    return torch.empty_like(student)
+
+
 FAKES = {
     "kd_loss_fwd": _fake_kd_fwd, "kd_loss_bwd": _fake_kd_bwd,
     "uncertainty_fwd": _fake_unc_fwd, "uncertainty_bwd": _fake_unc_bwd,
     "latent_mixup_fwd": _fake_latent_fwd, "latent_mixup_bwd": _fake_latent_bwd,
     "pixel_mixup_fwd": _fake_pixel_fwd, "pixel_mixup_bwd": _fake_pixel_bwd,
+    "topk_kd_loss_fwd": _fake_topk_fwd, "topk_kd_loss_bwd": _fake_topk_bwd,
 }
 
 
@@ -215,11 +227,27 @@ def _pixel_backward_for(bwd):
     return backward
 
 
+def _topk_setup(ctx, inputs, output):
+    student, indices, values, target = inputs[:4]
+    ctx.save_for_backward(student, indices, values, target, output[1])
+    ctx.args = inputs[4:]
+
+
+def _topk_backward_for(bwd):
+    def backward(ctx, grad_loss, grad_stats):
+        if grad_loss is None or not ctx.needs_input_grad[0]:  # the stats carry no gradient
+            return (None,) * 11
+        student, indices, values, target, stats = ctx.saved_tensors
+        return (bwd(grad_loss.contiguous(), student, indices, values, target, stats, *ctx.args),) + (None,) * 10
+    return backward
+
+
 AUTOGRAD = {
     "kd_loss": (_kd_setup, _kd_backward_for),
     "uncertainty": (_unc_setup, _unc_backward_for),
     "latent_mixup": (_latent_setup, _latent_backward_for),
     "pixel_mixup": (_pixel_setup, _pixel_backward_for),
+    "topk_kd_loss": (_topk_setup, _topk_backward_for),
 }
 
 

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the CUDA emulation programs (emul_rows.cu, emul_mixup.cu).
+// Host-side helpers shared by the CUDA emulation programs (emul_rows.cu, emul_mixup.cu, emul_topk.cu).
 #pragma once
 
 #include <cstdint>

@@ -38,6 +38,12 @@ SCHEMAS = {
     "pixel_mixup_bwd": "(Tensor grad_out, Tensor generated, Tensor real, Tensor? s, float s_scalar, "
     "Tensor? mean, Tensor? std, bool generated_grad, bool real_grad, bool s_grad) "
     "-> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)",
+    "topk_kd_loss_fwd": "(Tensor student, Tensor indices, Tensor values, Tensor? target, float temperature, "
+    "float alpha, int ignore_index, bool t2_scale, int values_format, int tail, int divergence) "
+    "-> (Tensor loss, Tensor stats)",
+    "topk_kd_loss_bwd": "(Tensor grad_loss, Tensor student, Tensor indices, Tensor values, Tensor? target, "
+    "Tensor stats, float temperature, float alpha, int ignore_index, bool t2_scale, int values_format, "
+    "int tail, int divergence) -> Tensor",
 }
 
 

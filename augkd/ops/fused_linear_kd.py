@@ -1,0 +1,369 @@
+"""Fused linear KD loss: both language-model heads and the KD loss, chunk by chunk over the rows, so that the
+N x V logits never exist at once (docs/ops-design.md, "Fused linear KD").
+
+Per chunk of rows: logits = x @ W.T (+ b) for student and teacher (fp32 compute; fp64 for an fp64 student),
+the per-row KD loss and its gradient w.r.t. the chunk's logits through the public `kd_loss` (so every backend
+of that op serves here: the CPU C++ kernel on CPU tensors, Triton / CUDA C++ on GPU tensors), then the chain
+rule through the matmuls into the gradients of the inputs, weights and biases. Peak extra memory is a few
+chunk x V buffers plus the gradients themselves, independent of N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import _checks
+from .kd_loss import kd_loss
+
+OP = "fused_linear_kd_loss"
+REDUCTIONS = ("none", "sum", "mean", "token_mean", "batchmean")
+DIVERGENCES = ("kl",)
+
+# One chunk's fp32 logits take at most this many bytes (a chunk holds about 3 such buffers at a time: student
+# and teacher logits, the gradient of the student logits), unless that is fewer than MIN_CHUNK_ROWS rows.
+# CPU: 32 MiB (256 rows at V = 32000) keeps the buffers a small fraction of eager's N x V tensors; GPU:
+# 128 MiB, fewer launches per call.
+CHUNK_LOGIT_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}
+# Every chunk reads the whole weight for its logits and its input gradient, and reads and writes the weight
+# gradient: per chunk of c rows that is ~3 x V x H floats against c x V for the logits. Below ~128 rows the
+# weight traffic dominates and the matmuls turn memory-bound (measured on CPU at V = 128256, H = 256: 32 rows
+# twice as slow as 64..256).
+MIN_CHUNK_ROWS = 128
+
+
+def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: the largest power of two whose logits (rows x vocab in the compute dtype) fit in
+    CHUNK_LOGIT_BYTES for the device type, at least MIN_CHUNK_ROWS, at most `rows` (and at least 1)."""
+    budget = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES["cuda"])
+    fit = max(1, budget // (max(vocab, 1) * torch.finfo(acc_dtype).bits // 8))
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, 1 << int(math.log2(fit)))))
+
+
+@dataclass(frozen=True)
+class _Config:
+    temperature: float
+    alpha: float
+    ignore_index: int
+    t2_scale: bool
+    reduction: str
+    chunk: int
+    acc: torch.dtype
+    want: tuple  # needs-grad of (x_s, W_s, b_s, x_t, W_t, b_t)
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_linear(role: str, x, weight, bias, lead=None):
+    x = _checks.tensor(OP, f"{role}_input", x)
+    weight = _checks.tensor(OP, f"{role}_weight", weight)
+    if x.dim() < 2 or x.shape[-1] < 1:
+        raise ValueError(f"{OP}: {role}_input must have shape (N, H) or (B, T, H) with H >= 1, got {tuple(x.shape)}")
+    if lead is not None and x.shape[:-1] != lead:
+        raise ValueError(f"{OP}: {role}_input must have the leading shape {tuple(lead)} of student_input "
+                         f"(one teacher row per student row), got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{OP}: {role}_weight must have shape (V, {x.shape[-1]}) (nn.Linear layout: vocabulary "
+                         f"x hidden size of {role}_input), got {tuple(weight.shape)}")
+    _checks.same(OP, f"{role}_weight", weight, f"{role}_input", x, shape=False)
+    if bias is not None:
+        _checks.tensor(OP, f"{role}_bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{OP}: {role}_bias must have shape ({weight.shape[0]},) (one per vocabulary entry "
+                             f"of {role}_weight), got {tuple(bias.shape)}")
+        _checks.same(OP, f"{role}_bias", bias, f"{role}_weight", weight, shape=False)
+
+
+def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergence, ignore_index, reduction,
+              chunk_size):
+    _check_linear("student", x_s, w_s, b_s)
+    _check_linear("teacher", x_t, w_t, b_t, lead=x_s.shape[:-1])
+    if x_t.device != x_s.device:
+        raise ValueError(f"{OP}: teacher_input must be on the same device as student_input ({x_s.device}), "
+                         f"got {x_t.device}")
+    if w_t.shape[0] != w_s.shape[0]:
+        raise ValueError(f"{OP}: teacher_weight has {w_t.shape[0]} vocabulary rows, student_weight {w_s.shape[0]}: "
+                         "the two heads must share the vocabulary")
+    temperature = _checks.positive_float(OP, "temperature", temperature)
+    alpha = _checks.unit_float(OP, "alpha", alpha)
+    _checks.choice(OP, "divergence", divergence, DIVERGENCES)
+    _checks.choice(OP, "reduction", reduction, REDUCTIONS)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"{OP}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
+    lead = x_s.shape[:-1]
+    if target is None:
+        if alpha != 1.0:
+            raise ValueError(f"{OP}: alpha={alpha} mixes in the hard-label CE, which needs a target; "
+                             "pass target=... or alpha=1.0")
+    else:
+        _checks.tensor(OP, "target", target, floating=False)
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"{OP}: target must be an integer tensor of token ids, got {target.dtype}")
+        if target.shape != lead:
+            raise ValueError(f"{OP}: target must have shape {tuple(lead)} (student_input without the hidden "
+                             f"dimension; shift the labels before the call), got {tuple(target.shape)}")
+        if target.device != x_s.device:
+            raise ValueError(f"{OP}: target must be on {x_s.device}, got {target.device}")
+    return temperature, alpha
+
+
+# ---------------------------------------------------------------- the chunked sweep
+
+class _Head:
+    """One linear head (x, W, b) in the compute dtype: chunk logits, and the chain rule back through it."""
+
+    def __init__(self, x, weight, bias, acc, want_x, want_w, want_b):
+        self.x, self.acc = x, acc
+        self.weight_dtype, self.bias_dtype = weight.dtype, None if bias is None else bias.dtype
+        # fp32 logits from bf16/fp16 weights: on CUDA, mm with out_dtype reads the weight as it is; elsewhere
+        # the weight is cast once per call (an O(V x H) copy, never an O(N x V) one).
+        self.native = weight.dtype == acc or (weight.device.type == "cuda" and _cuda_out_dtype_mm())
+        self.weight = weight if self.native else weight.to(acc)
+        self.bias = None if bias is None else bias.to(acc)
+        self.grad_x = torch.empty_like(x) if want_x else None
+        self.grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        self.grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.grad_x is not None or self.grad_w is not None or self.grad_b is not None
+
+    def _mm(self, a, b):
+        if a.dtype == self.acc and b.dtype == self.acc:
+            return a @ b
+        return torch.mm(a, b, out_dtype=self.acc)
+
+    @torch.no_grad()
+    def logits(self, lo: int, hi: int) -> torch.Tensor:
+        """A fresh leaf (chunk x V): the loss is differentiated w.r.t. it, the matmuls by hand."""
+        x = self.x[lo:hi]
+        z = self._mm(x if self.native else x.to(self.acc), self.weight.t())
+        if self.bias is not None:
+            z += self.bias
+        return z
+
+    def backward(self, lo: int, hi: int, g: torch.Tensor) -> None:
+        """Accumulate the gradients of rows [lo, hi) given g = dL/dlogits (chunk x V, compute dtype)."""
+        if self.grad_x is not None:
+            gx = g @ self.weight if self.weight.dtype == self.acc else self._mm(g.to(self.weight.dtype),
+                                                                                 self.weight)
+            self.grad_x[lo:hi].copy_(gx)
+        if self.grad_w is not None:
+            x = self.x[lo:hi]
+            self.grad_w.addmm_(g.t(), x if x.dtype == self.acc else x.to(self.acc))
+        if self.grad_b is not None:
+            self.grad_b += g.sum(0)
+
+    def grads(self):
+        w = self.grad_w
+        return (self.grad_x, None if w is None else w.to(self.weight_dtype),
+                None if self.grad_b is None else self.grad_b.to(self.bias_dtype))
+
+
+_OUT_DTYPE_MM: Optional[bool] = None
+
+
+def _cuda_out_dtype_mm() -> bool:
+    """Whether torch.mm(a, b, out_dtype=float32) runs on CUDA bf16 tensors in this torch."""
+    global _OUT_DTYPE_MM
+    if _OUT_DTYPE_MM is None:
+        try:
+            a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+            _OUT_DTYPE_MM = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except Exception:  # an older torch or an unsupported GPU: cast the weight instead
+            _OUT_DTYPE_MM = False
+    return _OUT_DTYPE_MM
+
+
+def _sweep(cfg: _Config, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad):
+    """Per-row losses (N,) and, when cfg.want asks, the gradients of the six tensors.
+
+    row_grad: dL/dloss_i for every row, (N,) or a 0-d tensor (the same for every row); None: no gradients.
+    """
+    n = x_s.shape[0]
+    want = cfg.want if row_grad is not None else (False,) * 6
+    student = _Head(x_s, w_s, b_s, cfg.acc, *want[:3])
+    teacher = _Head(x_t, w_t, b_t, cfg.acc, *want[3:])
+    rows = torch.empty(n, dtype=cfg.acc, device=x_s.device)
+    for lo in range(0, n, cfg.chunk):
+        hi = min(n, lo + cfg.chunk)
+        y = None if target is None else target[lo:hi]
+        with torch.enable_grad():
+            zs = student.logits(lo, hi).requires_grad_(student.wants_grad)
+            zt = teacher.logits(lo, hi).requires_grad_(teacher.wants_grad)
+            loss = kd_loss(zs, zt, y, temperature=cfg.temperature, alpha=cfg.alpha, ignore_index=cfg.ignore_index,
+                           reduction="none", t2_scale=cfg.t2_scale)
+            leaves = [z for z in (zs, zt) if z.requires_grad]
+            if leaves:
+                g_rows = row_grad[lo:hi] if row_grad.dim() else row_grad.expand(hi - lo)
+                grads = torch.autograd.grad(loss, leaves, g_rows.to(loss.dtype), allow_unused=True)
+        rows[lo:hi] = loss.detach()
+        shape = zs.shape
+        del zs, zt, loss  # the logits are done with: only their gradients take part in the matmuls below
+        if leaves:
+            grads = list(grads)
+            for head in (student, teacher):
+                if head.wants_grad:
+                    g = grads.pop(0)
+                    head.backward(lo, hi, torch.zeros(shape, dtype=cfg.acc, device=x_s.device) if g is None else g)
+            del grads, g
+    return rows, student.grads() + teacher.grads()
+
+
+def _scale(cfg: _Config, rows: int, batch: int, target) -> torch.Tensor | float:
+    """dL/dloss_i of the reduction, the same for every row."""
+    if cfg.reduction == "sum":
+        return 1.0
+    if cfg.reduction == "batchmean":
+        return 1.0 / max(batch, 1)
+    if target is None:  # mean / token_mean: every row counts
+        return 1.0 / max(rows, 1)
+    count = (target != cfg.ignore_index).sum().clamp_min(1)  # on the device: no host sync
+    return 1.0 / count.to(cfg.acc)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Scalar reductions: the gradients are computed in the forward (the loss is the last op) and the
+    backward scales them by grad_output, once. reduction='none': the forward computes the rows only and
+    the backward sweeps the chunks again with the per-row grad_output (one more pair of logit matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x_s, w_s, b_s, x_t, w_t, b_t, target, cfg: _Config, batch: int):
+        ctx.set_materialize_grads(False)
+        ctx.cfg = cfg
+        if cfg.reduction == "none":
+            rows, _ = _sweep(cfg, x_s, w_s, b_s, x_t, w_t, b_t, target, None)
+            ctx.save_for_backward(x_s, w_s, b_s, x_t, w_t, b_t, target)
+            return rows
+        scale = _scale(cfg, x_s.shape[0], batch, target)
+        row_grad = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=cfg.acc,
+                                                                                 device=x_s.device)
+        rows, grads = _sweep(cfg, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad)
+        ctx.grads = grads
+        return rows.sum() * row_grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        cfg = ctx.cfg
+        if grad_out is None:
+            return (None,) * 9
+        if cfg.reduction == "none":
+            x_s, w_s, b_s, x_t, w_t, b_t, target = ctx.saved_tensors
+            _, grads = _sweep(cfg, x_s, w_s, b_s, x_t, w_t, b_t, target, grad_out.reshape(-1))
+            return (*grads, None, None, None)
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(f"{OP}: backward ran twice through the same loss; its gradients are computed in "
+                               "the forward and handed out (scaled in place) by the first backward. Compute the "
+                               "loss again for another backward.")
+        ctx.grads = None
+        return (*(None if g is None else g.mul_(grad_out) for g in grads), None, None, None)
+
+
+def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
+                         teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                         student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                         temperature: float = 1.0, alpha: float = 1.0, divergence: str = "kl",
+                         ignore_index: int = -100, reduction: str = "batchmean", t2_scale: bool = True,
+                         chunk_size: Optional[int] = None) -> torch.Tensor:
+    """KD loss of two linear heads (language-model heads) without holding their N x V logits.
+
+    With s = student_input @ student_weight.T + student_bias and t = teacher_input @ teacher_weight.T +
+    teacher_bias, row i gets exactly the loss of :func:`kd_loss` (reduction "none")::
+
+        loss_i = alpha * T^2 * KL(softmax(t_i / T) || softmax(s_i / T)) + (1 - alpha) * CE(s_i, target_i)
+
+    0 for rows whose target is ``ignore_index`` (both terms). Causal LMs: shift the labels (and the hidden
+    states) yourself, as ``hidden[:, :-1]`` with ``labels[:, 1:]``; this function pairs row i with target i.
+
+    Args:
+        student_input: (N, H) or (B, T, H) hidden states; float16/bfloat16/float32/float64.
+        student_weight: (V, H) as ``nn.Linear.weight`` (``lm_head.weight``), the dtype of student_input.
+        teacher_input: (N, H_t) or (B, T, H_t), same leading shape; its own dtype (an fp32 teacher with a bf16
+            student is fine: both heads' logits are computed in fp32).
+        teacher_weight: (V, H_t), the dtype of teacher_input, the same V.
+        target: (N,) or (B, T) token ids, or None (then alpha must be 1).
+        student_bias, teacher_bias: optional (V,).
+        temperature, alpha, t2_scale: as in :func:`kd_loss`.
+        divergence: ``"kl"`` (KL(teacher || student)).
+        ignore_index: target value of rows to skip.
+        reduction: ``"none"`` (per row, shape of the leading dims), ``"sum"``, ``"mean"`` / ``"token_mean"``
+            (sum / number of rows not ignored; all rows without a target), ``"batchmean"`` (sum /
+            ``student_input.shape[0]``, as torch's KLDivLoss: N for (N, H) input, B for (B, T, H) input).
+        chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 32 MiB (CPU)
+            or 128 MiB (CUDA), but at least 128 rows (CPU: 256 rows at V = 32000, 128 at V = 128256).
+
+    Gradients flow into every tensor that requires grad, the teacher's too. For the scalar reductions they are
+    computed during the forward and the backward only scales them, so a second backward through the same loss
+    raises; for ``"none"`` the backward recomputes the chunks.
+
+    Returns:
+        fp32 loss (fp64 for an fp64 student): a scalar, or the leading shape for ``"none"``.
+    """
+    temperature, alpha = _validate(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                                   teacher_bias, target, temperature, alpha, divergence, ignore_index, reduction,
+                                   chunk_size)
+    lead = student_input.shape[:-1]
+    vocab = student_weight.shape[0]
+    x_s = student_input.reshape(-1, student_input.shape[-1]).contiguous()
+    x_t = teacher_input.reshape(-1, teacher_input.shape[-1]).contiguous()
+    n = x_s.shape[0]
+    flat_target = None if target is None else target.reshape(-1).to(torch.int64)
+    acc = torch.float64 if student_input.dtype == torch.float64 else torch.float32
+    chunk = chunk_size or auto_chunk_rows(n, vocab, acc, x_s.device)
+    tensors = (student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
+    grad_on = torch.is_grad_enabled()
+    want = tuple(bool(grad_on and t is not None and t.requires_grad) for t in tensors)
+    cfg = _Config(temperature, alpha, int(ignore_index), bool(t2_scale), reduction, int(min(chunk, max(n, 1))),
+                  acc, want)
+    if not any(want):
+        rows, _ = _sweep(cfg, x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias, flat_target,
+                         None)
+        if reduction == "none":
+            return rows.reshape(lead)
+        return rows.sum() * _scale(cfg, n, student_input.shape[0] if student_input.dim() else 0, flat_target)
+    # the flattened inputs enter the Function, so its gradients have their (N, H) shape; reshape maps them back
+    out = _FusedLinearKD.apply(x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias, flat_target,
+                               cfg, student_input.shape[0])
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`fused_linear_kd_loss`; the hyper-parameters live on the module.
+
+    >>> criterion = FusedLinearKDLoss(temperature=2.0, alpha=0.5, reduction="token_mean")
+    >>> loss = criterion(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
+    """
+
+    def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "kl",
+                 ignore_index: int = -100, reduction: str = "batchmean", t2_scale: bool = True,
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        name = "FusedLinearKDLoss"
+        _checks.positive_float(name, "temperature", temperature)
+        _checks.unit_float(name, "alpha", alpha)
+        _checks.choice(name, "divergence", divergence, DIVERGENCES)
+        _checks.choice(name, "reduction", reduction, REDUCTIONS)
+        self.temperature, self.alpha, self.divergence = float(temperature), float(alpha), divergence
+        self.ignore_index, self.reduction, self.t2_scale, self.chunk_size = ignore_index, reduction, t2_scale, chunk_size
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
+                student_bias=None, teacher_bias=None):
+        return fused_linear_kd_loss(student_input, student_weight, teacher_input, teacher_weight, target,
+                                    student_bias=student_bias, teacher_bias=teacher_bias,
+                                    temperature=self.temperature, alpha=self.alpha, divergence=self.divergence,
+                                    ignore_index=self.ignore_index, reduction=self.reduction,
+                                    t2_scale=self.t2_scale, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+                f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}")

@@ -1,0 +1,60 @@
+// Argument checks of the top-k KD ops (augkd::topk_kd_loss_fwd / _bwd), shared by the CPU and CUDA
+// implementations; the helpers are those of op_checks.h. Header only, no backend headers.
+#pragma once
+
+#include "op_checks.h"
+#include "topk_kd.h"
+
+namespace augkd::checks {
+
+// student (B, V) float, V >= 1; indices (B, k) int64, 1 <= k <= V; values (B, k) in the row dtype
+// (fp32, fp64 for fp64 student); target None or (B,) int64.
+inline void check_topk_inputs(const char* op, const at::Tensor& student, const at::Tensor& indices,
+                              const at::Tensor& values, const std::optional<at::Tensor>& target, double temperature,
+                              double alpha, int64_t values_format, int64_t tail, int64_t divergence) {
+  check_float_input(op, "student", student);
+  check_dim(op, "student", student, 2, "(rows, vocabulary)");
+  TORCH_CHECK(student.size(1) >= 1, op, ": student must have at least one class, got shape ",
+              shape_str(student.sizes()));
+  check_contiguous(op, "student", student);
+  TORCH_CHECK(indices.defined(), op, ": teacher_indices must be a defined tensor");
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.size(1) >= 1 &&
+                  indices.size(1) <= student.size(1),
+              op, ": teacher_indices must have shape (", student.size(0), ", k) with 1 <= k <= ", student.size(1),
+              ", got ", shape_str(indices.sizes()));
+  check_dtype(op, "teacher_indices", indices, at::kLong);
+  check_same_device(op, "teacher_indices", indices, "student", student);
+  check_contiguous(op, "teacher_indices", indices);
+  TORCH_CHECK(values.defined(), op, ": teacher_values must be a defined tensor");
+  check_same_shape(op, "teacher_values", values, "teacher_indices", indices);
+  check_dtype(op, "teacher_values", values, row_dtype(student.scalar_type()));
+  check_same_device(op, "teacher_values", values, "student", student);
+  check_contiguous(op, "teacher_values", values);
+  if (target.has_value() && target->defined()) {
+    check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
+  }
+  check_temperature(op, temperature);
+  TORCH_CHECK(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
+  TORCH_CHECK(values_format == topk::kLogits || values_format == topk::kLogProbs, op,
+              ": values_format must be 0 (logits) or 1 (log_probs), got ", values_format);
+  TORCH_CHECK(tail == topk::kRenormalize || tail == topk::kBucket, op,
+              ": tail must be 0 (renormalize) or 1 (bucket), got ", tail);
+  TORCH_CHECK(tail != topk::kBucket || values_format == topk::kLogProbs, op,
+              ": tail=bucket needs teacher log-probabilities (values_format 1): logits of k classes do not "
+              "give the mass of the others");
+  TORCH_CHECK(divergence == topk::kKL || divergence == topk::kReverseKL, op,
+              ": divergence must be 0 (kl) or 1 (reverse_kl), got ", divergence);
+}
+
+inline void check_topk_stats(const char* op, const at::Tensor& stats, const at::Tensor& student) {
+  const int64_t rows = student.size(0);
+  TORCH_CHECK(stats.defined(), op, ": stats must be a defined tensor");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == topk::kStats, op,
+              ": stats must have shape (", rows, ", ", static_cast<int>(topk::kStats),
+              ") (the forward's per-row statistics), got ", shape_str(stats.sizes()));
+  check_dtype(op, "stats", stats, row_dtype(student.scalar_type()));
+  check_same_device(op, "stats", stats, "student", student);
+  check_contiguous(op, "stats", stats);
+}
+
+}  // namespace augkd::checks

@@ -1,0 +1,286 @@
+// Top-k KD loss, CUDA device code: the student row sweep (online max / sum), the row finish on the k teacher
+// entries (kernels/topk_kd.h, shared with the CPU kernel), the dense backward and the k-entry backward.
+// Math: docs/ops-design.md section 4.
+//   u = s / T,  m_s = max u,  d_s = sum exp(u - m_s);  with a CE term at T != 1 also m_1 = max s, d_1
+//   loss = alpha c D + (1 - alpha) (m_1 + log d_1 - s_y)   (0 for ignored rows; NaN for a bad label or index)
+//   grad_j = g (alpha c / T dD/du_j + (1 - alpha) (p1_j - [j == y]))
+//     dD/du_j = q_j c_tail off the k indices (0 where q_j == 0), the entry formula of topk_kd.h on them.
+#pragma once
+
+#include "load_store.cuh"
+#include "reduce.cuh"
+#include "topk_kd.h"
+
+namespace augkd::cuda {
+
+// Online state of a student row: (m_s, d_s) over u = s / T and, with NEED1, (m_1, d_1) over s.
+template <typename A, bool NEED1>
+struct LseState {
+  A m_s, d_s, m_1, d_1;
+
+  AUGKD_HD static LseState identity() { return {neg_inf<A>(), A(0), neg_inf<A>(), A(0)}; }
+
+  // Re-measure from larger maxima: d <- exp(m - M) d (0 while m was -inf; kept when the max did not move).
+  AUGKD_HD void rebase(A M_s, A M_1) {
+    d_s = rescale(m_s, M_s) * d_s;
+    m_s = M_s;
+    if constexpr (NEED1) {
+      d_1 = rescale(m_1, M_1) * d_1;
+      m_1 = M_1;
+    }
+  }
+
+  AUGKD_HD void merge(const LseState& o) {
+    const A M_s = max_(m_s, o.m_s);
+    const A M_1 = NEED1 ? max_(m_1, o.m_1) : m_1;
+    LseState b = o;
+    b.rebase(M_s, M_1);
+    rebase(M_s, M_1);
+    d_s += b.d_s;
+    if constexpr (NEED1) d_1 += b.d_1;
+  }
+
+  __device__ __forceinline__ LseState shfl_xor(int m) const {
+    LseState o;
+    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
+    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
+    if constexpr (NEED1) {
+      o.m_1 = __shfl_xor_sync(kFullMask, m_1, m);
+      o.d_1 = __shfl_xor_sync(kFullMask, d_1, m);
+    } else {
+      o.m_1 = m_1;
+      o.d_1 = d_1;
+    }
+    return o;
+  }
+};
+
+template <typename T>
+struct TopkFwdParams {
+  using A = acc_type<T>;
+  const T* __restrict__ student;     // (rows, cols)
+  const int64_t* __restrict__ idx;   // (rows, k)
+  const A* __restrict__ val;         // (rows, k)
+  const int64_t* __restrict__ target;  // (rows,) or nullptr
+  A* __restrict__ loss;              // (rows,)
+  A* __restrict__ stats;             // (rows, topk::kStats)
+  int64_t rows, cols, k, ignore_index;
+  A alpha_c, one_minus_alpha;
+  bool use_kl, use_ce;
+  topk::TopkArgs<A> args;
+};
+
+template <typename T, bool NEED1>
+struct TopkFwdVisitor {
+  using A = acc_type<T>;
+  const T* __restrict__ s_row;
+  A inv_t;
+  LseState<A, NEED1> st;
+
+  template <int N>
+  struct Regs {
+    A s[N];
+  };
+
+  template <int N>
+  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
+    load_n<N>(s_row + j, r.s);
+  }
+
+  template <int N>
+  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
+    A m_raw = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < N; ++k) m_raw = max_(m_raw, r.s[k]);
+    const A M_s = max_(st.m_s, m_raw * inv_t);  // max u = (max s) / T
+    const A M_1 = NEED1 ? max_(st.m_1, m_raw) : st.m_1;
+    if (M_s != st.m_s || M_1 != st.m_1) st.rebase(M_s, M_1);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const bool masked = r.s[k] == neg_inf<A>();
+      st.d_s += masked ? A(0) : exp_(r.s[k] * inv_t - st.m_s);  // exp(u - m_s)
+      if constexpr (NEED1) st.d_1 += masked ? A(0) : exp_(r.s[k] - st.m_1);  // exp(s - m_1)
+    }
+  }
+};
+
+constexpr int kTopkUnroll = 4;
+
+// The row's merged state -> loss and stats (one thread).
+template <typename T, bool NEED1>
+AUGKD_HD void topk_write_row(const TopkFwdParams<T>& p, int64_t row, const LseState<acc_type<T>, NEED1>& st) {
+  using A = acc_type<T>;
+  const T* s_row = p.student + row * p.cols;
+  A* out = p.stats + row * topk::kStats;
+  A m_t, log_dt, div, c_tail;
+  const bool ok = topk::topk_finish(s_row, p.idx + row * p.k, p.val + row * p.k, st.m_s, st.d_s, p.args, m_t,
+                                    log_dt, div, c_tail);
+  if (!ok) div = quiet_nan<A>();  // an index outside [0, cols): a NaN row, nothing read out of bounds
+  const A log_ds = log_(st.d_s);
+  out[topk::kMs] = st.m_s;
+  out[topk::kLogDs] = log_ds;
+  out[topk::kMt] = m_t;
+  out[topk::kLogDt] = log_dt;
+  out[topk::kD] = div;
+  out[topk::kCTail] = c_tail;
+  A loss = p.use_kl ? p.alpha_c * div : A(0);
+  A m1 = A(0), ld1 = A(0);
+  if (p.target != nullptr) {
+    m1 = NEED1 ? st.m_1 : st.m_s;
+    ld1 = NEED1 ? log_(st.d_1) : log_ds;
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index) {
+      loss = A(0);
+    } else if (y < 0 || y >= p.cols) {
+      loss = quiet_nan<A>();
+    } else if (p.use_ce) {
+      loss += p.one_minus_alpha * ((m1 - static_cast<A>(s_row[y])) + ld1);  // CE = m_1 + log d_1 - s_y
+    }
+  }
+  out[topk::kM1] = m1;
+  out[topk::kLogD1] = ld1;
+  p.loss[row] = loss;
+}
+
+// One warp (kWarp mode) or one block (kBlock mode) per row; no split mode.
+template <typename T, RowMode MODE, bool NEED1>
+__global__ void __launch_bounds__(kMaxRowThreads, 1) topk_kd_loss_fwd_kernel(const TopkFwdParams<T> p) {
+  using A = acc_type<T>;
+  using State = LseState<A, NEED1>;
+  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
+  const RowGroup<MODE> grp(p.cols);
+  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
+    const T* s_row = p.student + row * p.cols;
+    TopkFwdVisitor<T, NEED1> v{s_row, p.args.inv_t, State::identity()};
+    sweep_range<kVec<T>, kTopkUnroll>(s_row, 0, p.cols, grp.rank, grp.size, v);
+    State st;
+    if constexpr (MODE == RowMode::kWarp) {
+      st = warp_reduce(v.st);
+    } else {
+      st = block_reduce(v.st, smem);
+    }
+    if (grp.rank == 0) topk_write_row<T, NEED1>(p, row, st);
+  }
+}
+
+template <typename T>
+struct TopkBwdParams {
+  using A = acc_type<T>;
+  const A* __restrict__ grad_loss;   // (rows,)
+  const T* __restrict__ student;
+  const int64_t* __restrict__ idx;
+  const A* __restrict__ val;
+  const int64_t* __restrict__ target;
+  const A* __restrict__ stats;
+  T* __restrict__ grad;
+  int64_t rows, cols, k, ignore_index, tile;
+  A ks;    // alpha c / T (0 when alpha == 0)
+  A kce;   // 1 - alpha (0 without a CE term)
+  topk::TopkArgs<A> args;
+};
+
+// Per-row factors of the dense backward.
+template <typename T>
+struct TopkBwdVisitor {
+  using A = acc_type<T>;
+  const T* __restrict__ s_row;
+  T* __restrict__ g_row;
+  A inv_t, m_s, log_ds, m_1, log_d1, c_tail, ks, k1;  // ks, k1 already times g (0 for ignored rows)
+  int64_t y;
+  bool bad;
+
+  template <int N>
+  struct Regs {
+    A s[N];
+  };
+
+  template <int N>
+  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
+    load_n<N>(s_row + j, r.s);
+  }
+
+  template <int N>
+  AUGKD_HD void apply(int64_t j, const Regs<N>& r) const {
+    A out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      A d = A(0);
+      if (ks != A(0)) {
+        const A q = exp_((r.s[k] * inv_t - m_s) - log_ds);  // q_j = exp(u - m_s - log d_s)
+        d = q == A(0) ? A(0) : ks * q * c_tail;             // off the k: dD/du = q c_tail
+      }
+      if (k1 != A(0)) {
+        const A p1 = exp_((r.s[k] - m_1) - log_d1);         // p1_j = exp(s - m_1 - log d_1)
+        d += k1 * (j + k == y ? p1 - A(1) : p1);            // formed in the compute type, rounded once
+      }
+      out[k] = bad ? quiet_nan<A>() : d;
+    }
+    store_n<N>(g_row + j, out);
+  }
+};
+
+template <typename T>
+AUGKD_HD TopkBwdVisitor<T> topk_bwd_visitor(const TopkBwdParams<T>& p, int64_t row) {
+  using A = acc_type<T>;
+  const A* st = p.stats + row * topk::kStats;
+  const A g = p.grad_loss[row];
+  int64_t y = -1;
+  bool ignored = false, bad = false;
+  if (p.target != nullptr) {
+    y = p.target[row];
+    ignored = y == p.ignore_index;
+    bad = !ignored && (y < 0 || y >= p.cols);
+  }
+  const A ks = ignored ? A(0) : g * p.ks;
+  const A k1 = ignored ? A(0) : g * p.kce;
+  return {p.student + row * p.cols, p.grad + row * p.cols, p.args.inv_t, st[topk::kMs], st[topk::kLogDs],
+          st[topk::kM1], st[topk::kLogD1], st[topk::kCTail], ks, k1, y, bad};
+}
+
+// blockIdx.x: a tile of p.tile columns, blockIdx.y (looping by gridDim.y): a row.
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads, 1) topk_kd_loss_bwd_dense_kernel(const TopkBwdParams<T> p) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.tile;
+  const int64_t end = min(p.cols, begin + p.tile);
+  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
+    const TopkBwdVisitor<T> v = topk_bwd_visitor(p, row);
+    sweep_range<kVec<T>, kTopkUnroll>(v.s_row, begin, end, static_cast<int>(threadIdx.x),
+                                      static_cast<int>(blockDim.x), v);
+  }
+}
+
+// The k teacher entries of one row, overwritten with their exact gradient (after the dense kernel).
+template <typename T>
+AUGKD_HD void topk_bwd_entries_row(const TopkBwdParams<T>& p, int64_t row) {
+  using A = acc_type<T>;
+  const TopkBwdVisitor<T> v = topk_bwd_visitor(p, row);
+  if (v.ks == A(0) || v.bad) return;  // nothing but the dense terms (ignored row, alpha == 0, bad label)
+  const int64_t* idx = p.idx + row * p.k;
+  for (int64_t k = 0; k < p.k; ++k) {
+    if (idx[k] < 0 || idx[k] >= p.cols) {  // a bad index: a NaN row, nothing written out of bounds
+      for (int64_t j = 0; j < p.cols; ++j) v.g_row[j] = static_cast<T>(quiet_nan<A>());
+      return;
+    }
+  }
+  topk::topk_entry_grads(v.s_row, idx, p.val + row * p.k, p.stats + row * topk::kStats, p.args,
+                         [&](int64_t k, A dd) {
+                           const int64_t j = idx[k];
+                           A r = v.ks * dd;
+                           if (v.k1 != A(0)) {
+                             const A p1 = exp_((static_cast<A>(v.s_row[j]) - v.m_1) - v.log_d1);
+                             r += v.k1 * (j == v.y ? p1 - A(1) : p1);
+                           }
+                           v.g_row[j] = static_cast<T>(r);
+                         });
+}
+
+// One thread per row (k is small next to the row sweeps).
+template <typename T>
+__global__ void topk_kd_loss_bwd_entries_kernel(const TopkBwdParams<T> p) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    topk_bwd_entries_row(p, row);
+  }
+}
+
+}  // namespace augkd::cuda
