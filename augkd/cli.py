@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from .config import METHODS, ConfigError, build_config, field_types, load_file, parse_overrides, _type_name
+from .config import METHODS, ConfigError, _type_name, build_config, field_types, load_file, parse_overrides
 from .config_checks import check_user_values
 from .errors import RunError
 

@@ -105,8 +105,8 @@ def test_background_writer_reports_a_failed_job_at_the_next_submit():
 
 
 def test_context_normalize_equals_the_plain_one(tmp_path):
-    from augkd.method.context import Context
     from augkd.config import build_config
+    from augkd.method.context import Context
 
     class Data:
         mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from augkd.ops import _extension, backends, use_backend
+from augkd.ops import _extension, backends
 
 from .test_kd_loss import CONFIGS, check_against_reference
 from .test_uncertainty import run as run_uncertainty

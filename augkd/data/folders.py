@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
 from ..atomic import atomic_path
 
 # Same extension list as torchvision.datasets.folder.IMG_EXTENSIONS (lower case; matching ignores case).

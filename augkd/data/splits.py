@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+
 from ..atomic import atomic_path
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -15,8 +15,8 @@ from .. import ops
 from . import checkpoint as ckpt
 from .context import Context
 from .evaluation import minibatches
-from .losses import anchor_loss
 from .loop import LoopResult, run_epochs
+from .losses import anchor_loss
 from .schedules import cosine
 from .step_sums import StepSums
 

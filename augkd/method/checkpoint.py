@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
 from ..atomic import atomic_path
 from ..errors import CheckpointError
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from tqdm import tqdm
@@ -14,7 +14,6 @@ from tqdm import tqdm
 from ..config import RunConfig
 from ..data import DomainShift, Split, normalize
 from ..distributed import Dist
-
 
 NCHW_ENV = "AUGKD_CPU_NCHW"  # 1: keep the networks in NCHW on CPU too (benchmarks compare the two layouts)
 

@@ -15,8 +15,8 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .context import Context
 from .evaluation import accuracy_key, evaluate
-from .losses import BNStatsHook, cvae_loss, entropy_nats, generator_loss_terms, student_df_loss
 from .loop import LoopResult, run_epochs
+from .losses import BNStatsHook, cvae_loss, entropy_nats, generator_loss_terms, student_df_loss
 from .schedules import cosine
 from .step_sums import StepSums
 

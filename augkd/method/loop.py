@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
+from ..errors import CheckpointError, StageDiverged
 from ..report import write_csv
 from . import checkpoint as ckpt
 from . import digests
 from .background import BackgroundWriter, snapshot
 from .context import Context, SimulatedKill
-from ..errors import CheckpointError, StageDiverged
 from .evaluation import is_better
 
 KILL_ENV = "AUGKD_DEBUG_KILL_AFTER"

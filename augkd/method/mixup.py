@@ -19,8 +19,8 @@ from . import checkpoint as ckpt
 from .anchor import freeze
 from .context import Context
 from .evaluation import accuracy_key, evaluate, minibatches
-from .losses import mixup_loss
 from .loop import LoopResult, run_epochs
+from .losses import mixup_loss
 from .schedules import constant_warmup, kd_weight_u, mixup_factor
 from .step_sums import StepSums
 

@@ -19,14 +19,14 @@ import torch.nn as nn
 
 from .. import models
 from ..config import ConfigError
+from ..errors import CheckpointError, ConfigMismatch
 from ..report import plot_curves, read_json, write_csv, write_json
 from . import checkpoint as ckpt
 from . import digests
-from .digests import stage_keys  # noqa: F401  (re-exported: the compare cache's directory names)
-from ..errors import CheckpointError, ConfigMismatch
 from .anchor import run_anchor
 from .context import Context
 from .data_free import run_data_free
+from .digests import stage_keys  # noqa: F401  (re-exported: the compare cache's directory names)
 from .evaluation import evaluate
 from .mixup import run_mixup
 from .supervised import train_supervised

@@ -32,8 +32,8 @@ from ..config import ConfigError, RunConfig, flatten, to_dict, to_toml
 from ..config_checks import check_architectures
 from ..data import load_setting
 from ..distributed import Dist
-from ..report import write_json
 from ..errors import RunDirLocked
+from ..report import write_json
 from .context import Context, data_to
 from .digests import stage_digests
 from .lock import check_out_dir, remove_if_only_lock, take_run_dir

@@ -13,8 +13,8 @@ from ..data import Split
 from . import checkpoint as ckpt
 from .context import Context
 from .evaluation import accuracy_key, evaluate, minibatches
-from .losses import mixup_loss
 from .loop import LoopResult, run_epochs
+from .losses import mixup_loss
 from .schedules import constant_warmup
 from .step_sums import StepSums
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+
 from ..atomic import atomic_path
 
 WRAPPER_KEYS = ("state_dict", "model")
