@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import operator
 
-import numpy as np
 import torch
+
+try:  # only for a faster label check; the ops run without numpy
+    import numpy as np
+except ImportError:
+    np = None
 from torch import nn
 
 from . import _checks, _registration, backends, reference
@@ -74,10 +78,14 @@ def _check_labels(flat_target, classes: int, ignore_index: int | None, original_
     if not (_checks.eager() and not _checks.transformed() and flat_target.device.type == "cpu"
             and flat_target.numel()):
         return
-    labels = flat_target.detach().numpy()
-    # as unsigned, a negative label is huge: one comparison finds labels < 0 and >= C (numpy: a few
-    # microseconds, where the same test as torch ops costs ~10 us on small batches)
-    bad = labels.view(np.uint64) >= classes
+    if np is None:
+        labels = flat_target.detach()
+        bad = (labels < 0) | (labels >= classes)
+    else:
+        # as unsigned, a negative label is huge: one comparison finds labels < 0 and >= C (numpy: a few
+        # microseconds, where the same test as torch ops costs ~10 us on small batches)
+        labels = flat_target.detach().numpy()
+        bad = labels.view(np.uint64) >= classes
     if ignore_index is not None:  # None: an ignore_index outside int64, which no label equals
         bad &= labels != ignore_index
     if bad.any():
