@@ -11,11 +11,16 @@ import math
 import typing
 from typing import Any
 
+from .ops.reference import TEMPERATURE_RANGE
+
 # Range of each float key: (low, low_inclusive, high, high_inclusive); None = unbounded. Any other float
 # key must only be finite.
 POSITIVE = (0.0, False, None, False)
 NON_NEGATIVE = (0.0, True, None, False)
 UNIT = (0.0, True, 1.0, True)
+# kd_loss accepts temperatures in this range only: checked here too, so that a run refuses a bad one before
+# training rather than when Module 3 first calls the loss
+KD_TEMPERATURE = (TEMPERATURE_RANGE[0], True, TEMPERATURE_RANGE[1], True)
 FLOAT_RANGES: dict[str, tuple] = {
     "teacher.lr": POSITIVE, "teacher.weight_decay": NON_NEGATIVE,
     "df.g_lr": POSITIVE, "df.s_lr": POSITIVE, "df.e_lr": POSITIVE, "df.s_weight_decay": NON_NEGATIVE,
@@ -24,7 +29,7 @@ FLOAT_RANGES: dict[str, tuple] = {
     "anchor.lr": POSITIVE, "anchor.invariant": UNIT, "anchor.energy_temperature": POSITIVE,
     "anchor.ce_weight": NON_NEGATIVE,
     "mixup.lr": POSITIVE, "mixup.weight_decay": NON_NEGATIVE, "mixup.a": POSITIVE, "mixup.b": UNIT,
-    "mixup.temperature": POSITIVE, "mixup.u": UNIT, "mixup.warmup_factor": UNIT,
+    "mixup.temperature": KD_TEMPERATURE, "mixup.u": UNIT, "mixup.warmup_factor": UNIT,
     "baseline.kd_u": UNIT,
 }
 

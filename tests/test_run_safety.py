@@ -150,6 +150,7 @@ def test_a_pickle_in_checkpoints_does_not_run(tmp_path, monkeypatch, capsys):
     ("df.g_lr=inf", "df.g_lr"), ("mixup.a=inf", "mixup.a"), ("mixup.lr=nan", "mixup.lr"),
     ("mixup.temperature=nan", "mixup.temperature"), ("anchor.energy_temperature=-inf", "anchor.energy_temperature"),
     ("teacher.lr=-1", "teacher.lr"), ("df.bn_weight=nan", "df.bn_weight"), ("baseline.kd_u=1.5", "baseline.kd_u"),
+    ("mixup.temperature=1e12", "mixup.temperature"),  # finite, but outside the range kd_loss accepts
 ])
 def test_non_finite_or_out_of_range_settings_are_refused(tmp_path, capsys, override, key):
     assert _run(tmp_path / "r", override) == 2
@@ -226,3 +227,4 @@ def test_out_that_is_a_file_or_cannot_be_created(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert _run("/proc/augkd-no-such-place/run") == 2  # a place nobody can create directories in
     assert "--out" in capsys.readouterr().err
+
