@@ -230,6 +230,7 @@ def test_auto_chunk_rows():
     (dict(reduction="avg"), "reduction"),
     (dict(divergence="jsd"), "divergence"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(target=torch.tensor([0, 1, 7, 2, 3])), r"fused_linear_kd_loss: target holds token id 7, outside \[0, 7\)"),
     (dict(student_weight=torch.randn(7, 5, dtype=torch.float64)), "same dtype"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):

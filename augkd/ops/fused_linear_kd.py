@@ -112,6 +112,13 @@ def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergen
                              f"dimension; shift the labels before the call), got {tuple(target.shape)}")
         if target.device != x_s.device:
             raise ValueError(f"{OP}: target must be on {x_s.device}, got {target.device}")
+        # reading the labels is a host sync on GPUs: CPU tensors in eager mode only (kd_loss gives a GPU row NaN)
+        if _checks.eager() and target.device.type == "cpu" and target.numel():
+            y = target.detach().reshape(-1).to(torch.int64)
+            bad = ((y < 0) | (y >= w_s.shape[0])) & (y != ignore_index)
+            if bool(bad.any()):
+                raise ValueError(f"{OP}: target holds token id {int(y[bad][0])}, outside [0, {w_s.shape[0]}) "
+                                 f"(and not ignore_index={ignore_index})")
     return temperature, alpha
 
 
