@@ -197,4 +197,4 @@ def test_resume_with_another_config_names_the_changed_keys(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(to_dict(build_config({}))))
     with pytest.raises(ConfigError, match=r"--resume: .*\(keys: df\.generator_hidden, mixup\.epochs\)"):
-        prepare(build_config({"mixup.epochs": 3, "df.generator_hidden": [8]}), str(tmp_path), resume=True)
+        prepare(build_config({"mixup.epochs": 3, "df.generator_hidden": [16, 8]}), str(tmp_path), resume=True)
