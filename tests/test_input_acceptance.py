@@ -193,3 +193,34 @@ def test_bad_weights_name_the_argument(kwargs, message):
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     with pytest.raises((ValueError, TypeError), match=message):
         kd_loss(s, t, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("op", ["topk_kd_loss", "fused_linear_kd_loss"])
+def test_llm_ops_take_any_int_ignore_index(backend, op):
+    """As kd_loss: an ignore_index outside int64 ignores no row, the same as one no label equals."""
+    reason = ops.backends.why_unavailable(backend, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(3)
+    rows, vocab, hidden = 6, 12, 5
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    if op == "topk_kd_loss":
+        s = torch.randn(rows, vocab, generator=g)
+        idx = torch.randn(rows, vocab, generator=g).topk(4, dim=-1).indices
+        val = torch.log_softmax(torch.randn(rows, 4, generator=g), -1)
+
+        def call(ii):
+            return ops.topk_kd_loss(s, idx, val, y, alpha=0.5, ignore_index=ii)
+    else:
+        xs, xt = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+        ws, wt = torch.randn(vocab, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+
+        def call(ii):
+            return ops.fused_linear_kd_loss(xs, ws, xt, wt, y, alpha=0.5, ignore_index=ii)
+    with use_backend(backend):
+        expected = call(-100)
+        assert torch.isfinite(expected) and expected > 0
+        assert torch.equal(call(2 ** 70), expected) and torch.equal(call(np.int64(-100)), expected)
+        with pytest.raises(TypeError, match="ignore_index"):
+            call(1.5)

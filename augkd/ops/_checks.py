@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -28,6 +29,56 @@ def same(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tens
     if shape and value.shape != ref.shape:
         raise ValueError(f"{op}: {name} must have the same shape as {ref_name} {tuple(ref.shape)}, "
                          f"got {tuple(value.shape)}")
+
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def ignore_index(op: str, value) -> tuple[int, bool]:
+    """(the int64 the kernels compare labels with, whether `value` was outside int64). Labels are int64, so
+    an ignore_index outside that range matches no row: it is passed on as INT64_MIN, a label no valid
+    target can hold (the front ends reject negative labels on CPU)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: ignore_index must be an int, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(value).__name__}") from None
+    if INT64_MIN <= number <= INT64_MAX:
+        return number, False
+    return INT64_MIN, True
+
+
+def hard_target(op: str, target, alpha, lead, device, *, what: str = "class indices", hint: str = "") -> None:
+    """The hard-label target of a KD loss: None only when alpha = 1 (no CE term), else an integer tensor
+    of shape `lead` on `device`."""
+    if target is None:
+        if isinstance(alpha, torch.Tensor):
+            raise ValueError(f"{op}: an alpha that requires grad needs a target: its gradient is the KL term "
+                             "minus the hard-label CE; pass target=... or a float alpha=1.0")
+        if alpha != 1.0:
+            raise ValueError(f"{op}: alpha={alpha} mixes in the hard-label CE, which needs a target; "
+                             "pass target=... or alpha=1.0")
+        return
+    tensor(op, "target", target, floating=False)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{op}: target must be an integer tensor of {what}, got {target.dtype}")
+    if target.shape != lead:
+        raise ValueError(f"{op}: target must have shape {tuple(lead)}{hint}, got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"{op}: target must be on {device}, got {target.device}")
+
+
+def labels_in_range(op: str, target: torch.Tensor, classes: int, ignore: int, shown_ignore, what: str) -> None:
+    """Reject labels outside [0, classes) that are not `ignore`. Reading them is a host sync on GPUs, so
+    only CPU tensors in eager mode are read (elsewhere the kernels give such a row NaN)."""
+    if not (eager() and not transformed() and target.device.type == "cpu" and target.numel()):
+        return
+    y = target.detach().reshape(-1).to(torch.int64)
+    bad = ((y < 0) | (y >= classes)) & (y != ignore)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: target holds {what} {int(y[bad][0])}, outside [0, {classes}) "
+                         f"(and not ignore_index={shown_ignore})")
 
 
 def transformed() -> bool:

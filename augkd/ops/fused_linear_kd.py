@@ -93,33 +93,15 @@ def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergen
     alpha = _checks.unit_float(OP, "alpha", alpha)
     _checks.choice(OP, "divergence", divergence, DIVERGENCES)
     _checks.choice(OP, "reduction", reduction, REDUCTIONS)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    kernel_ignore, _ = _checks.ignore_index(OP, ignore_index)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
-    lead = x_s.shape[:-1]
-    if target is None:
-        if alpha != 1.0:
-            raise ValueError(f"{OP}: alpha={alpha} mixes in the hard-label CE, which needs a target; "
-                             "pass target=... or alpha=1.0")
-    else:
-        _checks.tensor(OP, "target", target, floating=False)
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"{OP}: target must be an integer tensor of token ids, got {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"{OP}: target must have shape {tuple(lead)} (student_input without the hidden "
-                             f"dimension; shift the labels before the call), got {tuple(target.shape)}")
-        if target.device != x_s.device:
-            raise ValueError(f"{OP}: target must be on {x_s.device}, got {target.device}")
-        # reading the labels is a host sync on GPUs: CPU tensors in eager mode only (kd_loss gives a GPU row NaN)
-        if _checks.eager() and target.device.type == "cpu" and target.numel():
-            y = target.detach().reshape(-1).to(torch.int64)
-            bad = ((y < 0) | (y >= w_s.shape[0])) & (y != ignore_index)
-            if bool(bad.any()):
-                raise ValueError(f"{OP}: target holds token id {int(y[bad][0])}, outside [0, {w_s.shape[0]}) "
-                                 f"(and not ignore_index={ignore_index})")
-    return temperature, alpha
+    _checks.hard_target(OP, target, alpha, x_s.shape[:-1], x_s.device, what="token ids",
+                        hint=" (student_input without the hidden dimension; shift the labels before the call)")
+    if target is not None:
+        _checks.labels_in_range(OP, target, w_s.shape[0], kernel_ignore, ignore_index, "token id")
+    return temperature, alpha, kernel_ignore
 
 
 # ---------------------------------------------------------------- the chunked sweep
@@ -316,9 +298,10 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
     Returns:
         fp32 loss (fp64 for an fp64 student): a scalar, or the leading shape for ``"none"``.
     """
-    temperature, alpha = _validate(student_input, student_weight, student_bias, teacher_input, teacher_weight,
-                                   teacher_bias, target, temperature, alpha, divergence, ignore_index, reduction,
-                                   chunk_size)
+    # an ignore_index outside int64 becomes a sentinel no label holds
+    temperature, alpha, ignore_index = _validate(student_input, student_weight, student_bias, teacher_input,
+                                                 teacher_weight, teacher_bias, target, temperature, alpha, divergence,
+                                                 ignore_index, reduction, chunk_size)
     lead = student_input.shape[:-1]
     vocab = student_weight.shape[0]
     x_s = student_input.reshape(-1, student_input.shape[-1]).contiguous()

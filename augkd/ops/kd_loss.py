@@ -3,8 +3,6 @@ per-sample weights, ignored rows, in one pass over the logits (see docs/ops-desi
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 try:  # only for a faster label check; the ops run without numpy
@@ -17,24 +15,6 @@ from . import _checks, _registration, backends, reference
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
 OP = "kd_loss"
-_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
-
-
-def _ignore_index(value) -> tuple[int, bool]:
-    """(the int64 the kernels compare labels with, whether `value` was outside int64). Labels are int64, so
-    an ignore_index outside that range matches no row: it is passed on as INT64_MIN, a label no valid
-    target can hold (the front end rejects such a label on CPU; see _check_labels)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{OP}: ignore_index must be an int, got bool")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{OP}: ignore_index must be an int, got {type(value).__name__}") from None
-    if _INT64_MIN <= number <= _INT64_MAX:
-        return number, False
-    return _INT64_MIN, True
-
-
 def _kd_temperature(op: str, name: str, value) -> float:
     return reference.check_kd_temperature(op, _checks.positive_float(op, name, value))
 
@@ -50,23 +30,8 @@ def _validate(student, teacher, target, temperature, alpha, reduction, teacher_f
     alpha = _checks.scalar_parameter(OP, "alpha", alpha, _checks.unit_float)
     _checks.choice(OP, "reduction", reduction, REDUCTIONS)
     _checks.choice(OP, "teacher_format", teacher_format, tuple(reference.TEACHER_FORMATS))
-    lead = student.shape[:-1]
-    if target is None:
-        if isinstance(alpha, torch.Tensor):
-            raise ValueError(f"{OP}: an alpha that requires grad needs a target: its gradient is the KL term "
-                             "minus the hard-label CE; pass target=... or a float alpha=1.0")
-        if alpha != 1.0:
-            raise ValueError(f"{OP}: alpha={alpha} mixes in the hard-label CE, which needs a target; "
-                             "pass target=... or alpha=1.0")
-    else:
-        _checks.tensor(OP, "target", target, floating=False)
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"{OP}: target must be an integer tensor of class indices, got {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"{OP}: target must have shape {tuple(lead)} (the logits without the class "
-                             f"dimension), got {tuple(target.shape)}")
-        if target.device != student.device:
-            raise ValueError(f"{OP}: target must be on {student.device}, got {target.device}")
+    _checks.hard_target(OP, target, alpha, student.shape[:-1], student.device,
+                        hint=" (the logits without the class dimension)")
     return temperature, alpha
 
 
@@ -194,7 +159,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     lead = student_logits.shape[:-1]
     classes = student_logits.shape[-1]
     row_weights = _row_weights(weight, sample_weight, lead, classes, student_logits.device)
-    kernel_ignore, outside_int64 = _ignore_index(ignore_index)
+    kernel_ignore, outside_int64 = _checks.ignore_index(OP, ignore_index)
     # tensor hyper-parameters (differentiable) run the torch formulas, which autograd differentiates in them
     differentiable_params = isinstance(temperature, torch.Tensor) or isinstance(alpha, torch.Tensor)
     backend = "torch" if differentiable_params else backends.select(student_logits.device)

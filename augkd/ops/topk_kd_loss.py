@@ -98,20 +98,8 @@ def _validate(student, indices, values, target, temperature, alpha, values_fmt, 
     if tail == "bucket" and values_fmt != "log_probs":
         raise ValueError(f"{OP}: tail='bucket' needs values='log_probs': logits of k classes say nothing about the "
                          "mass of the others")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if target is None:
-        if alpha != 1.0:
-            raise ValueError(f"{OP}: alpha={alpha} mixes in the hard-label CE, which needs a target; "
-                             "pass target=... or alpha=1.0")
-    else:
-        _checks.tensor(OP, "target", target, floating=False)
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"{OP}: target must be an integer tensor of class indices, got {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"{OP}: target must have shape {tuple(lead)}, got {tuple(target.shape)}")
-        if target.device != student.device:
-            raise ValueError(f"{OP}: target must be on {student.device}, got {target.device}")
+    kernel_ignore, _ = _checks.ignore_index(OP, ignore_index)
+    _checks.hard_target(OP, target, alpha, lead, student.device)
     # Reading indices and labels is a host sync on GPUs: CPU tensors in eager mode only. The C++ CPU kernel
     # checks the ranges itself while it reads them; duplicates are checked here for every CPU backend.
     if _checks.eager() and student.device.type == "cpu" and indices.numel():
@@ -121,11 +109,7 @@ def _validate(student, indices, values, target, temperature, alpha, values_fmt, 
             if bool(bad.any()):
                 raise ValueError(f"{OP}: teacher_indices holds class index {int(flat[bad][0])}, outside [0, {vocab})")
             if target is not None:
-                y = target.detach().reshape(-1).to(torch.int64)
-                bad_y = ((y < 0) | (y >= vocab)) & (y != ignore_index)
-                if bool(bad_y.any()):
-                    raise ValueError(f"{OP}: target holds class index {int(y[bad_y][0])}, outside [0, {vocab}) "
-                                     f"(and not ignore_index={ignore_index})")
+                _checks.labels_in_range(OP, target, vocab, kernel_ignore, ignore_index, "class index")
         if flat.shape[-1] > 1:
             ordered = flat.sort(-1).values
             dup = ordered[:, 1:] == ordered[:, :-1]
@@ -133,7 +117,7 @@ def _validate(student, indices, values, target, temperature, alpha, values_fmt, 
                 row = int(dup.any(-1).nonzero()[0])
                 raise ValueError(f"{OP}: teacher_indices row {row} repeats class {int(ordered[row, 1:][dup[row]][0])}; "
                                  "the k indices of a row must be distinct")
-    return temperature, alpha
+    return temperature, alpha, kernel_ignore
 
 
 def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_values: torch.Tensor,
@@ -174,8 +158,10 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, te
     backend = backends.select(student_logits.device) if isinstance(student_logits, torch.Tensor) else "torch"
     if isinstance(teacher_values, torch.Tensor) and teacher_values.requires_grad and torch.is_grad_enabled():
         backend = "torch"  # the kernels differentiate the student only
-    temperature, alpha = _validate(student_logits, teacher_indices, teacher_values, target, temperature, alpha,
-                                   values, tail, divergence, ignore_index, reduction, check_range=backend != "cpu")
+    # an ignore_index outside int64 becomes a sentinel no label holds
+    temperature, alpha, ignore_index = _validate(student_logits, teacher_indices, teacher_values, target,
+                                                 temperature, alpha, values, tail, divergence, ignore_index,
+                                                 reduction, check_range=backend != "cpu")
     lead, vocab, k = student_logits.shape[:-1], student_logits.shape[-1], teacher_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)
     acc = compute_dtype(student.dtype)
