@@ -162,8 +162,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     overrides = (SHORT if args.short else []) + args.set
     names = [b.strip() for b in args.variants.split(",") if b.strip()]
-    print(f"# augkd run {' '.join(overrides) or '(defaults)'} plots=false, seed {args.seed}, "
-          f"{torch.get_num_threads()} thread(s) set by the run, torch {torch.__version__}")
+    print(f"# augkd run {' '.join(overrides) or '(defaults)'} plots=false, seed {args.seed}, threads as the "
+          f"run sets them, torch {torch.__version__}")
 
     if args.profiler:
         times, prof, _ = run_job(overrides, names[0], args.seed, profiler=True)

@@ -122,3 +122,23 @@ def test_context_normalize_equals_the_plain_one(tmp_path):
     y.sum().backward()  # would raise "Inference tensors cannot be saved for backward"
     with pytest.raises(ValueError):
         ctx.normalize(torch.rand(5, 2, 4, 4))  # wrong channel count: the plain function's error
+
+
+def test_a_run_turns_the_nan_fill_off_and_finish_puts_it_back():
+    import logging
+    from types import SimpleNamespace
+
+    from augkd.config import build_config
+    from augkd.method.rundir import configure_torch, finish
+
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        configure_torch(build_config({"threads": torch.get_num_threads()}), torch.device("cpu"))
+        assert torch.utils.deterministic.fill_uninitialized_memory is False  # the run's speed setting
+        finish(SimpleNamespace(log=logging.getLogger("augkd.test.fill"), lock=None))
+        assert torch.utils.deterministic.fill_uninitialized_memory is True
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
+        torch.use_deterministic_algorithms(deterministic)

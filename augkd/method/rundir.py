@@ -54,6 +54,9 @@ def auto_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
+_fill_before: bool | None = None  # torch's NaN-fill setting before configure_torch turned it off
+
+
 def configure_torch(cfg: RunConfig, device: torch.device) -> None:
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else auto_threads())
     if cfg.deterministic:
@@ -64,7 +67,11 @@ def configure_torch(cfg: RunConfig, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         # Deterministic mode also fills every new uninitialised tensor with NaN (a debugging aid that
         # catches kernels reading memory they never wrote): about 250 fills per training step here and
-        # a tenth of the job's time. Determinism itself does not depend on it.
+        # a tenth of the job's time. Determinism itself does not depend on it. finish() restores the
+        # setting, so a run inside a larger program (tests, notebooks) leaves the process as it found it.
+        global _fill_before
+        if _fill_before is None:
+            _fill_before = torch.utils.deterministic.fill_uninitialized_memory
         torch.utils.deterministic.fill_uninitialized_memory = False
 
 
@@ -112,7 +119,11 @@ def close_logger(log: logging.Logger) -> None:
 
 
 def finish(ctx: Context) -> None:
-    """End of a run (also on errors): close the log and release the run directory."""
+    """End of a run (also on errors): close the log, release the run directory, put back torch's NaN fill."""
+    global _fill_before
+    if _fill_before is not None:
+        torch.utils.deterministic.fill_uninitialized_memory = _fill_before
+        _fill_before = None
     close_logger(ctx.log)
     if ctx.lock is not None:
         ctx.lock.release()

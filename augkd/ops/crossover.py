@@ -15,9 +15,10 @@ from . import backends
 
 # op -> kernel backend -> elements (rows x columns) below which the torch backend is cheaper; absent:
 # the kernel at every size. Measured on CPU, one thread, forward+backward (docs/profile.md):
-#   latent_mixup (L = 32): torch 1.2-1.5x cheaper at 3,200 and 8,192 elements, the kernel 1.1x cheaper
-#   at 32,768 and 1.35x at 131,072 -> crossover 16,384. kd_loss, uncertainty and pixel_mixup: the
-#   kernel is cheaper at every size measured (from 640 elements), so they have no entry.
+#   latent_mixup (L = 32): the torch backend 1.2x cheaper at 3,200 and 8,192 elements, even at 32,768
+#   (0.98-1.10x), the kernel 1.2x cheaper at 65,536 and 1.4x at 131,072 -> crossover 16,384.
+#   kd_loss, uncertainty and pixel_mixup: the kernel is cheaper at every size measured (from 640
+#   elements), so they have no entry.
 CROSSOVERS: dict[str, dict[str, int]] = {"latent_mixup": {"cpu": 16384}}
 
 
