@@ -19,6 +19,7 @@ struct LseState {
   A m_s, d_s, m_1, d_1;
 
   AUGKD_HD static LseState identity() { return {neg_inf<A>(), A(0), neg_inf<A>(), A(0)}; }
+  AUGKD_HD LseState empty() const { return identity(); }  // no parameters: every empty state is the same
 
   // Re-measure from larger maxima: d <- exp(m - M) d (0 while m was -inf; kept when the max did not move).
   AUGKD_HD void rebase(A M_s, A M_1) {
