@@ -10,27 +10,11 @@ import pytest
 import torch
 
 import augkd.ops as ops
-from augkd.ops import backends, use_backend
+from augkd.ops import use_backend
+
+from .test_gpu import _close, _ready  # the GPU backends' tolerances, one table for every GPU test
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
-
-TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 5e-3), torch.bfloat16: (8e-2, 2e-2)}
-
-
-def _ready(backend):
-    reason = backends.why_unavailable(backend, torch.device("cuda"))
-    if reason:
-        pytest.skip(f"{backend} unavailable on this GPU machine: {reason}")
-
-
-def _close(actual, expected, dtype, what):
-    rtol, atol = TOL[dtype]
-    expected = expected.detach().double().cpu()
-    actual = actual.detach().double().cpu()
-    finite = expected[torch.isfinite(expected)]
-    scale = float(finite.abs().max()) if finite.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale + 1e-12, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def _topk_inputs(rows, vocab, k, seed):
