@@ -2,12 +2,24 @@
 
 Without a GPU, the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before triton
 is imported (torch does not import it on `import torch`), so it is set here, first thing.
+
+torch.compile's on-disk cache (inductor) is keyed on the traced graph, not on a custom op's fake kernel: a
+cache left by another build of augkd._C (whose ops return other shapes) would be replayed and fail. Each
+test session therefore compiles into a cache directory of its own, removed at exit.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import torch
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="augkd-test-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, True)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
