@@ -117,3 +117,22 @@ def test_compiled_code_follows_the_threads_backend():
     with use_backend("cpu"):
         fn(s, t)
     assert ["kd_loss_fwd" in str(g.code) for g in counter.graphs] == [False, True]
+
+
+def test_the_triton_check_carries_the_mark_torch_compiler_sets():
+    """The mark is set directly (torch.compiler's decorator would import torch._dynamo on `import augkd.ops`):
+    it must be exactly what the decorator sets."""
+    def probe():
+        return ""
+
+    before = set(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    added = {name: value for name, value in vars(probe).items() if name not in before}
+    assert added and all(getattr(backends._triton_unavailable, name) == value for name, value in added.items())
+
+
+def test_importing_the_ops_does_not_import_the_compiler():
+    code = "import sys, torch, augkd.ops; print('torch._dynamo' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

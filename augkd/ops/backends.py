@@ -97,14 +97,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Importing triton and registering the autograd of its ops cannot be traced by torch.compile, and the
-# first op call of a process may well be inside a compiled function: the compiler runs this check as
-# plain Python at trace time and keeps its answer as a constant.
-@torch.compiler.assume_constant_result
 def _triton_unavailable() -> str:
     """'' when the Triton ops are imported and registered, else why they cannot be."""
     module = _triton_module()
     return "" if module.AVAILABLE else module.WHY_UNAVAILABLE
+
+
+# Importing triton and registering the autograd of its ops cannot be traced by torch.compile, and the
+# first op call of a process may well be inside a compiled function: the compiler runs this check as
+# plain Python at trace time and keeps its answer as a constant. `torch.compiler.assume_constant_result`
+# does nothing but set this mark, yet calling it imports torch._dynamo (~1.5 s added to `import augkd.ops`),
+# so the mark is set directly; tests/test_backend_threads.py compiles a first call in a fresh process.
+_triton_unavailable._dynamo_marked_constant = True
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
