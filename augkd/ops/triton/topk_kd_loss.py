@@ -25,6 +25,16 @@ from . import _common as cm
 
 
 @triton.jit
+def _student_log_q(a, log_ds, BUCKET: tl.constexpr):
+    """log q of the student on the k entries (a = s / T - m_s, -inf on masked lanes): over the whole
+    vocabulary with the bucket, renormalised over the k classes without it (docs/ops-design.md, section 4)."""
+    if BUCKET:
+        return a - log_ds
+    ma = tl.max(a, axis=0)
+    return a - (ma + tl.log(tl.sum(tl.exp(a - ma), axis=0)))
+
+
+@triton.jit
 def _topk_fwd_kernel(
     s_ptr, idx_ptr, val_ptr, y_ptr, loss_ptr, stats_ptr,
     C, K, temperature, temperature_lo, alpha, alpha_lo, ignore_index,
@@ -80,11 +90,7 @@ def _topk_fwd_kernel(
     log_dt = tl.log(d_t)
     lp = e - m_t - log_dt
     if REVERSE:
-        if BUCKET:
-            lq = a - log_ds
-        else:
-            ma = tl.max(a, axis=0)
-            lq = a - (ma + tl.log(tl.sum(tl.exp(a - ma), axis=0)))
+        lq = _student_log_q(a, log_ds, BUCKET)
         q = tl.exp(lq)
         div = tl.sum(tl.where(q == 0, 0.0, q * (lq - lp)), axis=0)
         c_tail = zero
@@ -209,11 +215,7 @@ def _topk_bwd_entries_kernel(
     a = tl.where(km, s / temp - m_s, float("-inf"))
     lp = tl.load(val_ptr + row * K + ks, mask=km, other=0.0).to(ACC) / temp - m_t - log_dt
     if REVERSE:
-        if BUCKET:
-            lq = a - log_ds
-        else:
-            ma = tl.max(a, axis=0)
-            lq = a - (ma + tl.log(tl.sum(tl.exp(a - ma), axis=0)))
+        lq = _student_log_q(a, log_ds, BUCKET)
         q = tl.exp(lq)
         dd = tl.where(q == 0, 0.0, q * (lq - lp - div))
     else:
