@@ -57,4 +57,16 @@ inline void check_topk_stats(const char* op, const at::Tensor& stats, const at::
   check_contiguous(op, "stats", stats);
 }
 
+// Everything the backward checks, for the CPU and CUDA launchers alike.
+inline void check_topk_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
+                                   const at::Tensor& values, const std::optional<at::Tensor>& target,
+                                   const at::Tensor& stats, double temperature, double alpha, int64_t values_format,
+                                   int64_t tail, int64_t divergence) {
+  const char* op = "topk_kd_loss_bwd";
+  check_topk_inputs(op, student, indices, values, target, temperature, alpha, values_format, tail, divergence);
+  check_topk_stats(op, stats, student);
+  check_row_vector(op, "grad_loss", grad_loss, student.size(0), row_dtype(student.scalar_type()), "student",
+                   student);
+}
+
 }  // namespace augkd::checks

@@ -142,12 +142,8 @@ at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& s
                                 const at::Tensor& values, const std::optional<at::Tensor>& target,
                                 const at::Tensor& stats, double temperature, double alpha, int64_t ignore_index,
                                 bool t2_scale, int64_t values_format, int64_t tail, int64_t divergence) {
-  const char* op = "topk_kd_loss_bwd";
-  checks::check_topk_inputs(op, student, indices, values, target, temperature, alpha, values_format, tail,
-                            divergence);
-  checks::check_topk_stats(op, stats, student);
-  checks::check_row_vector(op, "grad_loss", grad_loss, student.size(0), checks::row_dtype(student.scalar_type()),
-                           "student", student);
+  checks::check_topk_kd_loss_bwd(grad_loss, student, indices, values, target, stats, temperature, alpha,
+                                 values_format, tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);
   at::Tensor grad = new_output_like(student);
   const bool has_target = target.has_value() && target->defined();
