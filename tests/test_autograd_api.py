@@ -145,11 +145,11 @@ def test_registered_op_double_backward(backend, device):
     s = torch.randn(3, 4, generator=gen, dtype=F64).to(device).requires_grad_(True)
     t = torch.randn(3, 4, generator=gen, dtype=F64).to(device).requires_grad_(True)
     y = torch.tensor([0, 3, -100], device=device)
-    op = backends.ops_namespace(backend).kd_loss_fwd
+    op = backends.load(backend).kd_loss_fwd
     assert torch.autograd.gradgradcheck(lambda a, b: op(a, b, y, 2.0, 0.5, -100, True, 0)[0], (s, t),
                                         eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=_fast(backend))
     z = torch.randn(2, 4, generator=gen, dtype=F64).to(device).requires_grad_(True)
-    unc = backends.ops_namespace(backend).uncertainty_fwd
+    unc = backends.load(backend).uncertainty_fwd
     assert torch.autograd.gradgradcheck(lambda a: unc(a, 2.0), (z,), eps=1e-6, atol=1e-5, rtol=1e-4,
                                         fast_mode=_fast(backend))
 

@@ -351,7 +351,7 @@ def test_out_of_range_target_is_a_nan_row_inside_the_kernel(backend):
     """The front-end rejects such labels on CPU in eager mode; the kernels (used on GPUs and under
     torch.compile, where no check runs) must give a NaN loss row and a NaN gradient row, never garbage."""
     from augkd.ops import backends
-    ns = backends.ops_namespace(backend)
+    ns = backends.load(backend)
     s, t = torch.randn(3, 10), torch.randn(3, 10)
     y = torch.tensor([2, 10, -100])  # row 1 out of range, row 2 ignored
     if backend == "cpu":  # the C++ CPU kernel can report it without a device sync, so it raises instead

@@ -173,7 +173,7 @@ def test_backward_ops_return_empty_for_unwanted_gradients(backend):
     """The *_bwd schemas' flags: an unwanted gradient is an empty (0,) tensor, a wanted one is the same
     as when every gradient is asked for, up to rounding (each flag set is its own compiled loop, whose
     multiply-adds the compiler may fuse differently)."""
-    ns = backends.ops_namespace(backend)
+    ns = backends.load(backend)
     gen = torch.Generator().manual_seed(3)
     z, psi, go = (torch.randn(4, 9, generator=gen) for _ in range(3))
     mask, s = torch.rand(1, 9, generator=gen), torch.rand(4, generator=gen)

@@ -27,7 +27,7 @@ pytestmark = [
 
 
 def _small_blocks():
-    from augkd.ops.triton import _common
+    from augkd.ops.triton_kernels import _common
     return _common.max_block(16)
 
 
@@ -65,7 +65,7 @@ def test_uncertainty_multi_block(temperature):
 
 @pytest.mark.skipif(not _extension.LOADED, reason=f"extension not loaded: {_extension.WHY_NOT_LOADED}")
 def test_triton_schemas_equal_the_cpp_schemas():
-    from augkd.ops.triton import OPS
+    from augkd.ops.triton_kernels import OPS
     for name, op in OPS.items():
         cpp = getattr(torch.ops.augkd, name).default._schema
         tri = op.default._schema
@@ -75,7 +75,7 @@ def test_triton_schemas_equal_the_cpp_schemas():
 _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
-from augkd.ops.triton import kd_loss as K, mixup as M, uncertainty as U
+from augkd.ops.triton_kernels import kd_loss as K, mixup as M, uncertainty as U
 
 INTS = {"C", "B", "L", "P", "HW", "NC", "ignore_index"}
 BIG = {"HAS_TARGET": True, "SEPARATE_LSE1": True, "T2_SCALE": True, "FORMAT": 2, "STUDENT_GRAD": True,

@@ -12,6 +12,7 @@ except ImportError:
 from torch import nn
 
 from . import _checks, _registration, backends, reference
+from .specs.kd_loss import KD_STATS_LSE_T
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
 OP = "kd_loss"
@@ -87,10 +88,10 @@ def _per_row(backend, student, teacher, target, temperature, alpha, ignore_index
     """(loss rows, lse_t rows or None) from `backend`."""
     if backend == "torch":
         return reference.kd_loss_rows(student, teacher, target, temperature, alpha, ignore_index, t2_scale, fmt)
-    loss, stats = _registration.call(backends.namespace_name(backend), "kd_loss", student.contiguous(),
+    loss, stats = _registration.call(backends.namespace(backend), "kd_loss", student.contiguous(),
                                      teacher.contiguous(), target, temperature, alpha, ignore_index, t2_scale, fmt)
     # slicing only when asked: each op costs us
-    return loss, (stats[:, _registration.KD_STATS_LSE_T] if want_lse_t else None)
+    return loss, (stats[:, KD_STATS_LSE_T] if want_lse_t else None)
 
 
 def _reduce(rows, lead, reduction, flat_target, ignore_index):

@@ -75,7 +75,7 @@ def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> t
     if backend == "torch":
         return reference.latent_mixup(z, mask.to(z.dtype), psi, s_tensor.unsqueeze(1) if s_tensor is not None
                                       else s_scalar)
-    return _registration.call(backends.namespace_name(backend), "latent_mixup", z.contiguous(),
+    return _registration.call(backends.namespace(backend), "latent_mixup", z.contiguous(),
                               mask.to(z.dtype).contiguous(), psi.contiguous(), s_tensor, s_scalar)
 
 
@@ -128,5 +128,5 @@ def pixel_mixup(generated: torch.Tensor, real: torch.Tensor, s, mean: Sequence[f
         return reference.pixel_mixup(generated, real, s_arg, mean_t, std_t)
     mean_f = None if mean_t is None else mean_t.to(torch.float32).contiguous()
     std_f = None if std_t is None else std_t.to(torch.float32).contiguous()
-    return _registration.call(backends.namespace_name(backend), "pixel_mixup", generated.contiguous(),
+    return _registration.call(backends.namespace(backend), "pixel_mixup", generated.contiguous(),
                               real.contiguous(), s_tensor, s_scalar, mean_f, std_f)

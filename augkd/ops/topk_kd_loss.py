@@ -173,7 +173,7 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, te
     if backend == "torch":
         rows = topk_kd_loss_rows(student, idx, val, flat_target, *args)
     else:
-        rows, _ = _registration.call(backends.namespace_name(backend), "topk_kd_loss", student.contiguous(),
+        rows, _ = _registration.call(backends.namespace(backend), "topk_kd_loss", student.contiguous(),
                                      idx.contiguous(), val.contiguous(), flat_target, *args)
     if reduction == "none":
         return rows.reshape(lead)

@@ -31,7 +31,7 @@ def uncertainty(logits: torch.Tensor, *,
     if backend == "torch":
         energy, entropy = reference.uncertainty(flat, temperature)
     else:
-        energy, entropy = _registration.call(backends.namespace_name(backend), "uncertainty", flat.contiguous(),
+        energy, entropy = _registration.call(backends.namespace(backend), "uncertainty", flat.contiguous(),
                                              temperature)
     return energy.reshape(lead), entropy.reshape(lead)
 

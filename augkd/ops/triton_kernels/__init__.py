@@ -1,5 +1,5 @@
 """Triton backend of the augkd ops: fused forward / backward kernels registered as
-``augkd_triton::<name>`` with the schemas of csrc/schemas.cpp (math: docs/ops-design.md).
+``augkd_triton::<name>`` with the schemas of ``augkd.ops.specs`` (math: docs/ops-design.md).
 
 ``AVAILABLE`` says whether the ops are registered; ``WHY_UNAVAILABLE`` gives the reason when not
 (importing this package never raises); ``OPS`` maps op names to ``torch.ops.augkd_triton.<name>``.
@@ -8,18 +8,7 @@ Under TRITON_INTERPRET=1 (set before importing triton) the ops also run on CPU t
 
 from __future__ import annotations
 
-OP_NAMES = (
-    "kd_loss_fwd",
-    "kd_loss_bwd",
-    "uncertainty_fwd",
-    "uncertainty_bwd",
-    "latent_mixup_fwd",
-    "latent_mixup_bwd",
-    "pixel_mixup_fwd",
-    "pixel_mixup_bwd",
-    "topk_kd_loss_fwd",
-    "topk_kd_loss_bwd",
-)
+from ..specs import OP_NAMES
 
 AVAILABLE = False
 WHY_UNAVAILABLE = ""

@@ -1,6 +1,6 @@
 """Shared helpers of the Triton backend: block sizes, warps, dtypes, op registration.
 
-The op schemas are the ones of csrc/schemas.cpp (namespace ``augkd``), registered again under
+The op schemas are the ones of ``augkd.ops.specs`` (namespace ``augkd`` in C++), registered again under
 ``augkd_triton``; the math lives in docs/ops-design.md.
 """
 
@@ -16,35 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-NAMESPACE = "augkd_triton"
+from ..specs import SCHEMAS
 
-# Schemas, copied verbatim from csrc/schemas.cpp (without the op name) so that both backends
-# expose the same signature; ``int`` stays ``int`` (an inferred schema would say SymInt).
-SCHEMAS = {
-    "kd_loss_fwd": "(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
-    "int ignore_index, bool t2_scale, int teacher_format) -> (Tensor loss, Tensor stats)",
-    "kd_loss_bwd": "(Tensor grad_loss, Tensor grad_lse_t, Tensor student, Tensor teacher, Tensor? target, "
-    "Tensor stats, float temperature, float alpha, int ignore_index, bool t2_scale, int teacher_format, "
-    "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)",
-    "uncertainty_fwd": "(Tensor logits, float temperature) -> (Tensor energy, Tensor entropy)",
-    "uncertainty_bwd": "(Tensor grad_energy, Tensor grad_entropy, Tensor logits, Tensor energy, "
-    "Tensor entropy, float temperature) -> Tensor",
-    "latent_mixup_fwd": "(Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar) -> Tensor",
-    "latent_mixup_bwd": "(Tensor grad_out, Tensor z, Tensor mask, Tensor psi, Tensor? s, float s_scalar, "
-    "bool z_grad, bool mask_grad, bool psi_grad, bool s_grad) "
-    "-> (Tensor grad_z, Tensor grad_mask, Tensor grad_psi, Tensor grad_s)",
-    "pixel_mixup_fwd": "(Tensor generated, Tensor real, Tensor? s, float s_scalar, Tensor? mean, "
-    "Tensor? std) -> Tensor",
-    "pixel_mixup_bwd": "(Tensor grad_out, Tensor generated, Tensor real, Tensor? s, float s_scalar, "
-    "Tensor? mean, Tensor? std, bool generated_grad, bool real_grad, bool s_grad) "
-    "-> (Tensor grad_generated, Tensor grad_real, Tensor grad_s)",
-    "topk_kd_loss_fwd": "(Tensor student, Tensor indices, Tensor values, Tensor? target, float temperature, "
-    "float alpha, int ignore_index, bool t2_scale, int values_format, int tail, int divergence) "
-    "-> (Tensor loss, Tensor stats)",
-    "topk_kd_loss_bwd": "(Tensor grad_loss, Tensor student, Tensor indices, Tensor values, Tensor? target, "
-    "Tensor stats, float temperature, float alpha, int ignore_index, bool t2_scale, int values_format, "
-    "int tail, int divergence) -> Tensor",
-}
+NAMESPACE = "augkd_triton"
 
 
 def _interpreting() -> bool:
@@ -211,7 +185,7 @@ def launch_enabled() -> bool:
 
 
 def register(name: str, fn: Callable) -> object:
-    """Register ``fn`` as ``augkd_triton::<name>`` with the schema of csrc/schemas.cpp.
+    """Register ``fn`` as ``augkd_triton::<name>`` with the schema of ``augkd.ops.specs``.
 
     Compiled Triton (the normal case): ``torch.library.triton_op``, so torch.compile traces into
     the launches (``wrap_triton``) and Inductor sees the kernels; ``fn`` doubles as the fake impl.
@@ -223,7 +197,7 @@ def register(name: str, fn: Callable) -> object:
     ``fn`` for its allocations only (launch_enabled() is False there). Same name, same schema.
     """
     qualname = f"{NAMESPACE}::{name}"
-    schema = SCHEMAS[name]
+    schema = SCHEMAS[name]  # as written (an inferred schema would say SymInt for int)
     if not INTERPRET:
         return torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
 

@@ -1,0 +1,91 @@
+"""What defines one op: its schemas, fakes, autograd glue, which inputs take gradients, its torch formula
+and a few small inputs. Every layer reads the op from here (the C++ schemas are checked against it by
+tests/test_op_specs.py, which reads csrc/schemas.cpp as text)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op family: `<family>_fwd` computes, `<family>_bwd` is its backward (not differentiable itself)."""
+
+    family: str
+    fwd_schema: str  # "(args) -> returns" exactly as in csrc/schemas.cpp, without the op name
+    bwd_schema: str
+    grad_inputs: tuple[str, ...]  # forward inputs the kernels differentiate (a "<name>_grad" flag each, if any)
+    reference: str  # "module:function": the torch formula of the forward (the torch backend, the tests' oracle)
+    fake_fwd: Callable  # shapes and dtypes only, for torch.compile / FakeTensor
+    fake_bwd: Callable
+    setup_context: Callable  # (ctx, inputs, output): what the backward keeps
+    backward_for: Callable  # bwd op -> backward(ctx, *grad_outputs) routing to it
+    samples: Callable[[bool], list]  # (requires_grad) -> small forward argument tuples for opcheck
+
+    @property
+    def fwd(self) -> str:
+        return f"{self.family}_fwd"
+
+    @property
+    def bwd(self) -> str:
+        return f"{self.family}_bwd"
+
+    @property
+    def schemas(self) -> dict[str, str]:
+        return {self.fwd: self.fwd_schema, self.bwd: self.bwd_schema}
+
+    @property
+    def fakes(self) -> dict[str, Callable]:
+        return {self.fwd: self.fake_fwd, self.bwd: self.fake_bwd}
+
+    def input_names(self, which: str = "fwd") -> tuple[str, ...]:
+        """The argument names of the forward ("fwd") or backward ("bwd") schema."""
+        schema = self.fwd_schema if which == "fwd" else self.bwd_schema
+        args = schema[schema.index("(") + 1:schema.index(")")]
+        return tuple(re.split(r"\s+", a.strip())[-1] for a in args.split(",") if a.strip())
+
+    def reference_function(self) -> Callable:
+        module, name = self.reference.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------- helpers the backward formulas share
+
+def zeros_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.zeros((rows,), dtype=like.dtype, device=like.device)
+
+
+def grad_or_empty(wanted: bool, like: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """A fake gradient: a *_bwd op returns an empty (0,) tensor for each gradient its flags did not ask for."""
+    return torch.empty_like(like) if wanted else fallback.new_empty((0,))
+
+
+def only(wanted: bool, grad: torch.Tensor):
+    """The gradient when it was asked for, else None (the op returned an empty placeholder)."""
+    return grad if wanted else None
+
+
+def graph_grads(compute, inputs, wanted, grad_outputs):
+    """Gradients of `compute()`'s outputs, weighted by `grad_outputs`, w.r.t. the `wanted` `inputs`,
+    recorded as a graph (the double-backward path). `compute` runs the torch formulas on the saved
+    inputs, so the graph reaches the inputs' own history and the incoming gradients."""
+    result = [None] * len(inputs)
+    targets = [x for x, w in zip(inputs, wanted) if w]
+    if not targets:
+        return result
+    with torch.enable_grad():
+        outputs = compute()
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        grads = (torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True) if pairs else [None] * len(targets))
+    found = iter(grads)
+    for i, w in enumerate(wanted):
+        if w:
+            g = next(found)
+            result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result
