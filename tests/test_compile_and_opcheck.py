@@ -1,5 +1,6 @@
-"""torch.library.opcheck of the kernel ops (schema, fake, autograd registration, AOT dispatch) and
-torch.compile(fullgraph=True) of functions that call the public ops."""
+"""torch.library.opcheck of every kernel op of every spec on every kernel backend here (schema, fake,
+autograd registration, AOT dispatch) and torch.compile(fullgraph=True) of functions that call the public
+ops."""
 
 from __future__ import annotations
 
@@ -7,42 +8,68 @@ import pytest
 import torch
 
 import augkd.ops as ops
-from augkd.ops import _extension, use_backend
+from augkd.ops import _extension, backends, use_backend
+from augkd.ops.specs import SPECS
 
-from .matrix import BACKENDS_HERE
+from .matrix import BACKEND_DEVICES, BACKENDS_HERE
 
 needs_extension = pytest.mark.skipif(not _extension.LOADED,
                                      reason=f"extension not loaded: {_extension.WHY_NOT_LOADED}")
 
-
-def _samples(grad: bool):
-    s = torch.randn(5, 13, requires_grad=grad)
-    t = torch.randn(5, 13, requires_grad=grad)
-    y = torch.tensor([0, 3, -100, 12, 7])
-    z, psi = torch.randn(4, 6, requires_grad=grad), torch.randn(4, 6, requires_grad=grad)
-    m = torch.rand(1, 6, requires_grad=grad)
-    sv = torch.rand(4, requires_grad=grad)
-    g, r = torch.rand(3, 2, 4, 4, requires_grad=grad), torch.rand(3, 2, 4, 4, requires_grad=grad)
-    mean, std = torch.tensor([0.4, 0.5]), torch.tensor([0.2, 0.3])
-    idx = torch.tensor([[0, 4, 2], [12, 1, 3], [5, 6, 7], [8, 0, 11], [9, 10, 2]])
-    val = torch.log_softmax(torch.randn(5, 13), -1).gather(-1, idx)
-    return {
-        "topk_kd_loss_fwd": [(s, idx, val, y, 2.0, 0.5, -100, True, 1, 1, 0), (s, idx, val, None, 1.0, 1.0, -100, False, 0, 0, 1)],
-        "kd_loss_fwd": [(s, t, y, 2.0, 0.5, -100, True, 0), (s, t, None, 1.0, 1.0, -100, False, 1)],
-        "uncertainty_fwd": [(s, 1.5)],
-        "latent_mixup_fwd": [(z, m, psi, sv, 0.0), (z, m.expand(4, 6).contiguous(), psi, None, 0.3)],
-        "pixel_mixup_fwd": [(g, r, sv[:3].detach().clone().requires_grad_(grad), 0.0, mean, std),
-                            (g, r, None, 0.25, None, None)],
-    }
+KERNEL_BACKEND_DEVICES = [c for c in BACKEND_DEVICES if c.values[0] != "torch"]
 
 
-@needs_extension
-@pytest.mark.parametrize("name", ["kd_loss_fwd", "uncertainty_fwd", "latent_mixup_fwd", "pixel_mixup_fwd",
-                                  "topk_kd_loss_fwd"])
-def test_opcheck_cpp_ops(name):
-    op = getattr(torch.ops.augkd, name).default
-    for args in _samples(grad=True)[name]:
-        torch.library.opcheck(op, args)
+def _on(device: str, args: tuple) -> tuple:
+    return tuple(a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def _bwd_calls(ns, spec, fwd_args) -> list:
+    """The arguments the registered autograd passes to `<family>_bwd` in a backward of the forward on
+    `fwd_args` (a random weight on every differentiable output), detached: opcheck's samples of the bwd op."""
+    calls = []
+    bwd_op = getattr(ns, spec.bwd).default
+
+    def recording_bwd(*args):
+        calls.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        return bwd_op(*args)
+
+    backward = spec.backward_for(recording_bwd)
+    fwd_op = getattr(ns, spec.fwd).default
+
+    class Recorded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.set_materialize_grads(False)
+            out = fwd_op(*inputs)
+            spec.setup_context(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    out = Recorded.apply(*fwd_args)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+    leaves = [a for a in fwd_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    torch.autograd.grad(sum((o * torch.randn_like(o)).sum() for o in outs), leaves, allow_unused=True)
+    return calls
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("family", SPECS)
+def test_opcheck(backend, device, family):
+    """Schema, fake, autograd registration and AOT dispatch of `<family>_fwd` and `<family>_bwd` on every
+    kernel backend here (the spec's sample inputs; the bwd op's inputs as its autograd passes them)."""
+    spec = SPECS[family]
+    ns = backends.load(backend)
+    samples = [_on(device, args) for args in spec.samples(True)]
+    for args in samples:
+        torch.library.opcheck(getattr(ns, spec.fwd).default, args)
+        calls = _bwd_calls(ns, spec, args)
+        assert calls, f"{spec.fwd}'s backward never called {spec.bwd}"
+        for bwd_args in calls:
+            torch.library.opcheck(getattr(ns, spec.bwd).default, bwd_args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
