@@ -1,4 +1,4 @@
-"""latent_mixup / anchor_mix / pixel_mixup on every backend here against float64 references,
+"""latent_mixup / anchor_mix / pixel_mixup on every (backend, device) here against float64 references,
 covering every broadcasting case (mask (B,L)/(1,L); s float, per-sample, single-element tensor)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from augkd.ops import _extension, anchor_mix, backends, latent_mixup, pixel_mixup, use_backend
 
-from .matrix import BACKENDS_HERE, as_leaf, assert_close, small_enough
+from .matrix import BACKEND_DEVICES, BACKENDS_HERE, as_leaf, assert_close, interpreted, small_enough
 
 LATENTS = [1, 100, 256, 4096]
 S_KINDS = ["0", "0.3", "1", "per_sample", "per_sample_flat", "single_tensor"]
@@ -36,32 +36,32 @@ def independent_latent(z, m, psi, s):
 
 def grads_of(out, leaves, seed=7):
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     return torch.autograd.grad(out, leaves, g, allow_unused=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("width", LATENTS)
 @pytest.mark.parametrize("mask_rows", ["B", "1"])
 @pytest.mark.parametrize("s_kind", S_KINDS)
-def test_latent_mixup(backend, width, mask_rows, s_kind):
+def test_latent_mixup(backend, device, width, mask_rows, s_kind):
     rows = 5
-    small_enough(backend, rows * width)
+    small_enough(backend, rows, width)
     gen = torch.Generator().manual_seed(width + len(s_kind))
     z = torch.randn(rows, width, generator=gen, dtype=torch.float64)
     psi = torch.randn(rows, width, generator=gen, dtype=torch.float64)
     mask = torch.rand(rows if mask_rows == "B" else 1, width, generator=gen, dtype=torch.float64)
     s = make_s(s_kind, rows, (rows, 1), gen)
 
-    def evaluate(fn, dtype):
-        leaves = [as_leaf(x, dtype) for x in (z, mask, psi)]
-        s_ = as_leaf(s, dtype) if isinstance(s, torch.Tensor) else s
+    def evaluate(fn, dtype, device="cpu"):
+        leaves = [as_leaf(x, dtype, device=device) for x in (z, mask, psi)]
+        s_ = as_leaf(s, dtype, device=device) if isinstance(s, torch.Tensor) else s
         out = fn(*leaves, s_)
         all_leaves = leaves + ([s_] if isinstance(s, torch.Tensor) else [])
         return out, grads_of(out, all_leaves)
 
     with use_backend(backend):
-        out, grads = evaluate(latent_mixup, torch.float32)
+        out, grads = evaluate(latent_mixup, torch.float32, device)
     ref, ref_grads = evaluate(independent_latent, torch.float64)
     assert out.dtype == torch.float32
     assert_close(out, ref, torch.float32, "output")
@@ -74,10 +74,10 @@ LATENT_INPUTS = ("z", "mask", "psi", "s")
 SUBSETS = [w for n in range(1, 5) for w in itertools.combinations(LATENT_INPUTS, n)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("mask_rows", ["B", "1"])
 @pytest.mark.parametrize("wanted", SUBSETS, ids=lambda w: "+".join(w))
-def test_latent_mixup_only_wanted_gradients(backend, mask_rows, wanted):
+def test_latent_mixup_only_wanted_gradients(backend, device, mask_rows, wanted):
     """Inputs that need no gradient get none (the backward skips them), the others stay exact."""
     gen = torch.Generator().manual_seed(len(wanted) * 7 + len(mask_rows))
     rows, width = 6, 37  # odd width: vector tails on every backend
@@ -86,13 +86,13 @@ def test_latent_mixup_only_wanted_gradients(backend, mask_rows, wanted):
               "psi": torch.randn(rows, width, generator=gen, dtype=torch.float64),
               "s": torch.rand(rows, 1, generator=gen, dtype=torch.float64)}
 
-    def evaluate(fn, dtype):
-        leaves = {k: as_leaf(v, dtype, requires_grad=k in wanted) for k, v in values.items()}
+    def evaluate(fn, dtype, device="cpu"):
+        leaves = {k: as_leaf(v, dtype, requires_grad=k in wanted, device=device) for k, v in values.items()}
         out = fn(*(leaves[k] for k in LATENT_INPUTS))
         return out, dict(zip(wanted, grads_of(out, [leaves[k] for k in wanted]))), leaves
 
     with use_backend(backend):
-        out, grads, leaves = evaluate(latent_mixup, torch.float32)
+        out, grads, leaves = evaluate(latent_mixup, torch.float32, device)
     ref, ref_grads, _ = evaluate(independent_latent, torch.float64)
     assert_close(out, ref, torch.float32, "output")
     for name in wanted:
@@ -104,9 +104,9 @@ PIXEL_INPUTS = ("generated", "real", "s")
 PIXEL_SUBSETS = [w for n in range(1, 4) for w in itertools.combinations(PIXEL_INPUTS, n)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("wanted", PIXEL_SUBSETS, ids=lambda w: "+".join(w))
-def test_pixel_mixup_only_wanted_gradients(backend, wanted):
+def test_pixel_mixup_only_wanted_gradients(backend, device, wanted):
     gen = torch.Generator().manual_seed(len(wanted))
     shape, mean, std = (3, 2, 5, 7), [0.3, 0.6], [0.5, 2.0]
     values = {"generated": torch.rand(shape, generator=gen, dtype=torch.float64),
@@ -118,13 +118,13 @@ def test_pixel_mixup_only_wanted_gradients(backend, wanted):
         return ((1 - s_) * g_ + s_ * r_ - torch.tensor(mean, dtype=g_.dtype).view(view)) / torch.tensor(
             std, dtype=g_.dtype).view(view)
 
-    def evaluate(fn, dtype):
-        leaves = {k: as_leaf(v, dtype, requires_grad=k in wanted) for k, v in values.items()}
+    def evaluate(fn, dtype, device="cpu"):
+        leaves = {k: as_leaf(v, dtype, requires_grad=k in wanted, device=device) for k, v in values.items()}
         out = fn(*(leaves[k] for k in PIXEL_INPUTS))
         return out, dict(zip(wanted, grads_of(out, [leaves[k] for k in wanted])))
 
     with use_backend(backend):
-        out, grads = evaluate(lambda g_, r_, s_: pixel_mixup(g_, r_, s_, mean=mean, std=std), torch.float32)
+        out, grads = evaluate(lambda g_, r_, s_: pixel_mixup(g_, r_, s_, mean=mean, std=std), torch.float32, device)
     ref, ref_grads = evaluate(independent, torch.float64)
     assert_close(out, ref, torch.float32, "output")
     for name in wanted:
@@ -207,11 +207,11 @@ def test_anchor_mix_is_latent_mixup_at_zero(backend):
 IMAGES = [(3, 3, 32, 32), (4, 1, 16, 16), (2, 3, 7, 5), (1, 2, 1, 1)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("shape", IMAGES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("s_kind", S_KINDS)
 @pytest.mark.parametrize("normalise", [False, True])
-def test_pixel_mixup(backend, shape, s_kind, normalise):
+def test_pixel_mixup(backend, device, shape, s_kind, normalise):
     rows, channels = shape[:2]
     gen = torch.Generator().manual_seed(sum(shape) + len(s_kind))
     g = torch.rand(shape, generator=gen, dtype=torch.float64)
@@ -228,14 +228,14 @@ def test_pixel_mixup(backend, shape, s_kind, normalise):
                 std, dtype=out.dtype).view(1, -1, 1, 1)
         return out
 
-    def evaluate(fn, dtype):
-        leaves = [as_leaf(x, dtype) for x in (g, r)]
-        s_ = as_leaf(s, dtype) if isinstance(s, torch.Tensor) else s
+    def evaluate(fn, dtype, device="cpu"):
+        leaves = [as_leaf(x, dtype, device=device) for x in (g, r)]
+        s_ = as_leaf(s, dtype, device=device) if isinstance(s, torch.Tensor) else s
         out = fn(*leaves, s_)
         return out, grads_of(out, leaves + ([s_] if isinstance(s, torch.Tensor) else []))
 
     with use_backend(backend):
-        out, grads = evaluate(lambda a, b, c: pixel_mixup(a, b, c, mean=mean, std=std), torch.float32)
+        out, grads = evaluate(lambda a, b, c: pixel_mixup(a, b, c, mean=mean, std=std), torch.float32, device)
     ref, ref_grads = evaluate(independent, torch.float64)
     assert_close(out, ref, torch.float32, "output")
     for name, gr, rr in zip(("generated", "real", "s"), grads, ref_grads):
@@ -243,16 +243,17 @@ def test_pixel_mixup(backend, shape, s_kind, normalise):
         assert_close(gr, rr, torch.float32, f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_dtypes(backend, dtype):
-    if backend == "triton" and dtype != torch.float32:
-        pytest.skip("the Triton interpreter supports float32 only; GPU tests cover half precision")
+def test_dtypes(backend, device, dtype):
+    if interpreted(backend, device) and dtype != torch.float32:
+        pytest.skip("the Triton interpreter supports float32 only; the GPU matrix runs half precision")
     z, psi, m = torch.randn(8, 64).to(dtype), torch.randn(8, 64).to(dtype), torch.rand(1, 64).to(dtype)
     s = torch.rand(8, 1).to(dtype)
     with use_backend(backend):
-        out = latent_mixup(z, m, psi, s)
-        img = pixel_mixup(z.view(8, 1, 8, 8), psi.view(8, 1, 8, 8), 0.3, mean=[0.5], std=[0.25])
+        out = latent_mixup(z.to(device), m.to(device), psi.to(device), s.to(device))
+        img = pixel_mixup(z.view(8, 1, 8, 8).to(device), psi.view(8, 1, 8, 8).to(device), 0.3, mean=[0.5],
+                          std=[0.25])
     assert out.dtype == dtype and img.dtype == dtype
     ref = independent_latent(z.double(), m.double(), psi.double(), s.double())
     assert_close(out, ref, dtype, "latent")
@@ -325,10 +326,10 @@ def test_bad_input(name, call, error, message):
         call()
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
-def test_empty_batch(backend):
-    z = torch.randn(0, 4, requires_grad=True)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_empty_batch(backend, device):
+    z = torch.randn(0, 4, device=device, requires_grad=True)
     with use_backend(backend):
-        out = latent_mixup(z, torch.rand(1, 4), torch.randn(0, 4), 0.5)
-        img = pixel_mixup(torch.rand(0, 3, 2, 2), torch.rand(0, 3, 2, 2), 0.5)
+        out = latent_mixup(z, torch.rand(1, 4, device=device), torch.randn(0, 4, device=device), 0.5)
+        img = pixel_mixup(torch.rand(0, 3, 2, 2, device=device), torch.rand(0, 3, 2, 2, device=device), 0.5)
     assert out.shape == (0, 4) and img.shape == (0, 3, 2, 2)

@@ -1,4 +1,4 @@
-"""topk_kd_loss on every backend here against float64: the torch formula (itself checked against dense
+"""topk_kd_loss on every (backend, device) here against float64: the torch formula (itself checked against dense
 formulas written independently below), values and student gradients, every tail x divergence x values format,
 -inf-masked student classes, ignored rows, (B, T, V) inputs, reductions, and the argument checks."""
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from augkd.ops import TopKKDLoss, topk_kd_loss, use_backend
 
-from .matrix import BACKENDS_HERE, as_leaf, assert_close, small_enough
+from .matrix import BACKEND_DEVICES, BACKENDS_HERE, as_leaf, assert_close, interpreted, on, small_enough
 
 
 @pytest.fixture(autouse=True)
@@ -36,19 +36,19 @@ def make(lead, vocab, k, *, seed=0, scale=2.0, ignored=0.3, values="log_probs"):
     return s, idx, val, y
 
 
-def run(backend, s, idx, val, y, dtype, cfg, grad_seed=1):
-    s_ = as_leaf(s, dtype)
+def run(backend, s, idx, val, y, dtype, cfg, grad_seed=1, device="cpu"):
+    s_ = as_leaf(s, dtype, device=device)
     with use_backend(backend):
-        loss = topk_kd_loss(s_, idx, val, y, **cfg)
+        loss = topk_kd_loss(s_, on(device, idx), on(device, val), on(device, y), **cfg)
     gen = torch.Generator().manual_seed(grad_seed)
-    grad_out = (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.dtype)
+    grad_out = (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(device, loss.dtype)
     (g,) = torch.autograd.grad(loss, [s_], grad_out)
     return loss, g
 
 
-def check(backend, lead, vocab, k, cfg, dtype=torch.float32, **kw):
+def check(backend, lead, vocab, k, cfg, dtype=torch.float32, device="cpu", **kw):
     s, idx, val, y = make(lead, vocab, k, values=cfg.get("values", "log_probs"), **kw)
-    loss, g = run(backend, s, idx, val, y, dtype, cfg)
+    loss, g = run(backend, s, idx, val, y, dtype, cfg, device=device)
     ref, rg = run("torch", s, idx, val, y, torch.float64, cfg)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert g.dtype == dtype and g.shape == s.shape
@@ -64,39 +64,40 @@ GRID = [dict(tail=tl, divergence=dv, values=vf, temperature=t, alpha=a, reductio
             (1.0, 3.0), (1.0, 0.5, 0.0), ("none", "token_mean"))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("cfg", GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_grid_matches_float64(backend, cfg):
-    check(backend, (9,), 41, 6, cfg, seed=GRID.index(cfg))
+def test_grid_matches_float64(backend, device, cfg):
+    check(backend, (9,), 41, 6, cfg, seed=GRID.index(cfg), device=device)
 
 
 SHAPES = [((1,), 1, 1), ((3,), 2, 2), ((5,), 3000, 64), ((2,), 9000, 17), ((4, 3), 257, 16)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("lead,vocab,k", SHAPES, ids=[f"{l}-V{v}-k{k}" for l, v, k in SHAPES])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
-def test_shapes(backend, lead, vocab, k, tail):
-    small_enough(backend, math.prod(lead) * vocab)
+def test_shapes(backend, device, lead, vocab, k, tail):
+    small_enough(backend, math.prod(lead), vocab)
     cfg = dict(tail=tail, divergence="kl" if vocab % 2 else "reverse_kl", temperature=2.0, alpha=0.5,
                reduction="batchmean")
     if k == vocab and tail == "bucket":
         pytest.skip("k == V: the student's outside mass is exactly 0 (log 0); covered by renormalize")
-    check(backend, lead, vocab, k, cfg, seed=vocab)
+    check(backend, lead, vocab, k, cfg, seed=vocab, device=device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_dtypes(backend, dtype):
-    if backend == "triton" and dtype != torch.float32:
-        pytest.skip("the Triton interpreter supports float32 only (bf16 loads are wrong in numpy); GPU tests cover it")
+def test_dtypes(backend, device, dtype):
+    if interpreted(backend, device) and dtype != torch.float32:
+        pytest.skip("the Triton interpreter supports float32 only (bf16 loads are wrong in numpy); the GPU "
+                    "matrix runs it")
     cfg = dict(tail="bucket", divergence="kl", temperature=2.0, alpha=0.5, reduction="mean")
-    check(backend, (16,), 500, 32, cfg, dtype=dtype, scale=1.0)
+    check(backend, (16,), 500, 32, cfg, dtype=dtype, scale=1.0, device=device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
-def test_masked_student_classes(backend, divergence):
+def test_masked_student_classes(backend, device, divergence):
     """-inf student logits off the k indices (a masked vocabulary) behave as absent classes."""
     s, idx, val, y = make((6,), 30, 5)
     masked = torch.ones(30, dtype=torch.bool)
@@ -105,9 +106,9 @@ def test_masked_student_classes(backend, divergence):
     off = masked.nonzero().reshape(-1)[:4]
     s[:, off] = -math.inf
     cfg = dict(tail="bucket", divergence=divergence, temperature=2.0, alpha=0.5, reduction="sum")
-    loss, g = run(backend, s, idx, val, y, torch.float32, cfg)
+    loss, g = run(backend, s, idx, val, y, torch.float32, cfg, device=device)
     ref, rg = run("torch", s, idx, val, y, torch.float64, cfg)
-    assert torch.isfinite(loss) and torch.all(g[:, off] == 0)
+    assert torch.isfinite(loss) and torch.all(g[:, off.to(g.device)] == 0)
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(g, rg, torch.float32, "grad student")
 
@@ -121,10 +122,10 @@ def test_teacher_mass_on_a_masked_student_class_is_infinite(backend):
     assert torch.isinf(rows[1]) and rows[1] > 0 and torch.isfinite(rows[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
-def test_all_rows_ignored(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_all_rows_ignored(backend, device):
     s, idx, val, y = make((5,), 20, 4, ignored=1.1)
-    loss, g = run(backend, s, idx, val, y, torch.float32, dict(alpha=0.5, reduction="mean"))
+    loss, g = run(backend, s, idx, val, y, torch.float32, dict(alpha=0.5, reduction="mean"), device=device)
     assert float(loss.detach()) == 0.0 and torch.all(g == 0)
 
 

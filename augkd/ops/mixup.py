@@ -47,6 +47,17 @@ def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a.to(common), b.to(common)
 
 
+def _checked_pair(op: str, first: str, a, second: str, b, rank: int, shape: str):
+    """The two mixed inputs: tensors, `first` of `rank` dimensions (`shape` in words), `second` of the same
+    shape and device; returned in their promoted dtype."""
+    _checks.tensor(op, first, a)
+    _checks.tensor(op, second, b)
+    if a.dim() != rank:
+        raise ValueError(f"{op}: {first} must have shape {shape}, got {tuple(a.shape)}")
+    _checks.same(op, second, b, first, a, dtype=False)
+    return _promoted(a, b)
+
+
 def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> torch.Tensor:
     """``(1 - s) * (mask * psi + (1 - mask) * z) + s * z`` in one kernel.
 
@@ -58,13 +69,8 @@ def latent_mixup(z: torch.Tensor, mask: torch.Tensor, psi: torch.Tensor, s) -> t
         s: mixup factor: a float, or per-sample (B, 1) / (B,) tensor. s = 0 gives the anchor output, s = 1 z.
     """
     op = "latent_mixup"
-    _checks.tensor(op, "z", z)
-    _checks.tensor(op, "psi", psi)
     _checks.tensor(op, "mask", mask)
-    if z.dim() != 2:
-        raise ValueError(f"{op}: z must have shape (B, L), got {tuple(z.shape)}")
-    _checks.same(op, "psi", psi, "z", z, dtype=False)
-    z, psi = _promoted(z, psi)
+    z, psi = _checked_pair(op, "z", z, "psi", psi, 2, "(B, L)")
     rows, width = z.shape
     if mask.device != z.device:
         raise ValueError(f"{op}: mask must be on {z.device}, got {mask.device}")
@@ -109,12 +115,7 @@ def pixel_mixup(generated: torch.Tensor, real: torch.Tensor, s, mean: Sequence[f
         mean, std: per-channel normalisation (C values each) or None (0 and 1).
     """
     op = "pixel_mixup"
-    _checks.tensor(op, "generated", generated)
-    _checks.tensor(op, "real", real)
-    if generated.dim() != 4:
-        raise ValueError(f"{op}: generated must have shape (B, C, H, W), got {tuple(generated.shape)}")
-    _checks.same(op, "real", real, "generated", generated, dtype=False)
-    generated, real = _promoted(generated, real)
+    generated, real = _checked_pair(op, "generated", generated, "real", real, 4, "(B, C, H, W)")
     rows, channels = generated.shape[:2]
     mean_t = _channel_vector(op, "mean", mean, channels, generated)
     std_t = _channel_vector(op, "std", std, channels, generated)

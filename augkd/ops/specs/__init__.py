@@ -7,16 +7,20 @@ needs torch only (no Triton, no compiled extension). Adding an op: docs/adding-a
 
 from __future__ import annotations
 
-from . import kd_loss, latent_mixup, pixel_mixup, topk_kd_loss, uncertainty
+import importlib
+
 from ._spec import OpSpec
 
-SPECS: dict[str, OpSpec] = {spec.family: spec for spec in (
-    kd_loss.SPEC,
-    uncertainty.SPEC,
-    latent_mixup.SPEC,
-    pixel_mixup.SPEC,
-    topk_kd_loss.SPEC,
-)}
+# the op families, one module each (augkd/ops/specs/<family>.py holding SPEC): one line per op
+FAMILIES = (
+    "kd_loss",
+    "uncertainty",
+    "latent_mixup",
+    "pixel_mixup",
+    "topk_kd_loss",
+)
+
+SPECS: dict[str, OpSpec] = {family: importlib.import_module(f"{__name__}.{family}").SPEC for family in FAMILIES}
 
 # every registered op name: <family>_fwd, <family>_bwd for each family
 OP_NAMES: tuple[str, ...] = tuple(name for spec in SPECS.values() for name in (spec.fwd, spec.bwd))

@@ -106,9 +106,25 @@ def scalar(hi, lo, ACC: tl.constexpr):
 
 
 # Numerics shared with the other backends (augkd/ops/reference.py, docs/ops-design.md "Precision").
-# (Triton makes a Python float literal an fp32 constant: fp64-exact coefficients are built with tl.full.)
 REFINE_RATIO: tl.constexpr = tl.constexpr(1.0 / 64)
 PHI_SERIES_MAX: tl.constexpr = tl.constexpr(0.25)
+
+
+# Taylor coefficients, highest power first. Triton makes a Python float literal an fp32 constant, so horner()
+# builds each in the compute dtype with tl.full (fp64-exact in fp64 kernels).
+EXPM1_TERMS: tl.constexpr = tl.constexpr(13)
+EXPM1_COEFFS: tl.constexpr = tl.constexpr(tuple(1.0 / math.factorial(n) for n in range(13, 0, -1)))  # 1/n!
+PHI_TERMS: tl.constexpr = tl.constexpr(11)
+PHI_COEFFS: tl.constexpr = tl.constexpr(tuple((n - 1) / math.factorial(n) for n in range(12, 1, -1)))  # (n-1)/n!
+
+
+@triton.jit
+def horner(x, COEFFS: tl.constexpr, TERMS: tl.constexpr):
+    """sum_i COEFFS[i] x^(TERMS - 1 - i) by Horner's rule, in x's dtype."""
+    p = tl.full([], COEFFS[0], x.dtype)
+    for i in tl.static_range(1, TERMS):
+        p = p * x + tl.full([], COEFFS[i], x.dtype)
+    return p
 
 
 @triton.jit
@@ -116,37 +132,13 @@ def expm1(x):
     """exp(x) - 1 accurate near 0 (Taylor to x^13 for |x| < 0.35, where exp(x) - 1 would cancel)."""
     small = tl.abs(x) < 0.35
     z = tl.where(small, x, 0.0)
-    p = tl.full([], 1.0 / 6227020800.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 479001600.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 39916800.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 3628800.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 362880.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 40320.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 5040.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 720.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 120.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 24.0, z.dtype)
-    p = p * z + tl.full([], 1.0 / 6.0, z.dtype)
-    p = p * z + tl.full([], 0.5, z.dtype)
-    p = p * z + tl.full([], 1.0, z.dtype)
-    return tl.where(small, z * p, tl.exp(x) - 1.0)
+    return tl.where(small, z * horner(z, EXPM1_COEFFS, EXPM1_TERMS), tl.exp(x) - 1.0)
 
 
 @triton.jit
 def phi_series(x):
     """phi(x) = 1 + (x - 1) e^x = x^2 sum_n (n - 1) / n! x^(n - 2), n = 2 .. 12 (for |x| <= 0.25)."""
-    p = tl.full([], 1.0 / 43545600.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 3991680.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 403200.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 45360.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 5760.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 840.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 144.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 30.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 8.0, x.dtype)
-    p = p * x + tl.full([], 1.0 / 3.0, x.dtype)
-    p = p * x + tl.full([], 0.5, x.dtype)
-    return x * x * p
+    return x * x * horner(x, PHI_COEFFS, PHI_TERMS)
 
 
 @triton.jit

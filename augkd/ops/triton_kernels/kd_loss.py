@@ -44,26 +44,32 @@ def _center(m):
 
 
 @triton.jit
+def _load_block(s_row, t_row, start, C, ACC: tl.constexpr, FORMAT: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [start, start + BLOCK) of a row: the student's s and the teacher's v in the compute dtype;
+    lanes past C read -inf for both (they add nothing to any sum)."""
+    offs = start + tl.arange(0, BLOCK)
+    inb = offs < C
+    s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(ACC)
+    t_other = 0.0 if FORMAT == 2 else float("-inf")  # log 0 = -inf for probabilities
+    t = tl.load(t_row + offs, mask=inb, other=t_other).to(ACC)
+    return s, _teacher_logits(t, FORMAT)
+
+
+@triton.jit
 def _refine_kl(s_row, t_row, C, temp, m_s, m_t, log_ds, log_dt,
                ACC: tl.constexpr, FORMAT: tl.constexpr, BLOCK: tl.constexpr):
     """Second sweep (docs/ops-design.md, "Precision"): with rho = (a - b) - L_hat,
     S0 = sum (p_t - p_s), S2 = sum p_s phi(rho) (every term >= 0); KL = S2 / (1 + S0) + h(S0) (clamped at 0
     against rounding) and L = L_hat + log1p(S0), exact for any L_hat."""
-    neg_inf = float("-inf")
-    t_other = 0.0 if FORMAT == 2 else neg_inf
     cs = _center(m_s)
     ct = _center(m_t)
     l_hat = log_dt - log_ds
     s0 = tl.zeros([], dtype=ACC)
     s2 = tl.zeros([], dtype=ACC)
-    cols = tl.arange(0, BLOCK)
     for start in range(0, C, BLOCK):
-        offs = start + cols
-        inb = offs < C
-        s = tl.load(s_row + offs, mask=inb, other=neg_inf).to(ACC)
-        t = tl.load(t_row + offs, mask=inb, other=t_other).to(ACC)
+        s, v = _load_block(s_row, t_row, start, C, ACC, FORMAT, BLOCK)
         b = (s - cs) / temp
-        a = (_teacher_logits(t, FORMAT) - ct) / temp
+        a = (v - ct) / temp
         p_s = tl.exp(b - log_ds)
         p_t = tl.exp(a - log_dt)
         absent = (p_s + p_t) == 0
@@ -94,7 +100,6 @@ def _kd_loss_fwd_kernel(
     temp = cm.scalar(temperature, temperature_lo, ACC)
     a_w = cm.scalar(alpha, alpha_lo, ACC)
     neg_inf = float("-inf")
-    t_other = 0.0 if FORMAT == 2 else neg_inf  # masked lanes: v = -inf either way
 
     zero = tl.zeros([], dtype=ACC)
     m_s = zero + neg_inf  # running max of s; d_s = sum exp((s - M_s) / T)
@@ -104,13 +109,8 @@ def _kd_loss_fwd_kernel(
     acc_a = zero  # A = sum exp(a) (a - b)
     d_1 = zero  # sum exp(s - M_s) for the CE term when T != 1
 
-    cols = tl.arange(0, BLOCK)
     for start in range(0, C, BLOCK):
-        offs = start + cols
-        inb = offs < C
-        s = tl.load(s_row + offs, mask=inb, other=neg_inf).to(ACC)
-        t = tl.load(t_row + offs, mask=inb, other=t_other).to(ACC)
-        v = _teacher_logits(t, FORMAT)
+        s, v = _load_block(s_row, t_row, start, C, ACC, FORMAT, BLOCK)
 
         # new maxima; a sum that is still 0 belongs to a max of -inf: rescale it to 0. Comparing d == 0
         # (not m == -inf) keeps a NaN sum NaN.

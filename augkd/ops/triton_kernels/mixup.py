@@ -196,14 +196,8 @@ def _pixel_launch(grad_out, gen, real, s, s_scalar, mean, std, outs, backward: b
     )
 
 
-def _pixel_mixup_fwd(
-    generated: Tensor,
-    real: Tensor,
-    s: Optional[Tensor],
-    s_scalar: float,
-    mean: Optional[Tensor],
-    std: Optional[Tensor],
-) -> Tensor:
+def _pixel_mixup_fwd(generated: Tensor, real: Tensor, s: Optional[Tensor], s_scalar: float, mean: Optional[Tensor],
+                     std: Optional[Tensor]) -> Tensor:
     generated, real, s, mean, std = cm.contig(generated, real, s, mean, std)
     out = torch.empty_like(generated)
     if generated.numel() > 0 and cm.launch_enabled():
@@ -211,18 +205,9 @@ def _pixel_mixup_fwd(
     return out
 
 
-def _pixel_mixup_bwd(
-    grad_out: Tensor,
-    generated: Tensor,
-    real: Tensor,
-    s: Optional[Tensor],
-    s_scalar: float,
-    mean: Optional[Tensor],
-    std: Optional[Tensor],
-    generated_grad: bool,
-    real_grad: bool,
-    s_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _pixel_mixup_bwd(grad_out: Tensor, generated: Tensor, real: Tensor, s: Optional[Tensor], s_scalar: float,
+                     mean: Optional[Tensor], std: Optional[Tensor], generated_grad: bool, real_grad: bool,
+                     s_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     grad_out, generated, real, s, mean, std = cm.contig(grad_out, generated, real, s, mean, std)
     B, NC = generated.shape[0], generated.shape[1]
     HW = math.prod(generated.shape[2:])
