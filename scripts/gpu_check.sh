@@ -12,7 +12,10 @@ python3 -c "import torch; print(torch.__version__, torch.version.cuda)" || pytho
 python3 -m pip install -q numpy pytest pytest-benchmark ninja 2>/dev/null
 time python3 setup.py build_ext --inplace 2>&1 | tail -5 | tee "$OUT/build.txt"
 python3 -m augkd.ops | tee "$OUT/backends.txt"
-timeout 300 python3 -m pytest -q tests/test_gpu.py tests/test_build.py "tests/test_numerics.py" -k "gpu or not test_numerics" -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+# the shared matrix on CUDA tensors (ids *-cuda), what only a GPU shows (test_gpu.py), the build
+timeout 600 python3 -m pytest -q tests/test_gpu.py tests/test_build.py tests/test_numerics.py tests/test_kd_loss.py \
+  tests/test_uncertainty.py tests/test_mixup.py tests/test_topk_kd_loss.py tests/test_compile_and_opcheck.py \
+  -k "gpu or cuda or test_build" -x 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
 # LLM distillation: topk_kd_loss on both GPU backends, fused_linear_kd_loss with GPU heads
 timeout 150 python3 -m pytest -q tests/test_gpu_llm.py -x 2>&1 | tail -30 | tee "$OUT/gpu_tests_llm.txt"
 timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --out "$OUT/gpu_bench.md" \
