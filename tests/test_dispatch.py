@@ -76,3 +76,35 @@ def test_status_report_lists_every_backend():
     for name in ("triton", "cuda", "cpu", "torch"):
         assert f"\n{name}" in out.stdout, out.stdout
     assert "auto on cpu:" in out.stdout
+
+
+def test_reasons_are_structured():
+    """A reason says why in a field (never parsed back from its text); str() gives the message."""
+    reason = backends.why_unavailable("cuda", torch.device("cpu"))
+    assert isinstance(reason, backends.Unavailable) and reason.why is backends.Why.WRONG_DEVICE
+    assert str(reason) == "the cuda backend runs CUDA tensors; got a cpu tensor"
+    assert backends.why_unavailable("torch", torch.device("cpu")) is None
+    if not _extension.LOADED:
+        assert backends.why_unavailable("cpu", torch.device("cpu")).why is backends.Why.NO_EXTENSION
+    with pytest.raises(ValueError, match="unknown backend 'numpy'"):
+        backends.why_unavailable("numpy", torch.device("cpu"))
+
+
+def test_status_lists_each_backend_once_per_device_it_targets():
+    rows = backends.status()
+    assert len({(r.name, r.device) for r in rows}) == len(rows)
+    assert {r.name for r in rows} == set(backends.BACKENDS)
+    assert all(r.detail == "ready" for r in rows if r.available)
+
+
+def test_choosing_and_naming_a_backend_import_nothing():
+    """select() for CPU tensors and namespace() never import Triton; load_triton() is the place that does."""
+    code = ("import sys, torch, augkd.ops as ops\n"
+            "from augkd.ops import backends\n"
+            "ops.kd_loss(torch.randn(3, 4), torch.randn(3, 4))\n"
+            "names = [backends.namespace(b) for b in ('triton', 'cuda', 'cpu')]\n"
+            "print(names, 'triton' in sys.modules, 'augkd.ops.triton_kernels' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['augkd_triton', 'augkd', 'augkd'] False False", out.stdout
