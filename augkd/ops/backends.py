@@ -75,20 +75,12 @@ class Backend:
         return (self.devices is None or device_type in self.devices
                 or (explicit and device_type in self.explicit_devices()))
 
-    def why_unavailable(self, device: torch.device, explicit: bool = True) -> Unavailable | None:
-        if not self.runs(device.type, explicit):
+    def why_unavailable(self, device: torch.device) -> Unavailable | None:
+        """None when asking for this backend by name can run `device` tensors, else why not."""
+        if not self.runs(device.type, explicit=True):
             return Unavailable(Why.WRONG_DEVICE,
                                f"the {self.name} backend runs {self.device_note}; got a {device.type} tensor")
         return self.probe()
-
-
-# ---------------------------------------------------------------- the requested backend, per thread
-
-def _parse(name: str, source: str) -> str:
-    value = name.strip().lower()
-    if value not in CHOICES:
-        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {name!r}")
-    return value
 
 
 # ---------------------------------------------------------------- availability probes
@@ -159,6 +151,16 @@ TABLE: dict[str, Backend] = {b.name: b for b in (
 _AUTO_ORDER = tuple(sorted(TABLE.values(), key=lambda b: b.priority))
 BACKENDS = tuple(TABLE)
 CHOICES = ("auto",) + BACKENDS
+
+
+# ---------------------------------------------------------------- the requested backend, per thread
+
+def _parse(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {name!r}")
+    return value
+
 
 _default: str = _parse(os.environ.get("AUGKD_BACKEND", "auto") or "auto", "AUGKD_BACKEND")
 
