@@ -6,6 +6,7 @@ edited in one place and not the other fails here first.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import re
@@ -13,7 +14,7 @@ import re
 import pytest
 import torch
 
-from augkd.ops import _extension
+from augkd.ops import _extension, backends
 from augkd.ops.specs import OP_NAMES, SCHEMAS, SPECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +103,18 @@ def test_reference_and_samples_exist(family):
         assert len(args) == len(spec.input_names("fwd")), f"{family}: sample of {len(args)} arguments"
         out = spec.fake_fwd(*args)  # the fake accepts the samples
         assert out is not None
+
+
+def test_triton_registers_every_spec_op():
+    """A spec'd op without its Triton kernels would make the whole Triton backend unavailable, and its tests
+    skip: where Triton can run, loading it must succeed and register every op of every spec."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set: Triton cannot run here")
+    assert backends.load_triton() == ""
+    from augkd.ops import triton_kernels
+
+    assert tuple(triton_kernels.OPS) == OP_NAMES
+    for name, op in triton_kernels.OPS.items():
+        assert _normalise(str(op.default._schema)) == f"augkd_triton::{name}" + _normalise(SCHEMAS[name])
