@@ -17,6 +17,7 @@
 
 #include "load_store.cuh"
 #include "reduce.cuh"
+#include "row_reduce.cuh"
 
 namespace augkd::cuda {
 
@@ -339,79 +340,51 @@ AUGKD_HD void kd_refine_write(const KdFwdParams<T>& p, int64_t row, const Refine
   p.loss[row] = kd_row_loss(p, st, kl, y, s_y);
 }
 
-// Second sweep over the rows whose one-pass KL is ill-conditioned (the others return at once).
-template <typename T, RowMode MODE>
-__global__ void __launch_bounds__(kMaxRowThreads, 1) kd_loss_refine_kernel(const KdFwdParams<T> p) {
-  using A = acc_type<T>;
-  using State = RefineState<A>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(p.cols);
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    if (!kd_needs_refine(p.stats + row * kKdStats)) continue;  // the same for the whole group
-    KdRefineVisitor<T> v = kd_refine_visitor(p, row);
-    sweep_range<kVec<T>, kKdUnroll>(v.s_row, 0, p.cols, grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) kd_refine_write(p, row, st);
-  }
-}
-
+// The forward of kd_loss and its refine sweep as ops of the row skeleton (row_reduce.cuh).
 // NEED1: the CE needs its own logsumexp(s) (target given and T != 1).
-template <typename T, RowMode MODE, bool NEED1>
-__global__ void __launch_bounds__(kMaxRowThreads, 1)
-    kd_loss_fwd_kernel(const KdFwdParams<T> p, int64_t part_cols, KdState<acc_type<T>, NEED1>* ws) {
+template <typename T_, bool NEED1>
+struct KdFwdOp : RowOpDefaults<KdFwdParams<T_>> {
+  using T = T_;
   using A = acc_type<T>;
+  using Params = KdFwdParams<T>;
   using State = KdState<A, NEED1>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(part_cols);
-
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    const T* s_row = p.student + row * p.cols;
-    const T* t_row = p.teacher + row * p.cols;
-
-    // Rank 0 reads the target and s_y first, so the load overlaps the sweep.
+  using Visitor = KdFwdVisitor<T, NEED1>;
+  static constexpr int kUnroll = kKdUnroll;
+  struct Aux {
     int64_t y = 0;
     A s_y = A(0);
-    if (MODE != RowMode::kSplit && grp.rank == 0) kd_read_target(p, row, y, s_y);
-
-    KdFwdVisitor<T, NEED1> v{s_row, t_row, p.inv_t, p.fmt, State::identity(p.inv_t)};
-    sweep_range<kVec<T>, kKdUnroll>(s_row, grp.begin, grp.end(p.cols), grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) {
-      if constexpr (MODE == RowMode::kSplit) {
-        ws[row * gridDim.x + blockIdx.x] = st;
-      } else {
-        kd_write_row<T, NEED1>(p, row, st, y, s_y);
-      }
-    }
+  };
+  // The target and s_y (read by rank 0 before the sweep, so the load overlaps it).
+  AUGKD_HD static Aux row_aux(const Params& p, int64_t row) {
+    Aux x;
+    kd_read_target(p, row, x.y, x.s_y);
+    return x;
   }
-}
-
-// Split mode, second step: one thread per row folds the row's `parts` partial states in order
-// (deterministic) and writes the loss and stats.
-template <typename T, bool NEED1>
-__global__ void kd_loss_fwd_merge_kernel(const KdFwdParams<T> p, int64_t parts,
-                                         const KdState<acc_type<T>, NEED1>* __restrict__ ws) {
-  using A = acc_type<T>;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    KdState<A, NEED1> st = ws[row * parts];
-    for (int64_t k = 1; k < parts; ++k) st.merge(ws[row * parts + k]);
-    int64_t y;
-    A s_y;
-    kd_read_target(p, row, y, s_y);
-    kd_write_row<T, NEED1>(p, row, st, y, s_y);
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.student + row * p.cols; }
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) {
+    return {p.student + row * p.cols, p.teacher + row * p.cols, p.inv_t, p.fmt, State::identity(p.inv_t)};
   }
-}
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& st, const Aux& x) {
+    kd_write_row<T, NEED1>(p, row, st, x.y, x.s_y);
+  }
+};
+
+// Second sweep over the rows whose one-pass KL is ill-conditioned (the others are skipped at once).
+template <typename T_>
+struct KdRefineOp : RowOpDefaults<KdFwdParams<T_>> {
+  using T = T_;
+  using Params = KdFwdParams<T>;
+  using State = RefineState<acc_type<T>>;
+  using Visitor = KdRefineVisitor<T>;
+  using Aux = typename RowOpDefaults<Params>::Aux;
+  static constexpr int kUnroll = kKdUnroll;
+  AUGKD_HD static bool skip(const Params& p, int64_t row) { return !kd_needs_refine(p.stats + row * kKdStats); }
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.student + row * p.cols; }
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) { return kd_refine_visitor(p, row); }
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& st, const Aux&) {
+    kd_refine_write(p, row, st);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward
@@ -541,23 +514,15 @@ AUGKD_HD KdBwdVisitor<T> kd_bwd_visitor(const KdBwdParams<T>& p, int64_t row) {
   return v;
 }
 
-// TILE = true: blockIdx.x is a tile of p.tile columns, blockIdx.y (looping by gridDim.y) a row; the
-// block's threads share the tile (many blocks per row: long rows with few rows still fill the GPU).
-// TILE = false: one warp per row, blockDim = (32, kRowWarps), rows loop with gridDim.x * kRowWarps.
-template <typename T, bool TILE>
-__global__ void __launch_bounds__(kTileThreads, 1) kd_loss_bwd_kernel(const KdBwdParams<T> p) {
-  using A = acc_type<T>;
-  const int rank = threadIdx.x;
-  const int size = TILE ? blockDim.x : kWarp;
-  const int64_t row0 = TILE ? blockIdx.y : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t stride = TILE ? gridDim.y : static_cast<int64_t>(gridDim.x) * blockDim.y;
-  const int64_t begin = TILE ? static_cast<int64_t>(blockIdx.x) * p.tile : 0;
-  const int64_t end = TILE ? min(p.cols, begin + p.tile) : p.cols;
-
-  for (int64_t row = row0; row < p.rows; row += stride) {
-    KdBwdVisitor<T> v = kd_bwd_visitor(p, row);
-    sweep_range<kVec<T>, kBwdUnroll>(p.student + row * p.cols, begin, end, rank, size, v);
-  }
-}
+// The backward as an op of the row skeleton (row_sweep_kernel in row_reduce.cuh).
+template <typename T_>
+struct KdBwdOp {
+  using T = T_;
+  using Params = KdBwdParams<T>;
+  using Visitor = KdBwdVisitor<T>;
+  static constexpr int kUnroll = kBwdUnroll;
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.student + row * p.cols; }
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) { return kd_bwd_visitor(p, row); }
+};
 
 }  // namespace augkd::cuda

@@ -9,6 +9,7 @@
 
 #include "load_store.cuh"
 #include "reduce.cuh"
+#include "row_reduce.cuh"
 #include "topk_kd.h"
 
 namespace augkd::cuda {
@@ -143,26 +144,24 @@ AUGKD_HD void topk_write_row(const TopkFwdParams<T>& p, int64_t row, const LseSt
   p.loss[row] = loss;
 }
 
-// One warp (kWarp mode) or one block (kBlock mode) per row; no split mode.
-template <typename T, RowMode MODE, bool NEED1>
-__global__ void __launch_bounds__(kMaxRowThreads, 1) topk_kd_loss_fwd_kernel(const TopkFwdParams<T> p) {
-  using A = acc_type<T>;
-  using State = LseState<A, NEED1>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(p.cols);
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    const T* s_row = p.student + row * p.cols;
-    TopkFwdVisitor<T, NEED1> v{s_row, p.args.inv_t, State::identity()};
-    sweep_range<kVec<T>, kTopkUnroll>(s_row, 0, p.cols, grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) topk_write_row<T, NEED1>(p, row, st);
+// The forward as an op of the row skeleton (row_reduce.cuh): one warp or one block per row, no split
+// mode (rank 0 then works the k entries).
+template <typename T_, bool NEED1>
+struct TopkFwdOp : RowOpDefaults<TopkFwdParams<T_>> {
+  using T = T_;
+  using Params = TopkFwdParams<T>;
+  using State = LseState<acc_type<T>, NEED1>;
+  using Visitor = TopkFwdVisitor<T, NEED1>;
+  using Aux = typename RowOpDefaults<Params>::Aux;
+  static constexpr int kUnroll = kTopkUnroll;
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.student + row * p.cols; }
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) {
+    return {p.student + row * p.cols, p.args.inv_t, State::identity()};
   }
-}
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& st, const Aux&) {
+    topk_write_row<T, NEED1>(p, row, st);
+  }
+};
 
 template <typename T>
 struct TopkBwdParams {
@@ -238,17 +237,16 @@ AUGKD_HD TopkBwdVisitor<T> topk_bwd_visitor(const TopkBwdParams<T>& p, int64_t r
           st[topk::kM1], st[topk::kLogD1], st[topk::kCTail], ks, k1, y, bad};
 }
 
-// blockIdx.x: a tile of p.tile columns, blockIdx.y (looping by gridDim.y): a row.
-template <typename T>
-__global__ void __launch_bounds__(kTileThreads, 1) topk_kd_loss_bwd_dense_kernel(const TopkBwdParams<T> p) {
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.tile;
-  const int64_t end = min(p.cols, begin + p.tile);
-  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
-    const TopkBwdVisitor<T> v = topk_bwd_visitor(p, row);
-    sweep_range<kVec<T>, kTopkUnroll>(v.s_row, begin, end, static_cast<int>(threadIdx.x),
-                                      static_cast<int>(blockDim.x), v);
-  }
-}
+// The dense backward as an op of the row skeleton (row_sweep_kernel in row_reduce.cuh, tile mode).
+template <typename T_>
+struct TopkBwdOp {
+  using T = T_;
+  using Params = TopkBwdParams<T>;
+  using Visitor = TopkBwdVisitor<T>;
+  static constexpr int kUnroll = kTopkUnroll;
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.student + row * p.cols; }
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) { return topk_bwd_visitor(p, row); }
+};
 
 // The k teacher entries of one row, overwritten with their exact gradient (after the dense kernel).
 template <typename T>

@@ -9,6 +9,7 @@
 
 #include "load_store.cuh"
 #include "reduce.cuh"
+#include "row_reduce.cuh"
 
 namespace augkd::cuda {
 
@@ -110,46 +111,23 @@ AUGKD_HD void unc_write_row(const UncFwdParams<T>& p, int64_t row, const Entropy
   p.entropy[row] = log_d - st.s / st.d;    // entropy = log d - S / d
 }
 
-// Row layouts: see RowMode (reduce.cuh).
-template <typename T, RowMode MODE>
-__global__ void __launch_bounds__(kMaxRowThreads, 1)
-    uncertainty_fwd_kernel(const UncFwdParams<T> p, int64_t part_cols, EntropyState<acc_type<T>>* ws) {
-  using A = acc_type<T>;
-  using State = EntropyState<A>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(part_cols);
-
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    const T* z_row = p.logits + row * p.cols;
-    UncFwdVisitor<T> v{z_row, p.inv_t, State::identity()};
-    sweep_range<kVec<T>, kUncUnroll>(z_row, grp.begin, grp.end(p.cols), grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) {
-      if constexpr (MODE == RowMode::kSplit) {
-        ws[row * gridDim.x + blockIdx.x] = st;
-      } else {
-        unc_write_row(p, row, st);
-      }
-    }
+// The forward as an op of the row skeleton (row_reduce.cuh).
+template <typename T_>
+struct UncFwdOp : RowOpDefaults<UncFwdParams<T_>> {
+  using T = T_;
+  using Params = UncFwdParams<T>;
+  using State = EntropyState<acc_type<T>>;
+  using Visitor = UncFwdVisitor<T>;
+  using Aux = typename RowOpDefaults<Params>::Aux;
+  static constexpr int kUnroll = kUncUnroll;
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.logits + row * p.cols; }
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) {
+    return {p.logits + row * p.cols, p.inv_t, State::identity()};
   }
-}
-
-// Split mode, second step: one thread per row folds the row's partial states in order.
-template <typename T>
-__global__ void uncertainty_fwd_merge_kernel(const UncFwdParams<T> p, int64_t parts,
-                                             const EntropyState<acc_type<T>>* __restrict__ ws) {
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    EntropyState<acc_type<T>> st = ws[row * parts];
-    for (int64_t k = 1; k < parts; ++k) st.merge(ws[row * parts + k]);
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& st, const Aux&) {
     unc_write_row(p, row, st);
   }
-}
+};
 
 template <typename T>
 struct UncBwdParams {
@@ -196,24 +174,20 @@ struct UncBwdVisitor {
   }
 };
 
-// TILE / warp-per-row layout as kd_loss_bwd_kernel.
-template <typename T, bool TILE>
-__global__ void __launch_bounds__(kTileThreads, 1) uncertainty_bwd_kernel(const UncBwdParams<T> p) {
-  const int rank = threadIdx.x;
-  const int size = TILE ? blockDim.x : kWarp;
-  const int64_t row0 = TILE ? blockIdx.y : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t stride = TILE ? gridDim.y : static_cast<int64_t>(gridDim.x) * blockDim.y;
-  const int64_t begin = TILE ? static_cast<int64_t>(blockIdx.x) * p.tile : 0;
-  const int64_t end = TILE ? min(p.cols, begin + p.tile) : p.cols;
-
-  for (int64_t row = row0; row < p.rows; row += stride) {
+// The backward as an op of the row skeleton (row_sweep_kernel in row_reduce.cuh).
+template <typename T_>
+struct UncBwdOp {
+  using T = T_;
+  using Params = UncBwdParams<T>;
+  using Visitor = UncBwdVisitor<T>;
+  static constexpr int kUnroll = kUncBwdUnroll;
+  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.logits + row * p.cols; }
+  // lse = -energy / T (correctly rounded: the energy was stored as -T * lse)
+  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) {
     const int64_t off = row * p.cols;
-    // lse = -energy / T (correctly rounded: the energy was stored as -T * lse)
-    UncBwdVisitor<T> v{p.logits + off, p.grad_logits + off, p.inv_t,
-                       div_rn(-p.energy[row], p.temperature), p.entropy[row],
-                       p.grad_energy[row], p.grad_entropy[row]};
-    sweep_range<kVec<T>, kUncBwdUnroll>(p.logits + off, begin, end, rank, size, v);
+    return {p.logits + off, p.grad_logits + off, p.inv_t, div_rn(-p.energy[row], p.temperature), p.entropy[row],
+            p.grad_energy[row], p.grad_entropy[row]};
   }
-}
+};
 
 }  // namespace augkd::cuda

@@ -1,7 +1,8 @@
 // CUDA implementation of augkd::kd_loss_fwd / augkd::kd_loss_bwd (schemas in csrc/schemas.cpp, math in
 // docs/ops-design.md section 1, kernels in kernels/kd_loss.cuh).
 //
-// Launch layout (choose_fwd_layout in launch_utils.h, RowMode in kernels/reduce.cuh)
+// Launch layout (choose_fwd_layout in launch_utils.h, RowMode in kernels/reduce.cuh; the kernels are those
+// of the row skeleton, kernels/row_reduce.cuh, launched by csrc/cuda/row_launch.h)
 //   forward:  C <= 1024: one warp per row, kRowWarps rows per block;
 //             fewer rows than 2 x SMs: each row split into parts (one block each) whose partial online
 //             states go to a workspace, then one thread per row merges them in order;
@@ -22,52 +23,18 @@
 #include <tuple>
 
 #include "kd_loss.cuh"
-#include "launch_utils.h"
 #include "op_checks.h"
+#include "row_launch.h"
 
 namespace augkd::cuda {
 namespace {
 
-constexpr int kBwdTileThreads = kTileThreads;
-
+// The forward in its layout, then the refine sweep (a warp per row for C <= 1024, else a block).
 template <typename T, bool NEED1>
 void launch_kd_fwd(const KdFwdParams<T>& p, const FwdLayout& lay, const at::Tensor& like, cudaStream_t stream) {
-  using State = KdState<acc_type<T>, NEED1>;
-  switch (lay.mode) {
-    case RowMode::kWarp: {
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-      kd_loss_fwd_kernel<T, RowMode::kWarp, NEED1><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p, p.cols, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-    case RowMode::kBlock: {
-      const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-      kd_loss_fwd_kernel<T, RowMode::kBlock, NEED1><<<blocks, lay.threads, 0, stream>>>(p, p.cols, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-    case RowMode::kSplit: {
-      // partial states of every (row, part), then one thread per row merges them in order
-      const auto bytes = static_cast<int64_t>(p.rows * lay.parts * sizeof(State));
-      at::Tensor ws = at::empty({bytes}, like.options().dtype(at::kByte));
-      State* ws_ptr = reinterpret_cast<State*>(ws.mutable_data_ptr());
-      const dim3 grid(static_cast<unsigned>(lay.parts), static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
-      kd_loss_fwd_kernel<T, RowMode::kSplit, NEED1><<<grid, lay.threads, 0, stream>>>(p, lay.part_cols, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, 128), kMaxGridX));
-      kd_loss_fwd_merge_kernel<T, NEED1><<<blocks, 128, 0, stream>>>(p, lay.parts, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-  }
-  if (p.cols <= kWarpRowMaxCols) {
-    const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-    kd_loss_refine_kernel<T, RowMode::kWarp><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-  } else {
-    const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-    kd_loss_refine_kernel<T, RowMode::kBlock><<<blocks, kTileThreads, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_reduce<KdFwdOp<T, NEED1>>(p, lay, like, stream);
+  const FwdLayout refine{p.cols <= kWarpRowMaxCols ? RowMode::kWarp : RowMode::kBlock, kTileThreads, 1, p.cols};
+  launch_row_reduce<KdRefineOp<T>>(p, refine, like, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
@@ -140,7 +107,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss,
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
 
   const double c = t2_scale ? temperature * temperature : 1.0;
-  const bool tile = cols > kWarpRowMaxCols;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_bwd_cuda", [&] {
@@ -166,16 +132,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss,
     p.use_ce = has_target && alpha != 1.0;
     p.t_is_one = temperature == 1.0;
     p.fmt = static_cast<int>(teacher_format);
-    if (tile) {
-      p.tile = static_cast<int64_t>(kBwdTileThreads) * kVec<scalar_t> * 4;
-      const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-      kd_loss_bwd_kernel<scalar_t, true><<<grid, kBwdTileThreads, 0, stream>>>(p);
-    } else {
-      p.tile = cols;
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, kRowWarps), kMaxGridX));
-      kd_loss_bwd_kernel<scalar_t, false><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_sweep<KdBwdOp<scalar_t>>(p, cols > kWarpRowMaxCols, stream);
   });
   return {grad_student, grad_teacher};
 }

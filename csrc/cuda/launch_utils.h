@@ -35,10 +35,10 @@ inline at::Tensor aligned_input(const at::Tensor& x) {
   return aligned16(x) ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
-// Layout of a forward row kernel (kd_loss, uncertainty), see RowMode:
+// Layout of a forward row kernel (kernels/row_reduce.cuh), see RowMode:
 //   C <= kWarpRowMaxCols                 one warp per row;
 //   fewer rows than 2 x the SM count     each row split into parts of >= kMinSplitCols columns, so
-//                                        that about 2 blocks per SM run (partial states + merge);
+//   (and `split`)                        that about 2 blocks per SM run (partial states + merge);
 //   otherwise                            one block per row.
 // Block sizes give each thread about 4 vectors of the row (or part): 128 .. kMaxRowThreads threads.
 constexpr int64_t kWarpRowMaxCols = 1024;
@@ -51,10 +51,10 @@ struct FwdLayout {
   int64_t part_cols;  // kSplit: columns per part (a multiple of the vector width)
 };
 
-inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int64_t sm_count) {
+inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int64_t sm_count, bool split = true) {
   if (cols <= kWarpRowMaxCols) return {RowMode::kWarp, kWarp * kRowWarps, 1, cols};
   int64_t parts = 1;
-  if (rows < 2 * sm_count) parts = std::min(ceil_div(2 * sm_count, rows), cols / kMinSplitCols);
+  if (split && rows < 2 * sm_count) parts = std::min(ceil_div(2 * sm_count, rows), cols / kMinSplitCols);
   int64_t part_cols = cols;
   if (parts > 1) {
     part_cols = ceil_div(ceil_div(cols, parts), vec) * vec;

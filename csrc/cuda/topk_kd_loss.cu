@@ -16,26 +16,12 @@
 #include <optional>
 #include <tuple>
 
-#include "launch_utils.h"
+#include "row_launch.h"
 #include "topk_checks.h"
 #include "topk_kd_loss.cuh"
 
 namespace augkd::cuda {
 namespace {
-
-template <typename T, bool NEED1>
-void launch_topk_fwd(const TopkFwdParams<T>& p, cudaStream_t stream) {
-  if (p.cols <= kWarpRowMaxCols) {
-    const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-    topk_kd_loss_fwd_kernel<T, RowMode::kWarp, NEED1><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-  } else {
-    const int64_t want = next_pow2(ceil_div(p.cols, static_cast<int64_t>(kVec<T>) * 4));
-    const int threads = static_cast<int>(std::clamp<int64_t>(want, 128, kMaxRowThreads));
-    const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-    topk_kd_loss_fwd_kernel<T, RowMode::kBlock, NEED1><<<blocks, threads, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 template <typename A>
 topk::TopkArgs<A> make_args(double temperature, int64_t k, int64_t cols, int64_t tail, int64_t divergence) {
@@ -80,10 +66,11 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& stude
     p.use_kl = alpha != 0.0;
     p.use_ce = has_target && alpha != 1.0;
     p.args = make_args<A>(temperature, k, cols, tail, divergence);
+    const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, 0, /*split=*/false);
     if (has_target && temperature != 1.0) {
-      launch_topk_fwd<scalar_t, true>(p, stream);
+      launch_row_reduce<TopkFwdOp<scalar_t, true>>(p, lay, s, stream);
     } else {
-      launch_topk_fwd<scalar_t, false>(p, stream);
+      launch_row_reduce<TopkFwdOp<scalar_t, false>>(p, lay, s, stream);
     }
   });
   return {loss, stats};
@@ -122,10 +109,7 @@ at::Tensor topk_kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
     p.ks = alpha != 0.0 ? static_cast<A>(alpha * c / temperature) : A(0);
     p.kce = has_target && alpha != 1.0 ? static_cast<A>(1.0 - alpha) : A(0);
     p.args = make_args<A>(temperature, k, cols, tail, divergence);
-    p.tile = static_cast<int64_t>(kTileThreads) * kVec<scalar_t> * 4;
-    const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-    topk_kd_loss_bwd_dense_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_sweep<TopkBwdOp<scalar_t>>(p, /*tile=*/true, stream);
     if (alpha != 0.0) {  // with alpha == 0 the dense kernel already wrote the k entries right
       const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, 128), kMaxGridX));
       topk_kd_loss_bwd_entries_kernel<scalar_t><<<blocks, 128, 0, stream>>>(p);

@@ -1,6 +1,6 @@
 // CUDA implementation of augkd::uncertainty_fwd / augkd::uncertainty_bwd (schemas in csrc/schemas.cpp,
-// math in docs/ops-design.md section 2, kernels in kernels/uncertainty.cuh). Same launch layout as
-// csrc/cuda/kd_loss.cu: a warp per row for C <= 1024, else a block per row (forward) or a 2-D grid of
+// math in docs/ops-design.md section 2, kernels in kernels/uncertainty.cuh on the row skeleton of
+// kernels/row_reduce.cuh). Same launch layout as csrc/cuda/kd_loss.cu: a warp per row for C <= 1024, else a block per row (forward) or a 2-D grid of
 // (column tile, row) blocks (backward). Current stream, no host synchronisation.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,14 +10,12 @@
 
 #include <tuple>
 
-#include "launch_utils.h"
 #include "op_checks.h"
+#include "row_launch.h"
 #include "uncertainty.cuh"
 
 namespace augkd::cuda {
 namespace {
-
-constexpr int kBwdTileThreads = kTileThreads;
 
 std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cuda(const at::Tensor& logits, double temperature) {
   checks::check_uncertainty_fwd(logits, temperature);
@@ -43,34 +41,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cuda(const at::Tensor& logits
     p.cols = cols;
     p.temperature = static_cast<A>(temperature);
     p.inv_t = static_cast<A>(1.0 / temperature);
-    using State = EntropyState<A>;
-    const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, sm_count);
-    switch (lay.mode) {
-      case RowMode::kWarp: {
-        const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, kRowWarps), kMaxGridX));
-        const dim3 block(kWarp, kRowWarps);
-        uncertainty_fwd_kernel<scalar_t, RowMode::kWarp><<<blocks, block, 0, stream>>>(p, cols, nullptr);
-        break;
-      }
-      case RowMode::kBlock: {
-        const auto blocks = static_cast<unsigned>(std::min(rows, kMaxGridX));
-        uncertainty_fwd_kernel<scalar_t, RowMode::kBlock><<<blocks, lay.threads, 0, stream>>>(p, cols, nullptr);
-        break;
-      }
-      case RowMode::kSplit: {
-        // partial states of every (row, part), then one thread per row merges them in order
-        const auto bytes = static_cast<int64_t>(rows * lay.parts * sizeof(State));
-        at::Tensor ws = at::empty({bytes}, z.options().dtype(at::kByte));
-        State* ws_ptr = reinterpret_cast<State*>(ws.mutable_data_ptr());
-        const dim3 grid(static_cast<unsigned>(lay.parts), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-        uncertainty_fwd_kernel<scalar_t, RowMode::kSplit><<<grid, lay.threads, 0, stream>>>(p, lay.part_cols, ws_ptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, 128), kMaxGridX));
-        uncertainty_fwd_merge_kernel<scalar_t><<<blocks, 128, 0, stream>>>(p, lay.parts, ws_ptr);
-        break;
-      }
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_reduce<UncFwdOp<scalar_t>>(p, choose_fwd_layout(rows, cols, kVec<scalar_t>, sm_count), z, stream);
   });
   return {energy, entropy};
 }
@@ -101,16 +72,7 @@ at::Tensor uncertainty_bwd_cuda(const at::Tensor& grad_energy, const at::Tensor&
     p.cols = cols;
     p.temperature = static_cast<A>(temperature);
     p.inv_t = static_cast<A>(1.0 / temperature);
-    if (cols > kWarpRowMaxCols) {
-      p.tile = static_cast<int64_t>(kBwdTileThreads) * kVec<scalar_t> * 4;
-      const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-      uncertainty_bwd_kernel<scalar_t, true><<<grid, kBwdTileThreads, 0, stream>>>(p);
-    } else {
-      p.tile = cols;
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, kRowWarps), kMaxGridX));
-      uncertainty_bwd_kernel<scalar_t, false><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_sweep<UncBwdOp<scalar_t>>(p, cols > kWarpRowMaxCols, stream);
   });
   return grad;
 }
