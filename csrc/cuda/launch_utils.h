@@ -2,7 +2,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -65,8 +67,18 @@ inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int6
   return {parts > 1 ? RowMode::kSplit : RowMode::kBlock, threads, std::max<int64_t>(parts, 1), part_cols};
 }
 
-inline void check_cuda(const char* op, const char* name, const at::Tensor& x) {
+inline const at::Tensor& check_cuda(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernels, got ", x.device());
+  return x;
 }
+
+// What a launcher sets up once its arguments are checked: x (the argument `name` of `op`) is a CUDA
+// tensor, its device is current while the scope lives, and the kernels go to that device's current stream.
+struct CudaScope {
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+  CudaScope(const char* op, const char* name, const at::Tensor& x)
+      : guard(check_cuda(op, name, x).device()), stream(at::cuda::getCurrentCUDAStream()) {}
+};
 
 }  // namespace augkd::cuda
