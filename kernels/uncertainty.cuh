@@ -60,42 +60,16 @@ struct UncFwdParams {
 };
 
 template <typename T>
-struct UncFwdVisitor {
+struct UncBwdParams {
   using A = acc_type<T>;
-  const T* __restrict__ z_row;
-  A inv_t;
-  EntropyState<A> st;
-
-  template <int N>
-  struct Regs {
-    A z[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(z_row + j, r.z);
-  }
-
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
-    A u[N];
-    A cm = neg_inf<A>();
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      u[k] = r.z[k] * inv_t;  // u = z / T
-      cm = max_(cm, u[k]);
-    }
-    const A M = max_(st.m, cm);
-    if (M != st.m) st.rebase(M);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const bool masked = u[k] == neg_inf<A>();
-      const A x = u[k] - st.m;                // u_j - m
-      const A e = masked ? A(0) : exp_(x);    // exp(u_j - m), 0 for u_j == -inf
-      st.d += e;                              // d += exp(u_j - m)
-      st.s += masked ? A(0) : e * x;          // S += exp(u_j - m) (u_j - m)
-    }
-  }
+  const A* __restrict__ grad_energy;   // (rows,)
+  const A* __restrict__ grad_entropy;  // (rows,)
+  const T* __restrict__ logits;
+  const A* __restrict__ energy;        // (rows,)
+  const A* __restrict__ entropy;       // (rows,)
+  T* __restrict__ grad_logits;
+  int64_t rows, cols, tile;
+  A temperature, inv_t;
 };
 
 constexpr int kUncUnroll = 4;     // one tensor: 4 x 16 bytes in flight per thread
@@ -111,82 +85,72 @@ AUGKD_HD void unc_write_row(const UncFwdParams<T>& p, int64_t row, const Entropy
   p.entropy[row] = log_d - st.s / st.d;    // entropy = log d - S / d
 }
 
-// The forward as an op of the row skeleton (row_reduce.cuh).
-template <typename T_>
-struct UncFwdOp : RowOpDefaults<UncFwdParams<T_>> {
-  using T = T_;
+// The forward row op (kernels/row_reduce.cuh): folds a row range of z into an EntropyState.
+template <typename T>
+struct UncFwdVisitor : RowVisitor<T, UncFwdParams<T>, EntropyState<acc_type<T>>, kUncUnroll> {
+  using A = acc_type<T>;
   using Params = UncFwdParams<T>;
-  using State = EntropyState<acc_type<T>>;
-  using Visitor = UncFwdVisitor<T>;
-  using Aux = typename RowOpDefaults<Params>::Aux;
-  static constexpr int kUnroll = kUncUnroll;
-  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.logits + row * p.cols; }
-  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) {
-    return {p.logits + row * p.cols, p.inv_t, State::identity()};
+  using State = EntropyState<A>;
+  A inv_t;
+  State st;
+
+  AUGKD_HD static UncFwdVisitor make(const Params& p, int64_t row) {
+    return {{p.logits + row * p.cols}, p.inv_t, State::identity()};
   }
-  AUGKD_HD static void finish(const Params& p, int64_t row, const State& st, const Aux&) {
-    unc_write_row(p, row, st);
+
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
+    A u[N];
+    A cm = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      u[k] = r.x[k] * inv_t;  // u = z / T
+      cm = max_(cm, u[k]);
+    }
+    const A M = max_(st.m, cm);
+    if (M != st.m) st.rebase(M);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const bool masked = u[k] == neg_inf<A>();
+      const A x = u[k] - st.m;                // u_j - m
+      const A e = masked ? A(0) : exp_(x);    // exp(u_j - m), 0 for u_j == -inf
+      st.d += e;                              // d += exp(u_j - m)
+      st.s += masked ? A(0) : e * x;          // S += exp(u_j - m) (u_j - m)
+    }
   }
+
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& s) { unc_write_row(p, row, s); }
 };
 
+// The backward row op (row_sweep_kernel in kernels/row_reduce.cuh).
 template <typename T>
-struct UncBwdParams {
+struct UncBwdVisitor : RowVisitor<T, UncBwdParams<T>, void, kUncBwdUnroll> {
   using A = acc_type<T>;
-  const A* __restrict__ grad_energy;   // (rows,)
-  const A* __restrict__ grad_entropy;  // (rows,)
-  const T* __restrict__ logits;
-  const A* __restrict__ energy;        // (rows,)
-  const A* __restrict__ entropy;       // (rows,)
-  T* __restrict__ grad_logits;
-  int64_t rows, cols, tile;
-  A temperature, inv_t;
-};
-
-template <typename T>
-struct UncBwdVisitor {
-  using A = acc_type<T>;
-  const T* __restrict__ z_row;
+  using Params = UncBwdParams<T>;
   T* __restrict__ gz_row;
   A inv_t, lse, h, g_e, g_h;
 
-  template <int N>
-  struct Regs {
-    A z[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(z_row + j, r.z);
+  // lse = -energy / T (correctly rounded: the energy was stored as -T * lse)
+  AUGKD_HD static UncBwdVisitor make(const Params& p, int64_t row) {
+    const int64_t off = row * p.cols;
+    return {{p.logits + off}, p.grad_logits + off, p.inv_t, div_rn(-p.energy[row], p.temperature),
+            p.entropy[row], p.grad_energy[row], p.grad_entropy[row]};
   }
 
-  template <int N>
-  AUGKD_HD void apply(int64_t j, const Regs<N>& r) const {
+  template <typename R>
+  AUGKD_HD void apply(int64_t j, const R& r) const {
+    constexpr int N = R::kN;
     A gz[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A u = r.z[k] * inv_t;          // u = z / T
+      const A u = r.x[k] * inv_t;          // u = z / T
       const A p = exp_(u - lse);           // p = exp(u - lse)
       // grad_z = -gE p - gH p (u - lse + H) / T; the entropy term is 0 where p == 0 (u may be -inf)
       const A dh = p == A(0) ? A(0) : g_h * p * (u - lse + h) * inv_t;
       gz[k] = -g_e * p - dh;
     }
     store_n<N>(gz_row + j, gz);
-  }
-};
-
-// The backward as an op of the row skeleton (row_sweep_kernel in row_reduce.cuh).
-template <typename T_>
-struct UncBwdOp {
-  using T = T_;
-  using Params = UncBwdParams<T>;
-  using Visitor = UncBwdVisitor<T>;
-  static constexpr int kUnroll = kUncBwdUnroll;
-  AUGKD_HD static const T* row_ptr(const Params& p, int64_t row) { return p.logits + row * p.cols; }
-  // lse = -energy / T (correctly rounded: the energy was stored as -T * lse)
-  AUGKD_HD static Visitor visitor(const Params& p, int64_t row) {
-    const int64_t off = row * p.cols;
-    return {p.logits + off, p.grad_logits + off, p.inv_t, div_rn(-p.energy[row], p.temperature), p.entropy[row],
-            p.grad_energy[row], p.grad_entropy[row]};
   }
 };
 

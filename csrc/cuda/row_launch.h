@@ -18,20 +18,20 @@ namespace augkd::cuda {
 
 // The forward of a row op in layout `lay` (choose_fwd_layout). kSplit allocates the partial states of
 // every (row, part) on `like`'s device, then one thread per row merges them in order.
-template <typename Op>
-void launch_row_reduce(const typename Op::Params& p, const FwdLayout& lay, const at::Tensor& like,
+template <typename V>
+void launch_row_reduce(const typename V::Params& p, const FwdLayout& lay, const at::Tensor& like,
                        cudaStream_t stream) {
-  using State = typename Op::State;
+  using State = typename V::State;
   switch (lay.mode) {
     case RowMode::kWarp: {
       const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-      row_reduce_kernel<Op, RowMode::kWarp><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p, p.cols, nullptr);
+      row_reduce_kernel<V, RowMode::kWarp><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p, p.cols, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
     case RowMode::kBlock: {
       const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-      row_reduce_kernel<Op, RowMode::kBlock><<<blocks, lay.threads, 0, stream>>>(p, p.cols, nullptr);
+      row_reduce_kernel<V, RowMode::kBlock><<<blocks, lay.threads, 0, stream>>>(p, p.cols, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
@@ -40,10 +40,10 @@ void launch_row_reduce(const typename Op::Params& p, const FwdLayout& lay, const
       at::Tensor ws = at::empty({bytes}, like.options().dtype(at::kByte));
       State* ws_ptr = reinterpret_cast<State*>(ws.mutable_data_ptr());
       const dim3 grid(static_cast<unsigned>(lay.parts), static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
-      row_reduce_kernel<Op, RowMode::kSplit><<<grid, lay.threads, 0, stream>>>(p, lay.part_cols, ws_ptr);
+      row_reduce_kernel<V, RowMode::kSplit><<<grid, lay.threads, 0, stream>>>(p, lay.part_cols, ws_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, 128), kMaxGridX));
-      row_merge_kernel<Op><<<blocks, 128, 0, stream>>>(p, lay.parts, ws_ptr);
+      row_merge_kernel<V><<<blocks, 128, 0, stream>>>(p, lay.parts, ws_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
@@ -58,16 +58,17 @@ constexpr int64_t bwd_tile_cols() {
 
 // The backward sweep of a row op: a 2-D grid of (column tile, row) blocks when `tile` (long rows), else
 // one warp per row. Sets p.tile.
-template <typename Op>
-void launch_row_sweep(typename Op::Params p, bool tile, cudaStream_t stream) {
+template <typename V>
+void launch_row_sweep(typename V::Params p, bool tile, cudaStream_t stream) {
   if (tile) {
-    p.tile = bwd_tile_cols<typename Op::T>();
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.cols, p.tile)), static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
-    row_sweep_kernel<Op, true><<<grid, kTileThreads, 0, stream>>>(p);
+    p.tile = bwd_tile_cols<typename V::T>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.cols, p.tile)),
+                    static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
+    row_sweep_kernel<V, true><<<grid, kTileThreads, 0, stream>>>(p);
   } else {
     p.tile = p.cols;
     const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-    row_sweep_kernel<Op, false><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
+    row_sweep_kernel<V, false><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

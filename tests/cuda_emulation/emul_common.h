@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <random>
 #include <vector>
 
 #include "load_store.cuh"  // augkd::cuda::acc_type
@@ -46,6 +47,18 @@ inline int report_failures() {
   return failures != 0;
 }
 
+// main() of a program whose template <typename T> void run_all(std::mt19937&, const char* dtype) runs
+// every case of one storage type: all four storage types from one seed, then the failure count.
+#define AUGKD_EMULATION_MAIN(seed)           \
+  int main() {                               \
+    std::mt19937 rng(seed);                  \
+    run_all<double>(rng, "f64");             \
+    run_all<float>(rng, "f32");              \
+    run_all<c10::Half>(rng, "f16");          \
+    run_all<c10::BFloat16>(rng, "bf16");     \
+    return report_failures();                \
+  }
+
 // Emulated butterfly over 32 lanes: lane i merges lane i ^ off, all lanes in lock step.
 template <typename S>
 void emu_warp_reduce(std::vector<S>& lanes) {
@@ -72,32 +85,32 @@ S emu_group_reduce(std::vector<S> st, int size) {
   return lanes[0];
 }
 
-// row_reduce_kernel (+ row_merge_kernel when parts > 1) of a forward row op: `size` threads per row or
-// part, each part of ceil(cols / parts) columns.
-template <typename Op>
-void emu_row_reduce(const typename Op::Params& p, int size, int64_t parts) {
+// row_reduce_kernel (+ row_merge_kernel when parts > 1) of a forward row visitor V: `size` threads per
+// row or part, each part of ceil(cols / parts) columns.
+template <typename V>
+void emu_row_reduce(const typename V::Params& p, int size, int64_t parts) {
   using namespace augkd::cuda;
-  using S = typename Op::State;
+  using S = typename V::State;
   const int64_t part_cols = parts > 1 ? ceil_div(p.cols, parts) : p.cols;
   std::vector<S> ws(p.rows * parts);
   for (int64_t row = 0; row < p.rows; ++row) {
-    if (Op::skip(p, row)) continue;
+    if (row_skip<V>(p, row)) continue;
     for (int64_t part = 0; part < parts; ++part) {
       const int64_t begin = part * part_cols;
       const int64_t end = std::min(p.cols, begin + part_cols);
       std::vector<S> st(size);
-      for (int r = 0; r < size; ++r) st[r] = row_sweep_thread<Op>(p, row, begin, end, r, size).st;
+      for (int r = 0; r < size; ++r) st[r] = row_sweep_thread<V>(p, row, begin, end, r, size).st;
       ws[row * parts + part] = emu_group_reduce(st, size);
     }
-    Op::finish(p, row, row_merge_parts<Op>(row, parts, ws.data()), Op::row_aux(p, row));
+    row_finish<V>(p, row, row_merge_parts<V>(row, parts, ws.data()), row_aux<V>(p, row));
   }
 }
 
-// row_sweep_kernel of a backward row op: every row cut into tiles of p.tile columns, `size` threads each.
-template <typename Op>
-void emu_row_sweep(const typename Op::Params& p, int size) {
+// row_sweep_kernel of a backward row visitor V: every row cut into tiles of p.tile columns, `size` threads each.
+template <typename V>
+void emu_row_sweep(const typename V::Params& p, int size) {
   using namespace augkd::cuda;
   for (int64_t row = 0; row < p.rows; ++row)
     for (int64_t begin = 0; begin < p.cols; begin += p.tile)
-      for (int r = 0; r < size; ++r) row_sweep_thread<Op>(p, row, begin, std::min(p.cols, begin + p.tile), r, size);
+      for (int r = 0; r < size; ++r) row_sweep_thread<V>(p, row, begin, std::min(p.cols, begin + p.tile), r, size);
 }

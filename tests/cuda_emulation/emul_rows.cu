@@ -1,7 +1,8 @@
 // Host emulation of the augkd row kernels (kd_loss, uncertainty); build and run: tests/cuda_emulation/run.sh.
 // Runs the row skeleton's __host__ __device__ per-thread code (kernels/row_reduce.cuh: sweep_range +
 // the ops' visitors + state merges + row finalisation) for every "thread" of a group in turn, reduces
-// with the butterfly order of warp_reduce / block_reduce (emul_common.h), and compares with a double-precision reference and (fp64, small C) finite differences.
+// with the butterfly order of warp_reduce / block_reduce (emul_common.h), and compares with a
+// double-precision reference and (fp64, small C) finite differences.
 // Not covered: the device intrinsics (__expf, __logf, __fdiv_rn) and the shuffles themselves.
 #include <cmath>
 #include <cstdio>
@@ -31,8 +32,8 @@ struct KdCase {
 // The forward kernel in its layout, then the refine sweep (a warp per row for C <= 1024, else a block).
 template <typename T, bool NEED1>
 void emu_kd_fwd(const KdFwdParams<T>& p, int size, int64_t parts) {
-  emu_row_reduce<KdFwdOp<T, NEED1>>(p, size, parts);
-  emu_row_reduce<KdRefineOp<T>>(p, p.cols <= 1024 ? 32 : kTileThreads, 1);
+  emu_row_reduce<KdFwdVisitor<T, NEED1>>(p, size, parts);
+  emu_row_reduce<KdRefineVisitor<T>>(p, p.cols <= 1024 ? 32 : kTileThreads, 1);
 }
 
 // double reference of one row: returns loss, stats; the function of (s, t) used for finite differences.
@@ -164,6 +165,16 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
   if (need1) emu_kd_fwd<T, true>(p, size, parts);
   else emu_kd_fwd<T, false>(p, size, parts);
 
+  // row b of s and t as the kernels read them, in double, and its reference
+  auto ref_row = [&](int64_t b, std::vector<double>& sr, std::vector<double>& tr) {
+    sr.resize(C);
+    tr.resize(C);
+    for (int64_t j = 0; j < C; ++j) {
+      sr[j] = to_double(s[b * C + j]);
+      tr[j] = to_double(t[b * C + j]);
+    }
+    return kd_ref_row(sr, tr, y[b], c, c.has_target);
+  };
   // (large logits, special & 16, keep the same tolerance: the maxima and log-sums are kept apart)
   const double tol = sizeof(A) == 8 ? 1e-10 : 2e-4;
   char what[256];
@@ -175,12 +186,8 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
     gls[b] = gd(rng);
   }
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<double> sr(C), tr(C);
-    for (int64_t j = 0; j < C; ++j) {
-      sr[j] = static_cast<double>(static_cast<A>(s[b * C + j]));
-      tr[j] = static_cast<double>(static_cast<A>(t[b * C + j]));
-    }
-    const KdRef r = kd_ref_row(sr, tr, y[b], c, c.has_target);
+    std::vector<double> sr, tr;
+    const KdRef r = ref_row(b, sr, tr);
     std::snprintf(what, sizeof what, "%s kd loss row %ld", tag, (long)b);
     check(what, loss[b], r.loss, tol);
     const double want_stats[kKdStats] = {r.m_s, r.lse_t, r.m_t, r.log_ds, r.log_dt, r.log_d1, r.mu,
@@ -254,15 +261,11 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
   q.t_is_one = c.T == 1.0;
   q.fmt = c.fmt;
   q.tile = tile;
-  emu_row_sweep<KdBwdOp<T>>(q, size);
+  emu_row_sweep<KdBwdVisitor<T>>(q, size);
   // analytic reference in double from the doc formulas (all cases), and finite differences (double, small C)
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<double> sr(C), tr(C);
-    for (int64_t j = 0; j < C; ++j) {
-      sr[j] = static_cast<double>(static_cast<A>(s[b * C + j]));
-      tr[j] = static_cast<double>(static_cast<A>(t[b * C + j]));
-    }
-    const KdRef r = kd_ref_row(sr, tr, y[b], c, c.has_target);
+    std::vector<double> sr, tr;
+    const KdRef r = ref_row(b, sr, tr);
     const bool ignored = c.has_target && y[b] == c.ignore_index;
     const bool bad = c.has_target && !ignored && (y[b] < 0 || y[b] >= C);
     const LD cs = r.m_s == -INFINITY ? 0 : r.m_s, ct = r.m_t == -INFINITY ? 0 : r.m_t;
@@ -328,7 +331,7 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
   if (special & 2 && B > 1) z[C + C / 2] = from_double<T>(NAN);
   std::vector<A> energy(B), entropy(B);
   UncFwdParams<T> p{z, energy.data(), entropy.data(), B, C, static_cast<A>(T_), static_cast<A>(1.0 / T_)};
-  emu_row_reduce<UncFwdOp<T>>(p, size, parts);
+  emu_row_reduce<UncFwdVisitor<T>>(p, size, parts);
   std::vector<A> ge(B), gh(B);
   std::normal_distribution<double> gd(0.0, 1.0);
   for (int64_t b = 0; b < B; ++b) {
@@ -339,7 +342,7 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
   T* gz = gz_store.data() + misalign;
   UncBwdParams<T> q{ge.data(), gh.data(), z, energy.data(), entropy.data(), gz, B, C, tile,
                     static_cast<A>(T_), static_cast<A>(1.0 / T_)};
-  emu_row_sweep<UncBwdOp<T>>(q, size);
+  emu_row_sweep<UncBwdVisitor<T>>(q, size);
   const double tol = sizeof(A) == 8 ? 1e-10 : 2e-4;
   char what[256];
   for (int64_t b = 0; b < B; ++b) {
@@ -428,11 +431,4 @@ void run_all(std::mt19937& rng, const char* dt) {
   }
 }
 
-int main() {
-  std::mt19937 rng(1234);
-  run_all<double>(rng, "f64");
-  run_all<float>(rng, "f32");
-  run_all<c10::Half>(rng, "f16");
-  run_all<c10::BFloat16>(rng, "bf16");
-  return report_failures();
-}
+AUGKD_EMULATION_MAIN(1234)

@@ -61,7 +61,7 @@ void run_case(int64_t rows, int64_t cols, int64_t k, double temp, double alpha, 
   p.use_kl = alpha != 0;
   p.use_ce = target && alpha != 1;
   p.args = {static_cast<A>(1 / temp), k, cols, tail, div};
-  emu_row_reduce<TopkFwdOp<T, NEED1>>(p, cols <= 1024 ? 32 : 128, 1);
+  emu_row_reduce<TopkFwdVisitor<T, NEED1>>(p, cols <= 1024 ? 32 : 128, 1);
   // backward: dense tiles, then the k entries
   std::vector<A> gl(rows);
   for (auto& g : gl) g = static_cast<A>(0.5 + std::fabs(nd(rng)) * 0.25);
@@ -82,7 +82,7 @@ void run_case(int64_t rows, int64_t cols, int64_t k, double temp, double alpha, 
   b.kce = target && alpha != 1 ? static_cast<A>(1 - alpha) : A(0);
   b.args = p.args;
   b.tile = static_cast<int64_t>(kTileThreads) * kVec<T> * 4;
-  emu_row_sweep<TopkBwdOp<T>>(b, kTileThreads);
+  emu_row_sweep<TopkBwdVisitor<T>>(b, kTileThreads);
   if (alpha != 0)
     for (int64_t r = 0; r < rows; ++r) topk_bwd_entries_row(b, r);
 
