@@ -49,27 +49,28 @@ struct EntropyState {
   }
 };
 
+// What the forward and the backward kernels both read.
 template <typename T>
-struct UncFwdParams {
-  using A = acc_type<T>;
+struct UncInputs {
   const T* __restrict__ logits;  // (rows, cols)
-  A* __restrict__ energy;        // (rows,)
-  A* __restrict__ entropy;       // (rows,)
   int64_t rows, cols;
-  A temperature, inv_t;
+  acc_type<T> temperature, inv_t;
 };
 
 template <typename T>
-struct UncBwdParams {
-  using A = acc_type<T>;
-  const A* __restrict__ grad_energy;   // (rows,)
-  const A* __restrict__ grad_entropy;  // (rows,)
-  const T* __restrict__ logits;
-  const A* __restrict__ energy;        // (rows,)
-  const A* __restrict__ entropy;       // (rows,)
+struct UncFwdParams : UncInputs<T> {
+  acc_type<T>* __restrict__ energy;   // (rows,)
+  acc_type<T>* __restrict__ entropy;  // (rows,)
+};
+
+template <typename T>
+struct UncBwdParams : UncInputs<T> {
+  const acc_type<T>* __restrict__ energy;        // (rows,) from the forward
+  const acc_type<T>* __restrict__ entropy;       // (rows,)
+  const acc_type<T>* __restrict__ grad_energy;   // (rows,)
+  const acc_type<T>* __restrict__ grad_entropy;  // (rows,)
   T* __restrict__ grad_logits;
-  int64_t rows, cols, tile;
-  A temperature, inv_t;
+  int64_t tile;
 };
 
 constexpr int kUncUnroll = 4;     // one tensor: 4 x 16 bytes in flight per thread

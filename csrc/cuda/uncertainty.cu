@@ -19,9 +19,9 @@
 namespace augkd::cuda {
 namespace {
 
-// The inputs that UncFwdParams and UncBwdParams share, set alike for the forward and backward.
-template <typename T, typename P>
-void set_unc_inputs(P& p, const at::Tensor& z, double temperature) {
+// The inputs that the forward and the backward kernels share (UncInputs), set alike for both.
+template <typename T>
+void set_unc_inputs(UncInputs<T>& p, const at::Tensor& z, double temperature) {
   p.logits = z.const_data_ptr<T>();
   p.rows = z.size(0);
   p.cols = z.size(1);

@@ -330,7 +330,8 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
     for (int64_t i = 0; i < B * C; i += 3) z[i] = from_double<T>(-INFINITY);
   if (special & 2 && B > 1) z[C + C / 2] = from_double<T>(NAN);
   std::vector<A> energy(B), entropy(B);
-  UncFwdParams<T> p{z, energy.data(), entropy.data(), B, C, static_cast<A>(T_), static_cast<A>(1.0 / T_)};
+  const UncInputs<T> in{z, B, C, static_cast<A>(T_), static_cast<A>(1.0 / T_)};
+  UncFwdParams<T> p{in, energy.data(), entropy.data()};
   emu_row_reduce<UncFwdVisitor<T>>(p, size, parts);
   std::vector<A> ge(B), gh(B);
   std::normal_distribution<double> gd(0.0, 1.0);
@@ -340,8 +341,7 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
   }
   std::vector<T> gz_store(B * C + 16);
   T* gz = gz_store.data() + misalign;
-  UncBwdParams<T> q{ge.data(), gh.data(), z, energy.data(), entropy.data(), gz, B, C, tile,
-                    static_cast<A>(T_), static_cast<A>(1.0 / T_)};
+  UncBwdParams<T> q{in, energy.data(), entropy.data(), ge.data(), gh.data(), gz, tile};
   emu_row_sweep<UncBwdVisitor<T>>(q, size);
   const double tol = sizeof(A) == 8 ? 1e-10 : 2e-4;
   char what[256];
