@@ -32,6 +32,15 @@ inline std::string shape_str(c10::IntArrayRef sizes) {
   return os.str();
 }
 
+// Whether an optional tensor argument was given (None arrives as an empty optional or an undefined tensor).
+inline bool present(const std::optional<at::Tensor>& x) { return x.has_value() && x->defined(); }
+
+// The data of an optional tensor argument, nullptr when it was not given.
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& x) {
+  return present(x) ? x->const_data_ptr<T>() : nullptr;
+}
+
 // The dtypes the kernels are instantiated for.
 inline bool is_kernel_float(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -101,9 +110,29 @@ inline void check_row_vector(const char* op, const char* name, const at::Tensor&
   check_contiguous(op, name, x);
 }
 
+// x: a (rows, classes) float matrix with at least one class, contiguous; `what` names its dimensions.
+inline void check_class_matrix(const char* op, const char* name, const at::Tensor& x,
+                               const char* what = "(rows, classes)") {
+  check_float_input(op, name, x);
+  check_dim(op, name, x, 2, what);
+  TORCH_CHECK(x.size(1) >= 1, op, ": ", name, " must have at least one class, got shape ", shape_str(x.sizes()));
+  check_contiguous(op, name, x);
+}
+
 inline void check_temperature(const char* op, double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
               ": temperature must be a finite number > 0, got ", temperature);
+}
+
+// Every label is ignore_index or a class in [0, classes): a ValueError naming the first bad one. Reads the
+// labels on the host: the CPU launchers only (GPU kernels give a NaN row instead of a device sync).
+inline void check_labels(const char* op, const std::optional<at::Tensor>& target, int64_t classes,
+                         int64_t ignore_index) {
+  const int64_t* y = data_or_null<int64_t>(target);
+  for (int64_t i = 0; y != nullptr && i < target->numel(); ++i) {
+    TORCH_CHECK_VALUE(y[i] == ignore_index || (y[i] >= 0 && y[i] < classes), op, ": target holds class index ",
+                      y[i], ", outside [0, ", classes, ") (and not ignore_index=", ignore_index, ")");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -122,15 +151,9 @@ constexpr int64_t kKdStats = 8;
 inline void check_kd_loss_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
                                  const std::optional<at::Tensor>& target, double temperature, double alpha,
                                  int64_t teacher_format) {
-  check_float_input(op, "student", student);
-  check_dim(op, "student", student, 2, "(rows, classes)");
-  TORCH_CHECK(student.size(1) >= 1, op, ": student must have at least one class, got shape ",
-              shape_str(student.sizes()));
-  check_contiguous(op, "student", student);
+  check_class_matrix(op, "student", student);
   check_like(op, "teacher", teacher, "student", student);
-  if (target.has_value() && target->defined()) {
-    check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
-  }
+  if (present(target)) check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
   check_temperature(op, temperature);
   TORCH_CHECK_VALUE(temperature >= kKdMinTemperature && temperature <= kKdMaxTemperature, op,
                     ": temperature must be in [", kKdMinTemperature, ", ", kKdMaxTemperature,
@@ -172,11 +195,7 @@ inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& gra
 
 inline void check_uncertainty_fwd(const at::Tensor& logits, double temperature) {
   const char* op = "uncertainty";
-  check_float_input(op, "logits", logits);
-  check_dim(op, "logits", logits, 2, "(rows, classes)");
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have at least one class, got shape ",
-              shape_str(logits.sizes()));
-  check_contiguous(op, "logits", logits);
+  check_class_matrix(op, "logits", logits);
   check_temperature(op, temperature);
 }
 
@@ -185,11 +204,7 @@ inline void check_uncertainty_bwd(const at::Tensor& grad_energy, const at::Tenso
                                   const at::Tensor& logits, const at::Tensor& energy, const at::Tensor& entropy,
                                   double temperature) {
   const char* op = "uncertainty_bwd";
-  check_float_input(op, "logits", logits);
-  check_dim(op, "logits", logits, 2, "(rows, classes)");
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have at least one class, got shape ",
-              shape_str(logits.sizes()));
-  check_contiguous(op, "logits", logits);
+  check_class_matrix(op, "logits", logits);
   check_temperature(op, temperature);
   const int64_t rows = logits.size(0);
   const auto rdt = row_dtype(logits.scalar_type());
@@ -206,9 +221,7 @@ inline void check_uncertainty_bwd(const at::Tensor& grad_energy, const at::Tenso
 // s: None (use s_scalar) or a (B,) tensor with the dtype and device of ref.
 inline void check_mix_s(const char* op, const std::optional<at::Tensor>& s, int64_t rows, const char* ref_name,
                         const at::Tensor& ref) {
-  if (s.has_value() && s->defined()) {
-    check_row_vector(op, "s", *s, rows, ref.scalar_type(), ref_name, ref);
-  }
+  if (present(s)) check_row_vector(op, "s", *s, rows, ref.scalar_type(), ref_name, ref);
 }
 
 // z, psi (B, L) same dtype/device; mask (B, L) or (1, L) same dtype; s None or (B,); grad_out (when given) like z.
@@ -244,7 +257,7 @@ inline void check_latent_mixup_bwd(const at::Tensor& grad_out, const at::Tensor&
 // mean / std: None or (C,) float32 on generated's device.
 inline void check_channel_vector(const char* op, const char* name, const std::optional<at::Tensor>& v,
                                  const at::Tensor& generated) {
-  if (!v.has_value() || !v->defined()) return;
+  if (!present(v)) return;
   const int64_t channels = generated.size(1);
   TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, op, ": ", name, " must have shape (", channels,
               ",) (one per channel of generated ", shape_str(generated.sizes()), "), got ", shape_str(v->sizes()));

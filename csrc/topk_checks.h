@@ -12,11 +12,7 @@ namespace augkd::checks {
 inline void check_topk_inputs(const char* op, const at::Tensor& student, const at::Tensor& indices,
                               const at::Tensor& values, const std::optional<at::Tensor>& target, double temperature,
                               double alpha, int64_t values_format, int64_t tail, int64_t divergence) {
-  check_float_input(op, "student", student);
-  check_dim(op, "student", student, 2, "(rows, vocabulary)");
-  TORCH_CHECK(student.size(1) >= 1, op, ": student must have at least one class, got shape ",
-              shape_str(student.sizes()));
-  check_contiguous(op, "student", student);
+  check_class_matrix(op, "student", student, "(rows, vocabulary)");
   TORCH_CHECK(indices.defined(), op, ": teacher_indices must be a defined tensor");
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.size(1) >= 1 &&
                   indices.size(1) <= student.size(1),
@@ -30,9 +26,7 @@ inline void check_topk_inputs(const char* op, const at::Tensor& student, const a
   check_dtype(op, "teacher_values", values, row_dtype(student.scalar_type()));
   check_same_device(op, "teacher_values", values, "student", student);
   check_contiguous(op, "teacher_values", values);
-  if (target.has_value() && target->defined()) {
-    check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
-  }
+  if (present(target)) check_row_vector(op, "target", *target, student.size(0), at::kLong, "student", student);
   check_temperature(op, temperature);
   TORCH_CHECK(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
   TORCH_CHECK(values_format == topk::kLogits || values_format == topk::kLogProbs, op,
@@ -44,6 +38,16 @@ inline void check_topk_inputs(const char* op, const at::Tensor& student, const a
               "give the mass of the others");
   TORCH_CHECK(divergence == topk::kKL || divergence == topk::kReverseKL, op,
               ": divergence must be 0 (kl) or 1 (reverse_kl), got ", divergence);
+}
+
+// Every teacher index is a class in [0, classes): a ValueError naming the first bad one. Reads the indices
+// on the host: the CPU launchers only (GPU kernels give a NaN row instead of a device sync).
+inline void check_topk_indices(const char* op, const at::Tensor& indices, int64_t classes) {
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < indices.numel(); ++i) {
+    TORCH_CHECK_VALUE(idx[i] >= 0 && idx[i] < classes, op, ": teacher_indices holds class index ", idx[i],
+                      ", outside [0, ", classes, ")");
+  }
 }
 
 inline void check_topk_stats(const char* op, const at::Tensor& stats, const at::Tensor& student) {

@@ -17,6 +17,7 @@
 
 #include "load_store.cuh"
 #include "reduce.cuh"
+#include "row_reduce.cuh"
 
 namespace augkd::cuda {
 
@@ -121,58 +122,6 @@ struct KdFwdParams {
   int fmt;            // teacher_format
 };
 
-// Folds a row range into a KdState (see sweep_range for the load/apply protocol).
-template <typename T, bool NEED1>
-struct KdFwdVisitor {
-  using A = acc_type<T>;
-  const T* __restrict__ s_row;
-  const T* __restrict__ t_row;
-  A inv_t;
-  int fmt;
-  KdState<A, NEED1> st;
-
-  template <int N>
-  struct Regs {
-    A s[N];
-    A t[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-    load_n<N>(t_row + j, r.t);
-  }
-
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
-    A v[N];
-    A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      v[k] = teacher_logit(r.t[k], fmt);             // v = t or log t
-      cm_s = max_(cm_s, r.s[k]);
-      cm_t = max_(cm_t, v[k]);
-    }
-    // Raise the running maxima to include this chunk (one rescale per chunk, rarely taken).
-    const A M_s = max_(st.m_s, cm_s);
-    const A M_t = max_(st.m_t, cm_t);
-    if (M_s != st.m_s || M_t != st.m_t) st.rebase(M_s, M_t);
-    const A cs = center_(st.m_s), ct = center_(st.m_t);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const A xs = r.s[k] - cs;
-      const A b = xs * inv_t;                                // b = (s_j - M_s) / T
-      const A a = (v[k] - ct) * inv_t;                       // a = (v_j - M_t) / T
-      const A e_t = exp_(a);                                 // exp(-inf) = 0: a masked class
-      st.d_t += e_t;                                         // d_t += exp(a_j)
-      st.d_s += exp_(b);                                     // d_s += exp(b_j)
-      // A += exp(a_j) (a_j - b_j), 0 where a_j == -inf (b_j == -inf < a_j gives +inf: KL = inf)
-      st.a += a == neg_inf<A>() ? A(0) : e_t * (a - b);
-      if constexpr (NEED1) st.d_1 += exp_(xs);               // d_1 += exp(s_j - M_s)
-    }
-  }
-};
-
 constexpr int kKdUnroll = 2;  // vectors per thread in flight (two tensors: 4 x 16 bytes)
 
 // Reads y and s_y of a row. No out-of-bounds read: s_y is read only for a target in [0, C).
@@ -200,7 +149,7 @@ AUGKD_HD acc_type<T> kd_row_loss(const KdFwdParams<T>& p, const acc_type<T>* st,
 }
 
 // Whether the one-pass KL = mu - L of a row is too close to the rounding of its terms (mu, log d_t,
-// log d_s): then the refine kernel recomputes it. NaN and inf rows are kept as they are.
+// log d_s): then the refine sweep recomputes it. NaN and inf rows are kept as they are.
 template <typename A>
 AUGKD_HD bool kd_needs_refine(const A* st) {
   const A magnitude = abs_(st[kMu]) + abs_(st[kLogDt]) + abs_(st[kLogDs]) + A(1);
@@ -226,6 +175,66 @@ AUGKD_HD void kd_write_row(const KdFwdParams<T>& p, int64_t row, const KdState<a
   o[kL] = log_dt - log_ds;
   p.loss[row] = kd_row_loss(p, o, o[kMu] - o[kL], y, s_y);  // KL = mu - L (one pass)
 }
+
+// The forward row op (kernels/row_reduce.cuh): folds a row range into a KdState; x = student, y = teacher.
+// NEED1: the CE needs its own logsumexp(s) (target given and T != 1).
+template <typename T, bool NEED1>
+struct KdFwdVisitor : RowVisitor<T, KdFwdParams<T>, KdState<acc_type<T>, NEED1>, kKdUnroll, 2> {
+  using A = acc_type<T>;
+  using Params = KdFwdParams<T>;
+  using State = KdState<A, NEED1>;
+  A inv_t;
+  int fmt;
+  State st;
+
+  AUGKD_HD static KdFwdVisitor make(const Params& p, int64_t row) {
+    return {{p.student + row * p.cols, p.teacher + row * p.cols}, p.inv_t, p.fmt, State::identity(p.inv_t)};
+  }
+
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
+    A v[N];
+    A cm_s = neg_inf<A>(), cm_t = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      v[k] = teacher_logit(r.y[k], fmt);             // v = t or log t
+      cm_s = max_(cm_s, r.x[k]);
+      cm_t = max_(cm_t, v[k]);
+    }
+    // Raise the running maxima to include this chunk (one rescale per chunk, rarely taken).
+    const A M_s = max_(st.m_s, cm_s);
+    const A M_t = max_(st.m_t, cm_t);
+    if (M_s != st.m_s || M_t != st.m_t) st.rebase(M_s, M_t);
+    const A cs = center_(st.m_s), ct = center_(st.m_t);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A xs = r.x[k] - cs;
+      const A b = xs * inv_t;                                // b = (s_j - M_s) / T
+      const A a = (v[k] - ct) * inv_t;                       // a = (v_j - M_t) / T
+      const A e_t = exp_(a);                                 // exp(-inf) = 0: a masked class
+      st.d_t += e_t;                                         // d_t += exp(a_j)
+      st.d_s += exp_(b);                                     // d_s += exp(b_j)
+      // A += exp(a_j) (a_j - b_j), 0 where a_j == -inf (b_j == -inf < a_j gives +inf: KL = inf)
+      st.a += a == neg_inf<A>() ? A(0) : e_t * (a - b);
+      if constexpr (NEED1) st.d_1 += exp_(xs);               // d_1 += exp(s_j - M_s)
+    }
+  }
+
+  // The target and s_y, read by rank 0 before the sweep (the load overlaps it).
+  struct Aux {
+    int64_t y = 0;
+    A s_y = A(0);
+  };
+  AUGKD_HD static Aux row_aux(const Params& p, int64_t row) {
+    Aux x;
+    kd_read_target(p, row, x.y, x.s_y);
+    return x;
+  }
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& s, const Aux& x) {
+    kd_write_row<T, NEED1>(p, row, s, x.y, x.s_y);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // Refinement of an ill-conditioned KL (second sweep; docs/ops-design.md, "Precision"): with
@@ -274,56 +283,6 @@ AUGKD_HD A h_term(A x) {
   return x / (A(1) + x) - log1p_(x);
 }
 
-template <typename T>
-struct KdRefineVisitor {
-  using A = acc_type<T>;
-  const T* __restrict__ s_row;
-  const T* __restrict__ t_row;
-  A inv_t, cs, ct, log_ds, log_dt, l_hat;
-  int fmt;
-  RefineState<A> st;
-
-  template <int N>
-  struct Regs {
-    A s[N];
-    A t[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-    load_n<N>(t_row + j, r.t);
-  }
-
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const A b = (r.s[k] - cs) * inv_t;
-      const A a = (teacher_logit(r.t[k], fmt) - ct) * inv_t;
-      const A p_s = exp_(b - log_ds);
-      const A p_t = exp_(a - log_dt);
-      if (p_s + p_t == A(0)) continue;                     // absent from both distributions
-      const A rho = (a - b) - l_hat;                         // log p_t - log p_s
-      // p_t - p_s = p_s expm1(rho) (rho <= 0) or -p_t expm1(-rho) (rho > 0)
-      st.s0 += rho <= A(0) ? p_s * expm1_(rho) : -p_t * expm1_(-rho);
-      if (abs_(rho) <= A(kPhiSeriesMax)) {
-        st.s2 += p_s * phi_series(rho);                      // p_s phi(rho)
-      } else {
-        st.s2 += p_s + (p_t == A(0) ? A(0) : p_t * (rho - A(1)));  // p_s + p_t (rho - 1)
-      }
-    }
-  }
-};
-
-// The refine visitor of a row, from its stats.
-template <typename T>
-AUGKD_HD KdRefineVisitor<T> kd_refine_visitor(const KdFwdParams<T>& p, int64_t row) {
-  const acc_type<T>* st = p.stats + row * kKdStats;
-  return {p.student + row * p.cols, p.teacher + row * p.cols, p.inv_t, center_(st[kMs]), center_(st[kMt]),
-          st[kLogDs], st[kLogDt], st[kLogDt] - st[kLogDs], p.fmt, RefineState<acc_type<T>>::identity()};
-}
-
 // Writes the refined KL, L and the row's loss.
 template <typename T>
 AUGKD_HD void kd_refine_write(const KdFwdParams<T>& p, int64_t row, const RefineState<acc_type<T>>& r) {
@@ -339,79 +298,47 @@ AUGKD_HD void kd_refine_write(const KdFwdParams<T>& p, int64_t row, const Refine
   p.loss[row] = kd_row_loss(p, st, kl, y, s_y);
 }
 
-// Second sweep over the rows whose one-pass KL is ill-conditioned (the others return at once).
-template <typename T, RowMode MODE>
-__global__ void __launch_bounds__(kMaxRowThreads, 1) kd_loss_refine_kernel(const KdFwdParams<T> p) {
+// The refine row op: a second sweep over the rows whose one-pass KL is ill-conditioned (the others are
+// skipped at once); x = student, y = teacher.
+template <typename T>
+struct KdRefineVisitor : RowVisitor<T, KdFwdParams<T>, RefineState<acc_type<T>>, kKdUnroll, 2> {
   using A = acc_type<T>;
+  using Params = KdFwdParams<T>;
   using State = RefineState<A>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(p.cols);
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    if (!kd_needs_refine(p.stats + row * kKdStats)) continue;  // the same for the whole group
-    KdRefineVisitor<T> v = kd_refine_visitor(p, row);
-    sweep_range<kVec<T>, kKdUnroll>(v.s_row, 0, p.cols, grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) kd_refine_write(p, row, st);
+  A inv_t, cs, ct, log_ds, log_dt, l_hat;
+  int fmt;
+  State st;
+
+  AUGKD_HD static KdRefineVisitor make(const Params& p, int64_t row) {
+    const A* s = p.stats + row * kKdStats;
+    return {{p.student + row * p.cols, p.teacher + row * p.cols}, p.inv_t, center_(s[kMs]), center_(s[kMt]),
+            s[kLogDs], s[kLogDt], s[kLogDt] - s[kLogDs], p.fmt, State::identity()};
   }
-}
 
-// NEED1: the CE needs its own logsumexp(s) (target given and T != 1).
-template <typename T, RowMode MODE, bool NEED1>
-__global__ void __launch_bounds__(kMaxRowThreads, 1)
-    kd_loss_fwd_kernel(const KdFwdParams<T> p, int64_t part_cols, KdState<acc_type<T>, NEED1>* ws) {
-  using A = acc_type<T>;
-  using State = KdState<A, NEED1>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(part_cols);
-
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    const T* s_row = p.student + row * p.cols;
-    const T* t_row = p.teacher + row * p.cols;
-
-    // Rank 0 reads the target and s_y first, so the load overlaps the sweep.
-    int64_t y = 0;
-    A s_y = A(0);
-    if (MODE != RowMode::kSplit && grp.rank == 0) kd_read_target(p, row, y, s_y);
-
-    KdFwdVisitor<T, NEED1> v{s_row, t_row, p.inv_t, p.fmt, State::identity(p.inv_t)};
-    sweep_range<kVec<T>, kKdUnroll>(s_row, grp.begin, grp.end(p.cols), grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) {
-      if constexpr (MODE == RowMode::kSplit) {
-        ws[row * gridDim.x + blockIdx.x] = st;
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A b = (r.x[k] - cs) * inv_t;
+      const A a = (teacher_logit(r.y[k], fmt) - ct) * inv_t;
+      const A p_s = exp_(b - log_ds);
+      const A p_t = exp_(a - log_dt);
+      if (p_s + p_t == A(0)) continue;                     // absent from both distributions
+      const A rho = (a - b) - l_hat;                         // log p_t - log p_s
+      // p_t - p_s = p_s expm1(rho) (rho <= 0) or -p_t expm1(-rho) (rho > 0)
+      st.s0 += rho <= A(0) ? p_s * expm1_(rho) : -p_t * expm1_(-rho);
+      if (abs_(rho) <= A(kPhiSeriesMax)) {
+        st.s2 += p_s * phi_series(rho);                      // p_s phi(rho)
       } else {
-        kd_write_row<T, NEED1>(p, row, st, y, s_y);
+        st.s2 += p_s + (p_t == A(0) ? A(0) : p_t * (rho - A(1)));  // p_s + p_t (rho - 1)
       }
     }
   }
-}
 
-// Split mode, second step: one thread per row folds the row's `parts` partial states in order
-// (deterministic) and writes the loss and stats.
-template <typename T, bool NEED1>
-__global__ void kd_loss_fwd_merge_kernel(const KdFwdParams<T> p, int64_t parts,
-                                         const KdState<acc_type<T>, NEED1>* __restrict__ ws) {
-  using A = acc_type<T>;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    KdState<A, NEED1> st = ws[row * parts];
-    for (int64_t k = 1; k < parts; ++k) st.merge(ws[row * parts + k]);
-    int64_t y;
-    A s_y;
-    kd_read_target(p, row, y, s_y);
-    kd_write_row<T, NEED1>(p, row, st, y, s_y);
-  }
-}
+  AUGKD_HD static bool skip(const Params& p, int64_t row) { return !kd_needs_refine(p.stats + row * kKdStats); }
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& s) { kd_refine_write(p, row, s); }
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward
@@ -441,12 +368,14 @@ struct KdBwdParams {
   int fmt;
 };
 
+constexpr int kBwdUnroll = 2;
+
+// The backward row op (row_sweep_kernel in kernels/row_reduce.cuh); x = student, y = teacher.
 template <typename T>
-struct KdBwdVisitor {
+struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
   using A = acc_type<T>;
+  using Params = KdBwdParams<T>;
   KdBwdParams<T> p;  // a copy: the compiler reads the fields from the parameter space
-  const T* __restrict__ s_row;
-  const T* __restrict__ t_row;
   T* __restrict__ gs_row;  // nullptr when not requested
   T* __restrict__ gt_row;
   A cs, ct, log_ds, log_dt, log_d1, mu, lc, g, g_lse;  // centred maxima, stats, upstream grads
@@ -454,26 +383,32 @@ struct KdBwdVisitor {
   bool ignored;  // y == ignore_index: no student grad, no KL grad for the teacher
   bool bad;      // non-ignored target outside [0, C): the loss row is NaN, so is its student grad
 
-  template <int N>
-  struct Regs {
-    A s[N];
-    A t[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-    load_n<N>(t_row + j, r.t);
+  // The visitor of row `row`: its pointers, saved stats, upstream grads and target.
+  AUGKD_HD static KdBwdVisitor make(const Params& p, int64_t row) {
+    const int64_t off = row * p.cols;
+    const A* st = p.stats + row * kKdStats;
+    KdBwdVisitor v{{p.student + off, p.teacher + off}, p,
+                   p.grad_student ? p.grad_student + off : nullptr,
+                   p.grad_teacher ? p.grad_teacher + off : nullptr,
+                   center_(st[kMs]), center_(st[kMt]), st[kLogDs], st[kLogDt], st[kLogD1], st[kMu], st[kL],
+                   p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
+    if (p.target != nullptr) {
+      v.y = p.target[row];
+      v.ignored = v.y == p.ignore_index;
+      v.bad = !v.ignored && (v.y < 0 || v.y >= p.cols);
+    }
+    return v;
   }
 
-  template <int N>
-  AUGKD_HD void apply(int64_t j, const Regs<N>& r) const {
+  template <typename R>
+  AUGKD_HD void apply(int64_t j, const R& r) const {
+    constexpr int N = R::kN;
     A gs[N], gt[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A xs = r.s[k] - cs;
+      const A xs = r.x[k] - cs;
       const A b = xs * p.inv_t;                                      // b = (s - M_s) / T
-      const A a = (teacher_logit(r.t[k], p.fmt) - ct) * p.inv_t;     // a = (v - M_t) / T
+      const A a = (teacher_logit(r.y[k], p.fmt) - ct) * p.inv_t;     // a = (v - M_t) / T
       const A p_s = exp_(b - log_ds);                                // p_s = exp(b - log d_s)
       const A p_t = exp_(a - log_dt);                                // p_t = exp(a - log d_t)
       const A delta = a - b;
@@ -508,7 +443,7 @@ struct KdBwdVisitor {
         if (p.fmt == kProbs) {
           // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0 (an absent class) or where nothing
           // flows (an ignored row, whatever t holds)
-          gt[k] = (r.t[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.t[k]);
+          gt[k] = (r.y[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.y[k]);
         } else {
           gt[k] = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
         }
@@ -518,46 +453,5 @@ struct KdBwdVisitor {
     if (gt_row != nullptr) store_n<N>(gt_row + j, gt);
   }
 };
-
-constexpr int kBwdUnroll = 2;
-
-// The visitor of row `row`: its pointers, saved stats, upstream grads and target (the kernel below and
-// the host emulation in tests/cuda_emulation build it the same way, here).
-template <typename T>
-AUGKD_HD KdBwdVisitor<T> kd_bwd_visitor(const KdBwdParams<T>& p, int64_t row) {
-  const int64_t off = row * p.cols;
-  KdBwdVisitor<T> v{p, p.student + off, p.teacher + off,
-                    p.grad_student ? p.grad_student + off : nullptr,
-                    p.grad_teacher ? p.grad_teacher + off : nullptr,
-                    center_(p.stats[row * kKdStats + kMs]), center_(p.stats[row * kKdStats + kMt]),
-                    p.stats[row * kKdStats + kLogDs], p.stats[row * kKdStats + kLogDt],
-                    p.stats[row * kKdStats + kLogD1], p.stats[row * kKdStats + kMu], p.stats[row * kKdStats + kL],
-                    p.grad_loss[row], p.grad_lse_t[row], -1, false, false};
-  if (p.target != nullptr) {
-    v.y = p.target[row];
-    v.ignored = v.y == p.ignore_index;
-    v.bad = !v.ignored && (v.y < 0 || v.y >= p.cols);
-  }
-  return v;
-}
-
-// TILE = true: blockIdx.x is a tile of p.tile columns, blockIdx.y (looping by gridDim.y) a row; the
-// block's threads share the tile (many blocks per row: long rows with few rows still fill the GPU).
-// TILE = false: one warp per row, blockDim = (32, kRowWarps), rows loop with gridDim.x * kRowWarps.
-template <typename T, bool TILE>
-__global__ void __launch_bounds__(kTileThreads, 1) kd_loss_bwd_kernel(const KdBwdParams<T> p) {
-  using A = acc_type<T>;
-  const int rank = threadIdx.x;
-  const int size = TILE ? blockDim.x : kWarp;
-  const int64_t row0 = TILE ? blockIdx.y : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t stride = TILE ? gridDim.y : static_cast<int64_t>(gridDim.x) * blockDim.y;
-  const int64_t begin = TILE ? static_cast<int64_t>(blockIdx.x) * p.tile : 0;
-  const int64_t end = TILE ? min(p.cols, begin + p.tile) : p.cols;
-
-  for (int64_t row = row0; row < p.rows; row += stride) {
-    KdBwdVisitor<T> v = kd_bwd_visitor(p, row);
-    sweep_range<kVec<T>, kBwdUnroll>(p.student + row * p.cols, begin, end, rank, size, v);
-  }
-}
 
 }  // namespace augkd::cuda

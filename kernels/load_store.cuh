@@ -79,7 +79,7 @@ AUGKD_HD int64_t head_elems(const T* p) {
 // The visitor F provides, for N in {1, VEC}:
 //   template <int N> struct Regs;                               registers for N elements
 //   template <int N> void load(int64_t j, Regs<N>& r);          read elements [j, j + N)
-//   template <int N> void apply(int64_t j, const Regs<N>& r);   compute / write them
+//   template <typename R> void apply(int64_t j, const R& r);   compute / write them (N = R::kN)
 // Splitting load and apply lets U vectors be read before the first one is used.
 template <int VEC, int U, typename T, typename F>
 AUGKD_HD void sweep_range(const T* ref, int64_t begin, int64_t end, int rank, int size, F& f) {
@@ -93,7 +93,7 @@ AUGKD_HD void sweep_range(const T* ref, int64_t begin, int64_t end, int rank, in
   if (rank < head) {
     typename F::template Regs<1> r;
     f.template load<1>(begin + rank, r);
-    f.template apply<1>(begin + rank, r);
+    f.apply(begin + rank, r);
   }
   int64_t v = rank;
   for (; v + static_cast<int64_t>(U - 1) * size < nvec; v += static_cast<int64_t>(U) * size) {
@@ -101,18 +101,44 @@ AUGKD_HD void sweep_range(const T* ref, int64_t begin, int64_t end, int rank, in
 #pragma unroll
     for (int k = 0; k < U; ++k) f.template load<VEC>(body + (v + static_cast<int64_t>(k) * size) * VEC, r[k]);
 #pragma unroll
-    for (int k = 0; k < U; ++k) f.template apply<VEC>(body + (v + static_cast<int64_t>(k) * size) * VEC, r[k]);
+    for (int k = 0; k < U; ++k) f.apply(body + (v + static_cast<int64_t>(k) * size) * VEC, r[k]);
   }
   for (; v < nvec; v += size) {
     typename F::template Regs<VEC> r;
     f.template load<VEC>(body + v * VEC, r);
-    f.template apply<VEC>(body + v * VEC, r);
+    f.apply(body + v * VEC, r);
   }
   for (int64_t j = tail + rank; j < end; j += size) {
     typename F::template Regs<1> r;
     f.template load<1>(j, r);
-    f.template apply<1>(j, r);
+    f.apply(j, r);
   }
 }
+
+// Base of the row visitors (kernels/row_reduce.cuh) over one row x (INPUTS = 1; Regs: x[N]) or two rows
+// x, y of the same width (INPUTS = 2; Regs: x[N], y[N]): the loads as acc_t, and the types the row
+// skeleton reads (T, Params, State: void for a backward visitor, kUnroll). x_row is also the row whose
+// alignment sets the head / body / tail split (head_elems).
+template <typename Elem, typename P, typename S, int UNROLL, int INPUTS = 1>
+struct RowVisitor {
+  static_assert(INPUTS == 1 || INPUTS == 2, "a row visitor reads one or two rows");
+  using T = Elem;
+  using Params = P;
+  using State = S;
+  static constexpr int kUnroll = UNROLL;
+  const T* __restrict__ x_row;
+  const T* __restrict__ y_row = nullptr;
+  template <int N>
+  struct Regs {
+    static constexpr int kN = N;
+    acc_type<T> x[N];
+    acc_type<T> y[INPUTS == 2 ? N : 1];
+  };
+  template <int N>
+  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
+    load_n<N>(x_row + j, r.x);
+    if constexpr (INPUTS == 2) load_n<N>(y_row + j, r.y);
+  }
+};
 
 }  // namespace augkd::cuda

@@ -25,21 +25,14 @@ namespace augkd::cuda {
 // negligible next to exp(0) = 1), which is well inside the tolerance of these losses; log is __logf
 // (lg2.approx). fp64 uses the full-precision exp / log (fast math does not touch double). The host
 // versions (emulation only) are std::exp / std::log.
-AUGKD_HD float exp_(float x) {
 #ifdef __CUDA_ARCH__
-  return __expf(x);
+#define AUGKD_DEVICE_OR_HOST(device_fn, host_fn) device_fn
 #else
-  return std::exp(x);
+#define AUGKD_DEVICE_OR_HOST(device_fn, host_fn) host_fn
 #endif
-}
+AUGKD_HD float exp_(float x) { return AUGKD_DEVICE_OR_HOST(__expf, std::exp)(x); }
 AUGKD_HD double exp_(double x) { return std::exp(x); }
-AUGKD_HD float log_(float x) {
-#ifdef __CUDA_ARCH__
-  return __logf(x);
-#else
-  return std::log(x);
-#endif
-}
+AUGKD_HD float log_(float x) { return AUGKD_DEVICE_OR_HOST(__logf, std::log)(x); }
 AUGKD_HD double log_(double x) { return std::log(x); }
 AUGKD_HD float abs_(float x) { return std::fabs(x); }
 AUGKD_HD double abs_(double x) { return std::fabs(x); }

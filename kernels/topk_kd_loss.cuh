@@ -9,6 +9,7 @@
 
 #include "load_store.cuh"
 #include "reduce.cuh"
+#include "row_reduce.cuh"
 #include "topk_kd.h"
 
 namespace augkd::cuda {
@@ -71,40 +72,6 @@ struct TopkFwdParams {
   topk::TopkArgs<A> args;
 };
 
-template <typename T, bool NEED1>
-struct TopkFwdVisitor {
-  using A = acc_type<T>;
-  const T* __restrict__ s_row;
-  A inv_t;
-  LseState<A, NEED1> st;
-
-  template <int N>
-  struct Regs {
-    A s[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-  }
-
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
-    A m_raw = neg_inf<A>();
-#pragma unroll
-    for (int k = 0; k < N; ++k) m_raw = max_(m_raw, r.s[k]);
-    const A M_s = max_(st.m_s, m_raw * inv_t);  // max u = (max s) / T
-    const A M_1 = NEED1 ? max_(st.m_1, m_raw) : st.m_1;
-    if (M_s != st.m_s || M_1 != st.m_1) st.rebase(M_s, M_1);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const bool masked = r.s[k] == neg_inf<A>();
-      st.d_s += masked ? A(0) : exp_(r.s[k] * inv_t - st.m_s);  // exp(u - m_s)
-      if constexpr (NEED1) st.d_1 += masked ? A(0) : exp_(r.s[k] - st.m_1);  // exp(s - m_1)
-    }
-  }
-};
-
 constexpr int kTopkUnroll = 4;
 
 // The row's merged state -> loss and stats (one thread).
@@ -143,26 +110,39 @@ AUGKD_HD void topk_write_row(const TopkFwdParams<T>& p, int64_t row, const LseSt
   p.loss[row] = loss;
 }
 
-// One warp (kWarp mode) or one block (kBlock mode) per row; no split mode.
-template <typename T, RowMode MODE, bool NEED1>
-__global__ void __launch_bounds__(kMaxRowThreads, 1) topk_kd_loss_fwd_kernel(const TopkFwdParams<T> p) {
+// The forward row op (kernels/row_reduce.cuh): folds a row range of the student into an LseState; one warp
+// or one block per row, no split mode (rank 0 then works the k entries in finish).
+template <typename T, bool NEED1>
+struct TopkFwdVisitor : RowVisitor<T, TopkFwdParams<T>, LseState<acc_type<T>, NEED1>, kTopkUnroll> {
   using A = acc_type<T>;
+  using Params = TopkFwdParams<T>;
   using State = LseState<A, NEED1>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(p.cols);
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    const T* s_row = p.student + row * p.cols;
-    TopkFwdVisitor<T, NEED1> v{s_row, p.args.inv_t, State::identity()};
-    sweep_range<kVec<T>, kTopkUnroll>(s_row, 0, p.cols, grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
-    }
-    if (grp.rank == 0) topk_write_row<T, NEED1>(p, row, st);
+  A inv_t;
+  State st;
+
+  AUGKD_HD static TopkFwdVisitor make(const Params& p, int64_t row) {
+    return {{p.student + row * p.cols}, p.args.inv_t, State::identity()};
   }
-}
+
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
+    A m_raw = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < N; ++k) m_raw = max_(m_raw, r.x[k]);
+    const A M_s = max_(st.m_s, m_raw * inv_t);  // max u = (max s) / T
+    const A M_1 = NEED1 ? max_(st.m_1, m_raw) : st.m_1;
+    if (M_s != st.m_s || M_1 != st.m_1) st.rebase(M_s, M_1);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const bool masked = r.x[k] == neg_inf<A>();
+      st.d_s += masked ? A(0) : exp_(r.x[k] * inv_t - st.m_s);  // exp(u - m_s)
+      if constexpr (NEED1) st.d_1 += masked ? A(0) : exp_(r.x[k] - st.m_1);  // exp(s - m_1)
+    }
+  }
+
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& s) { topk_write_row<T, NEED1>(p, row, s); }
+};
 
 template <typename T>
 struct TopkBwdParams {
@@ -180,38 +160,45 @@ struct TopkBwdParams {
   topk::TopkArgs<A> args;
 };
 
-// Per-row factors of the dense backward.
+// The dense backward row op (row_sweep_kernel in kernels/row_reduce.cuh, tile mode): per-row factors.
 template <typename T>
-struct TopkBwdVisitor {
+struct TopkBwdVisitor : RowVisitor<T, TopkBwdParams<T>, void, kTopkUnroll> {
   using A = acc_type<T>;
-  const T* __restrict__ s_row;
+  using Params = TopkBwdParams<T>;
   T* __restrict__ g_row;
   A inv_t, m_s, log_ds, m_1, log_d1, c_tail, ks, k1;  // ks, k1 already times g (0 for ignored rows)
   int64_t y;
   bool bad;
 
-  template <int N>
-  struct Regs {
-    A s[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
+  AUGKD_HD static TopkBwdVisitor make(const Params& p, int64_t row) {
+    const A* st = p.stats + row * topk::kStats;
+    const A g = p.grad_loss[row];
+    int64_t y = -1;
+    bool ignored = false, bad = false;
+    if (p.target != nullptr) {
+      y = p.target[row];
+      ignored = y == p.ignore_index;
+      bad = !ignored && (y < 0 || y >= p.cols);
+    }
+    const A ks = ignored ? A(0) : g * p.ks;
+    const A k1 = ignored ? A(0) : g * p.kce;
+    return {{p.student + row * p.cols}, p.grad + row * p.cols, p.args.inv_t, st[topk::kMs], st[topk::kLogDs],
+            st[topk::kM1], st[topk::kLogD1], st[topk::kCTail], ks, k1, y, bad};
   }
 
-  template <int N>
-  AUGKD_HD void apply(int64_t j, const Regs<N>& r) const {
+  template <typename R>
+  AUGKD_HD void apply(int64_t j, const R& r) const {
+    constexpr int N = R::kN;
     A out[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       A d = A(0);
       if (ks != A(0)) {
-        const A q = exp_((r.s[k] * inv_t - m_s) - log_ds);  // q_j = exp(u - m_s - log d_s)
+        const A q = exp_((r.x[k] * inv_t - m_s) - log_ds);  // q_j = exp(u - m_s - log d_s)
         d = q == A(0) ? A(0) : ks * q * c_tail;             // off the k: dD/du = q c_tail
       }
       if (k1 != A(0)) {
-        const A p1 = exp_((r.s[k] - m_1) - log_d1);         // p1_j = exp(s - m_1 - log d_1)
+        const A p1 = exp_((r.x[k] - m_1) - log_d1);         // p1_j = exp(s - m_1 - log d_1)
         d += k1 * (j + k == y ? p1 - A(1) : p1);            // formed in the compute type, rounded once
       }
       out[k] = bad ? quiet_nan<A>() : d;
@@ -220,41 +207,11 @@ struct TopkBwdVisitor {
   }
 };
 
-template <typename T>
-AUGKD_HD TopkBwdVisitor<T> topk_bwd_visitor(const TopkBwdParams<T>& p, int64_t row) {
-  using A = acc_type<T>;
-  const A* st = p.stats + row * topk::kStats;
-  const A g = p.grad_loss[row];
-  int64_t y = -1;
-  bool ignored = false, bad = false;
-  if (p.target != nullptr) {
-    y = p.target[row];
-    ignored = y == p.ignore_index;
-    bad = !ignored && (y < 0 || y >= p.cols);
-  }
-  const A ks = ignored ? A(0) : g * p.ks;
-  const A k1 = ignored ? A(0) : g * p.kce;
-  return {p.student + row * p.cols, p.grad + row * p.cols, p.args.inv_t, st[topk::kMs], st[topk::kLogDs],
-          st[topk::kM1], st[topk::kLogD1], st[topk::kCTail], ks, k1, y, bad};
-}
-
-// blockIdx.x: a tile of p.tile columns, blockIdx.y (looping by gridDim.y): a row.
-template <typename T>
-__global__ void __launch_bounds__(kTileThreads, 1) topk_kd_loss_bwd_dense_kernel(const TopkBwdParams<T> p) {
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.tile;
-  const int64_t end = min(p.cols, begin + p.tile);
-  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
-    const TopkBwdVisitor<T> v = topk_bwd_visitor(p, row);
-    sweep_range<kVec<T>, kTopkUnroll>(v.s_row, begin, end, static_cast<int>(threadIdx.x),
-                                      static_cast<int>(blockDim.x), v);
-  }
-}
-
 // The k teacher entries of one row, overwritten with their exact gradient (after the dense kernel).
 template <typename T>
 AUGKD_HD void topk_bwd_entries_row(const TopkBwdParams<T>& p, int64_t row) {
   using A = acc_type<T>;
-  const TopkBwdVisitor<T> v = topk_bwd_visitor(p, row);
+  const TopkBwdVisitor<T> v = TopkBwdVisitor<T>::make(p, row);
   if (v.ks == A(0) || v.bad) return;  // nothing but the dense terms (ignored row, alpha == 0, bad label)
   const int64_t* idx = p.idx + row * p.k;
   for (int64_t k = 0; k < p.k; ++k) {
@@ -263,12 +220,12 @@ AUGKD_HD void topk_bwd_entries_row(const TopkBwdParams<T>& p, int64_t row) {
       return;
     }
   }
-  topk::topk_entry_grads(v.s_row, idx, p.val + row * p.k, p.stats + row * topk::kStats, p.args,
+  topk::topk_entry_grads(v.x_row, idx, p.val + row * p.k, p.stats + row * topk::kStats, p.args,
                          [&](int64_t k, A dd) {
                            const int64_t j = idx[k];
                            A r = v.ks * dd;
                            if (v.k1 != A(0)) {
-                             const A p1 = exp_((static_cast<A>(v.s_row[j]) - v.m_1) - v.log_d1);
+                             const A p1 = exp_((static_cast<A>(v.x_row[j]) - v.m_1) - v.log_d1);
                              r += v.k1 * (j == v.y ? p1 - A(1) : p1);
                            }
                            v.g_row[j] = static_cast<T>(r);

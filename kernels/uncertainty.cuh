@@ -9,6 +9,7 @@
 
 #include "load_store.cuh"
 #include "reduce.cuh"
+#include "row_reduce.cuh"
 
 namespace augkd::cuda {
 
@@ -48,53 +49,28 @@ struct EntropyState {
   }
 };
 
+// What the forward and the backward kernels both read.
 template <typename T>
-struct UncFwdParams {
-  using A = acc_type<T>;
+struct UncInputs {
   const T* __restrict__ logits;  // (rows, cols)
-  A* __restrict__ energy;        // (rows,)
-  A* __restrict__ entropy;       // (rows,)
   int64_t rows, cols;
-  A temperature, inv_t;
+  acc_type<T> temperature, inv_t;
 };
 
 template <typename T>
-struct UncFwdVisitor {
-  using A = acc_type<T>;
-  const T* __restrict__ z_row;
-  A inv_t;
-  EntropyState<A> st;
+struct UncFwdParams : UncInputs<T> {
+  acc_type<T>* __restrict__ energy;   // (rows,)
+  acc_type<T>* __restrict__ entropy;  // (rows,)
+};
 
-  template <int N>
-  struct Regs {
-    A z[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(z_row + j, r.z);
-  }
-
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
-    A u[N];
-    A cm = neg_inf<A>();
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      u[k] = r.z[k] * inv_t;  // u = z / T
-      cm = max_(cm, u[k]);
-    }
-    const A M = max_(st.m, cm);
-    if (M != st.m) st.rebase(M);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const bool masked = u[k] == neg_inf<A>();
-      const A x = u[k] - st.m;                // u_j - m
-      const A e = masked ? A(0) : exp_(x);    // exp(u_j - m), 0 for u_j == -inf
-      st.d += e;                              // d += exp(u_j - m)
-      st.s += masked ? A(0) : e * x;          // S += exp(u_j - m) (u_j - m)
-    }
-  }
+template <typename T>
+struct UncBwdParams : UncInputs<T> {
+  const acc_type<T>* __restrict__ energy;        // (rows,) from the forward
+  const acc_type<T>* __restrict__ entropy;       // (rows,)
+  const acc_type<T>* __restrict__ grad_energy;   // (rows,)
+  const acc_type<T>* __restrict__ grad_entropy;  // (rows,)
+  T* __restrict__ grad_logits;
+  int64_t tile;
 };
 
 constexpr int kUncUnroll = 4;     // one tensor: 4 x 16 bytes in flight per thread
@@ -110,83 +86,66 @@ AUGKD_HD void unc_write_row(const UncFwdParams<T>& p, int64_t row, const Entropy
   p.entropy[row] = log_d - st.s / st.d;    // entropy = log d - S / d
 }
 
-// Row layouts: see RowMode (reduce.cuh).
-template <typename T, RowMode MODE>
-__global__ void __launch_bounds__(kMaxRowThreads, 1)
-    uncertainty_fwd_kernel(const UncFwdParams<T> p, int64_t part_cols, EntropyState<acc_type<T>>* ws) {
+// The forward row op (kernels/row_reduce.cuh): folds a row range of z into an EntropyState.
+template <typename T>
+struct UncFwdVisitor : RowVisitor<T, UncFwdParams<T>, EntropyState<acc_type<T>>, kUncUnroll> {
   using A = acc_type<T>;
+  using Params = UncFwdParams<T>;
   using State = EntropyState<A>;
-  __shared__ State smem[MODE == RowMode::kWarp ? 1 : kWarp];
-  const RowGroup<MODE> grp(part_cols);
+  A inv_t;
+  State st;
 
-  for (int64_t row = grp.row0; row < p.rows; row += grp.stride) {
-    const T* z_row = p.logits + row * p.cols;
-    UncFwdVisitor<T> v{z_row, p.inv_t, State::identity()};
-    sweep_range<kVec<T>, kUncUnroll>(z_row, grp.begin, grp.end(p.cols), grp.rank, grp.size, v);
-    State st;
-    if constexpr (MODE == RowMode::kWarp) {
-      st = warp_reduce(v.st);
-    } else {
-      st = block_reduce(v.st, smem);
+  AUGKD_HD static UncFwdVisitor make(const Params& p, int64_t row) {
+    return {{p.logits + row * p.cols}, p.inv_t, State::identity()};
+  }
+
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
+    A u[N];
+    A cm = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      u[k] = r.x[k] * inv_t;  // u = z / T
+      cm = max_(cm, u[k]);
     }
-    if (grp.rank == 0) {
-      if constexpr (MODE == RowMode::kSplit) {
-        ws[row * gridDim.x + blockIdx.x] = st;
-      } else {
-        unc_write_row(p, row, st);
-      }
+    const A M = max_(st.m, cm);
+    if (M != st.m) st.rebase(M);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const bool masked = u[k] == neg_inf<A>();
+      const A x = u[k] - st.m;                // u_j - m
+      const A e = masked ? A(0) : exp_(x);    // exp(u_j - m), 0 for u_j == -inf
+      st.d += e;                              // d += exp(u_j - m)
+      st.s += masked ? A(0) : e * x;          // S += exp(u_j - m) (u_j - m)
     }
   }
-}
 
-// Split mode, second step: one thread per row folds the row's partial states in order.
-template <typename T>
-__global__ void uncertainty_fwd_merge_kernel(const UncFwdParams<T> p, int64_t parts,
-                                             const EntropyState<acc_type<T>>* __restrict__ ws) {
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    EntropyState<acc_type<T>> st = ws[row * parts];
-    for (int64_t k = 1; k < parts; ++k) st.merge(ws[row * parts + k]);
-    unc_write_row(p, row, st);
-  }
-}
-
-template <typename T>
-struct UncBwdParams {
-  using A = acc_type<T>;
-  const A* __restrict__ grad_energy;   // (rows,)
-  const A* __restrict__ grad_entropy;  // (rows,)
-  const T* __restrict__ logits;
-  const A* __restrict__ energy;        // (rows,)
-  const A* __restrict__ entropy;       // (rows,)
-  T* __restrict__ grad_logits;
-  int64_t rows, cols, tile;
-  A temperature, inv_t;
+  AUGKD_HD static void finish(const Params& p, int64_t row, const State& s) { unc_write_row(p, row, s); }
 };
 
+// The backward row op (row_sweep_kernel in kernels/row_reduce.cuh).
 template <typename T>
-struct UncBwdVisitor {
+struct UncBwdVisitor : RowVisitor<T, UncBwdParams<T>, void, kUncBwdUnroll> {
   using A = acc_type<T>;
-  const T* __restrict__ z_row;
+  using Params = UncBwdParams<T>;
   T* __restrict__ gz_row;
   A inv_t, lse, h, g_e, g_h;
 
-  template <int N>
-  struct Regs {
-    A z[N];
-  };
-
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(z_row + j, r.z);
+  // lse = -energy / T (correctly rounded: the energy was stored as -T * lse)
+  AUGKD_HD static UncBwdVisitor make(const Params& p, int64_t row) {
+    const int64_t off = row * p.cols;
+    return {{p.logits + off}, p.grad_logits + off, p.inv_t, div_rn(-p.energy[row], p.temperature),
+            p.entropy[row], p.grad_energy[row], p.grad_entropy[row]};
   }
 
-  template <int N>
-  AUGKD_HD void apply(int64_t j, const Regs<N>& r) const {
+  template <typename R>
+  AUGKD_HD void apply(int64_t j, const R& r) const {
+    constexpr int N = R::kN;
     A gz[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A u = r.z[k] * inv_t;          // u = z / T
+      const A u = r.x[k] * inv_t;          // u = z / T
       const A p = exp_(u - lse);           // p = exp(u - lse)
       // grad_z = -gE p - gH p (u - lse + H) / T; the entropy term is 0 where p == 0 (u may be -inf)
       const A dh = p == A(0) ? A(0) : g_h * p * (u - lse + h) * inv_t;
@@ -195,25 +154,5 @@ struct UncBwdVisitor {
     store_n<N>(gz_row + j, gz);
   }
 };
-
-// TILE / warp-per-row layout as kd_loss_bwd_kernel.
-template <typename T, bool TILE>
-__global__ void __launch_bounds__(kTileThreads, 1) uncertainty_bwd_kernel(const UncBwdParams<T> p) {
-  const int rank = threadIdx.x;
-  const int size = TILE ? blockDim.x : kWarp;
-  const int64_t row0 = TILE ? blockIdx.y : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t stride = TILE ? gridDim.y : static_cast<int64_t>(gridDim.x) * blockDim.y;
-  const int64_t begin = TILE ? static_cast<int64_t>(blockIdx.x) * p.tile : 0;
-  const int64_t end = TILE ? min(p.cols, begin + p.tile) : p.cols;
-
-  for (int64_t row = row0; row < p.rows; row += stride) {
-    const int64_t off = row * p.cols;
-    // lse = -energy / T (correctly rounded: the energy was stored as -T * lse)
-    UncBwdVisitor<T> v{p.logits + off, p.grad_logits + off, p.inv_t,
-                       div_rn(-p.energy[row], p.temperature), p.entropy[row],
-                       p.grad_energy[row], p.grad_entropy[row]};
-    sweep_range<kVec<T>, kUncBwdUnroll>(p.logits + off, begin, end, rank, size, v);
-  }
-}
 
 }  // namespace augkd::cuda

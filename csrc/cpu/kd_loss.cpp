@@ -40,6 +40,7 @@
 #include <tuple>
 
 #include "op_checks.h"
+#include "op_outputs.h"
 
 namespace augkd::cpu {
 namespace {
@@ -290,19 +291,14 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
                                                    int64_t teacher_format) {
   checks::check_kd_loss_fwd(student, teacher, target, temperature, alpha, teacher_format);
   const int64_t B = student.size(0), C = student.size(1);
-  const auto row_opts = student.options().dtype(checks::row_dtype(student.scalar_type()));
-  at::Tensor loss = at::empty({B}, row_opts);
-  at::Tensor stats = at::empty({B, kNumStats}, row_opts);
-  const bool has_target = target.has_value() && target->defined();
-  const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+  at::Tensor loss = row_output(student, {B});
+  at::Tensor stats = row_output(student, {B, kNumStats});
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
   const bool lse1_separate = has_target && temperature != 1.0;
   // On the CPU a bad label can be reported without a device sync: raise the front-end's ValueError here
   // (the Python check is skipped for this backend; GPU kernels give a NaN row instead).
-  for (int64_t i = 0; has_target && i < B; ++i) {
-    const int64_t y = y_ptr[i];
-    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < C), "kd_loss: target holds class index ", y,
-                      ", outside [0, ", C, ") (and not ignore_index=", ignore_index, ")");
-  }
+  checks::check_labels("kd_loss", target, C, ignore_index);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -315,27 +311,25 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
     const A c = static_cast<A>(t2_scale ? temperature * temperature : 1.0);
     with_bool(teacher_format == kProbs, [&](auto probs) {
       with_bool(lse1_separate, [&](auto lse1) {
-        at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const scalar_t* s = s_ptr + i * C;
-            A* st = stats_ptr + kNumStats * i;
-            const A kl =
-                kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, st);
-            // a term whose weight is exactly 0 is left out (an infinite KL or CE must not give 0 * inf)
-            A row_loss = a != A(0) ? a * c * kl : A(0);
-            if (has_target) {
-              const int64_t y = y_ptr[i];
-              if (y == ignore_index) {
-                row_loss = A(0);
-              } else if (y < 0 || y >= C) {
-                row_loss = std::numeric_limits<A>::quiet_NaN();  // invalid label: a NaN row, no OOB read
-              } else if (a != A(1)) {
-                // CE = (M_s - s_y) + log d_1: no rounding of a large logsumexp
-                row_loss += (A(1) - a) * ((st[kMs] - static_cast<A>(s[y])) + st[kLogD1]);
-              }
+        for_each_row(B, C, [&](int64_t i) {
+          const scalar_t* s = s_ptr + i * C;
+          A* st = stats_ptr + kNumStats * i;
+          const A kl =
+              kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, st);
+          // a term whose weight is exactly 0 is left out (an infinite KL or CE must not give 0 * inf)
+          A row_loss = a != A(0) ? a * c * kl : A(0);
+          if (has_target) {
+            const int64_t y = y_ptr[i];
+            if (y == ignore_index) {
+              row_loss = A(0);
+            } else if (y < 0 || y >= C) {
+              row_loss = std::numeric_limits<A>::quiet_NaN();  // invalid label: a NaN row, no OOB read
+            } else if (a != A(1)) {
+              // CE = (M_s - s_y) + log d_1: no rounding of a large logsumexp
+              row_loss += (A(1) - a) * ((st[kMs] - static_cast<A>(s[y])) + st[kLogD1]);
             }
-            loss_ptr[i] = row_loss;
           }
+          loss_ptr[i] = row_loss;
         });
       });
     });
@@ -352,11 +346,11 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, 
   checks::check_kd_loss_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
                             teacher_format);
   const int64_t B = student.size(0), C = student.size(1);
-  at::Tensor grad_s = student_grad ? new_output_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_t = teacher_grad ? new_output_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor grad_s = student_grad ? new_output_like(student) : unused_grad(student);
+  at::Tensor grad_t = teacher_grad ? new_output_like(teacher) : unused_grad(teacher);
   if (!student_grad && !teacher_grad) return {grad_s, grad_t};
-  const bool has_target = target.has_value() && target->defined();
-  const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -374,13 +368,11 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, 
       with_bool(student_grad, [&](auto sg) {
         with_bool(teacher_grad, [&](auto tg) {
           with_bool(p1_separate && student_grad, [&](auto p1) {
-            at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
-              for (int64_t i = begin; i < end; ++i) {
-                kd_bwd_row<scalar_t, decltype(probs)::value, decltype(sg)::value, decltype(tg)::value,
-                           decltype(p1)::value>(s_ptr + i * C, t_ptr + i * C, sg ? gs_ptr + i * C : nullptr,
-                                                tg ? gt_ptr + i * C : nullptr, C, prm, g_ptr[i], glt_ptr[i],
-                                                st_ptr + kNumStats * i, has_target ? y_ptr[i] : int64_t(-1));
-              }
+            for_each_row(B, C, [&](int64_t i) {
+              kd_bwd_row<scalar_t, decltype(probs)::value, decltype(sg)::value, decltype(tg)::value,
+                         decltype(p1)::value>(s_ptr + i * C, t_ptr + i * C, sg ? gs_ptr + i * C : nullptr,
+                                              tg ? gt_ptr + i * C : nullptr, C, prm, g_ptr[i], glt_ptr[i],
+                                              st_ptr + kNumStats * i, has_target ? y_ptr[i] : int64_t(-1));
             });
           });
         });

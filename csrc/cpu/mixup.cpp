@@ -23,13 +23,12 @@
 #include <vector>
 
 #include "op_checks.h"
+#include "op_outputs.h"
 
 namespace augkd::cpu {
 namespace {
 
-bool present(const std::optional<at::Tensor>& x) {
-  return x.has_value() && x->defined();
-}
+using checks::present;
 
 // s_i as acc_t: from the tensor when given, else the scalar.
 template <typename scalar_t>
@@ -41,7 +40,7 @@ struct MixS {
 
 template <typename scalar_t>
 MixS<scalar_t> mix_s(const std::optional<at::Tensor>& s, double s_scalar) {
-  return {present(s) ? s->const_data_ptr<scalar_t>() : nullptr, static_cast<acc_t<scalar_t>>(s_scalar)};
+  return {checks::data_or_null<scalar_t>(s), static_cast<acc_t<scalar_t>>(s_scalar)};
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -78,9 +77,6 @@ at::Tensor latent_mixup_fwd_cpu(const at::Tensor& z, const at::Tensor& mask, con
   });
   return out;
 }
-
-// A gradient output the caller did not ask for: not computed, an empty (0,) tensor in its place.
-at::Tensor unused_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& mask, const at::Tensor& psi,
@@ -213,8 +209,8 @@ struct ChannelNorm {
 };
 
 ChannelNorm channel_norm(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
-  return {present(mean) ? mean->const_data_ptr<float>() : nullptr,
-          present(std_dev) ? std_dev->const_data_ptr<float>() : nullptr};
+  return {checks::data_or_null<float>(mean),
+          checks::data_or_null<float>(std_dev)};
 }
 
 at::Tensor pixel_mixup_fwd_cpu(const at::Tensor& generated, const at::Tensor& real,

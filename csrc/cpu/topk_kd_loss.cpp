@@ -20,6 +20,7 @@
 #include <optional>
 #include <tuple>
 
+#include "op_outputs.h"
 #include "topk_checks.h"
 #include "topk_kd.h"
 
@@ -75,22 +76,14 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& studen
   checks::check_topk_inputs("topk_kd_loss", student, indices, values, target, temperature, alpha, values_format,
                             tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);
-  const auto row_opts = student.options().dtype(checks::row_dtype(student.scalar_type()));
-  at::Tensor loss = at::empty({B}, row_opts);
-  at::Tensor stats = at::empty({B, topk::kStats}, row_opts);
-  const bool has_target = target.has_value() && target->defined();
-  const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+  at::Tensor loss = row_output(student, {B});
+  at::Tensor stats = row_output(student, {B, topk::kStats});
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
   const int64_t* idx_ptr = indices.const_data_ptr<int64_t>();
   // Reading the indices and labels costs no device sync here: bad ones raise the front-end's ValueError.
-  for (int64_t i = 0; i < B * K; ++i) {
-    TORCH_CHECK_VALUE(idx_ptr[i] >= 0 && idx_ptr[i] < C, "topk_kd_loss: teacher_indices holds class index ",
-                      idx_ptr[i], ", outside [0, ", C, ")");
-  }
-  for (int64_t i = 0; has_target && i < B; ++i) {
-    const int64_t y = y_ptr[i];
-    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < C), "topk_kd_loss: target holds class index ", y,
-                      ", outside [0, ", C, ") (and not ignore_index=", ignore_index, ")");
-  }
+  checks::check_topk_indices("topk_kd_loss", indices, C);
+  checks::check_labels("topk_kd_loss", target, C, ignore_index);
   const bool need1 = has_target && temperature != 1.0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "topk_kd_loss_fwd_cpu", [&] {
@@ -104,34 +97,32 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& studen
     const A a = static_cast<A>(alpha);
     const A c = static_cast<A>(t2_scale ? temperature * temperature : 1.0);
     with_bool(need1, [&](auto n1) {
-      at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* s = s_ptr + i * C;
-          A* st = st_ptr + topk::kStats * i;
-          A m_s, d_s, m_1, d_1;
-          topk_sweep_row<scalar_t, decltype(n1)::value>(s, C, args.inv_t, m_s, d_s, m_1, d_1);
-          A m_t, log_dt, div, c_tail;
-          topk::topk_finish(s, idx_ptr + i * K, v_ptr + i * K, m_s, d_s, args, m_t, log_dt, div, c_tail);
-          st[topk::kMs] = m_s;
-          st[topk::kLogDs] = std::log(d_s);
-          st[topk::kM1] = has_target ? (decltype(n1)::value ? m_1 : m_s) : A(0);
-          st[topk::kLogD1] = has_target ? (decltype(n1)::value ? std::log(d_1) : st[topk::kLogDs]) : A(0);
-          st[topk::kMt] = m_t;
-          st[topk::kLogDt] = log_dt;
-          st[topk::kD] = div;
-          st[topk::kCTail] = c_tail;
-          // a term whose weight is exactly 0 is left out (an infinite D or CE must not give 0 * inf)
-          A row_loss = a != A(0) ? a * c * div : A(0);
-          if (has_target) {
-            const int64_t y = y_ptr[i];
-            if (y == ignore_index) {
-              row_loss = A(0);
-            } else if (a != A(1)) {
-              row_loss += (A(1) - a) * (st[topk::kM1] + st[topk::kLogD1] - static_cast<A>(s[y]));
-            }
+      for_each_row(B, C, [&](int64_t i) {
+        const scalar_t* s = s_ptr + i * C;
+        A* st = st_ptr + topk::kStats * i;
+        A m_s, d_s, m_1, d_1;
+        topk_sweep_row<scalar_t, decltype(n1)::value>(s, C, args.inv_t, m_s, d_s, m_1, d_1);
+        A m_t, log_dt, div, c_tail;
+        topk::topk_finish(s, idx_ptr + i * K, v_ptr + i * K, m_s, d_s, args, m_t, log_dt, div, c_tail);
+        st[topk::kMs] = m_s;
+        st[topk::kLogDs] = std::log(d_s);
+        st[topk::kM1] = has_target ? (decltype(n1)::value ? m_1 : m_s) : A(0);
+        st[topk::kLogD1] = has_target ? (decltype(n1)::value ? std::log(d_1) : st[topk::kLogDs]) : A(0);
+        st[topk::kMt] = m_t;
+        st[topk::kLogDt] = log_dt;
+        st[topk::kD] = div;
+        st[topk::kCTail] = c_tail;
+        // a term whose weight is exactly 0 is left out (an infinite D or CE must not give 0 * inf)
+        A row_loss = a != A(0) ? a * c * div : A(0);
+        if (has_target) {
+          const int64_t y = y_ptr[i];
+          if (y == ignore_index) {
+            row_loss = A(0);
+          } else if (a != A(1)) {
+            row_loss += (A(1) - a) * (st[topk::kM1] + st[topk::kLogD1] - static_cast<A>(s[y]));
           }
-          loss_ptr[i] = row_loss;
         }
+        loss_ptr[i] = row_loss;
       });
     });
   });
@@ -146,13 +137,10 @@ at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& s
                                  values_format, tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);
   at::Tensor grad = new_output_like(student);
-  const bool has_target = target.has_value() && target->defined();
-  const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
   const int64_t* idx_ptr = indices.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * K; ++i) {  // the entries below are written at these indices
-    TORCH_CHECK_VALUE(idx_ptr[i] >= 0 && idx_ptr[i] < C, "topk_kd_loss_bwd: teacher_indices holds class index ",
-                      idx_ptr[i], ", outside [0, ", C, ")");
-  }
+  checks::check_topk_indices("topk_kd_loss_bwd", indices, C);  // the k entries are written at these indices
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "topk_kd_loss_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -167,52 +155,50 @@ at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& s
                            static_cast<int>(divergence)};
     const A c = static_cast<A>(t2_scale ? temperature * temperature : 1.0);
     const bool use_kl = alpha != 0.0, use_ce = has_target && alpha != 1.0;
-    at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* s = s_ptr + i * C;
-        scalar_t* gs = gs_ptr + i * C;
-        const A* st = st_ptr + topk::kStats * i;
-        const int64_t y = has_target ? y_ptr[i] : int64_t(-1);
-        const bool ignored = has_target && y == ignore_index;
-        const A g = g_ptr[i];
-        const A ks = (ignored || !use_kl) ? A(0) : g * static_cast<A>(alpha) * c * args.inv_t;  // on dD/du
-        const A k1 = (ignored || !use_ce) ? A(0) : g * static_cast<A>(1.0 - alpha);          // on p1 - onehot
-        const A m1 = st[topk::kM1], ld1 = st[topk::kLogD1];
-        if (has_target && !ignored && (y < 0 || y >= C)) {  // invalid label: a NaN gradient row
-          vec_loop<W>(0, C, [&](int64_t j, int64_t n) { store(gs + j, V(std::numeric_limits<A>::quiet_NaN()), n); });
-          continue;
-        }
-        // u - m_s first, then - log d_s (and s - m_1, then - log d_1): no large sum m + log d is rounded
-        const V v_inv_t(args.inv_t), v_ms(st[topk::kMs]), v_lds(st[topk::kLogDs]), v_ct(st[topk::kCTail]);
-        const V v_m1(m1), v_ld1(ld1), v_ks(ks), v_k1(k1), v_zero(A(0));
-        // off the k indices: ks q_j c_tail (0 where q_j == 0) + k1 p1_j
-        vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
-          const V sv = load(s + j, n, A(0));
-          V r = v_zero;
-          if (ks != A(0)) {
-            const V q = vexp(at::vec::fmsub(sv, v_inv_t, v_ms) - v_lds);
-            r = zero_where_eq(v_ks * q * v_ct, q, v_zero);
-          }
-          if (k1 != A(0)) r = at::vec::fmadd(v_k1, vexp((sv - v_m1) - v_ld1), r);
-          store(gs + j, r, n);
-        });
-        const auto p1 = [&](int64_t j) { return std::exp((static_cast<A>(s[j]) - m1) - ld1); };
-        // the target entry: p1_y - 1 formed before the single rounding
-        if (k1 != A(0)) {
-          const A q = std::exp((static_cast<A>(s[y]) * args.inv_t - st[topk::kMs]) - st[topk::kLogDs]);
-          const A dd = ks != A(0) && q != A(0) ? ks * q * st[topk::kCTail] : A(0);
-          gs[y] = static_cast<scalar_t>(dd + k1 * (p1(y) - A(1)));
-        }
-        // the k teacher entries: their exact gradient (the CE part included)
+    for_each_row(B, C, [&](int64_t i) {
+      const scalar_t* s = s_ptr + i * C;
+      scalar_t* gs = gs_ptr + i * C;
+      const A* st = st_ptr + topk::kStats * i;
+      const int64_t y = has_target ? y_ptr[i] : int64_t(-1);
+      const bool ignored = has_target && y == ignore_index;
+      const A g = g_ptr[i];
+      const A ks = (ignored || !use_kl) ? A(0) : g * static_cast<A>(alpha) * c * args.inv_t;  // on dD/du
+      const A k1 = (ignored || !use_ce) ? A(0) : g * static_cast<A>(1.0 - alpha);          // on p1 - onehot
+      const A m1 = st[topk::kM1], ld1 = st[topk::kLogD1];
+      if (has_target && !ignored && (y < 0 || y >= C)) {  // invalid label: a NaN gradient row
+        vec_loop<W>(0, C, [&](int64_t j, int64_t n) { store(gs + j, V(std::numeric_limits<A>::quiet_NaN()), n); });
+        return;
+      }
+      // u - m_s first, then - log d_s (and s - m_1, then - log d_1): no large sum m + log d is rounded
+      const V v_inv_t(args.inv_t), v_ms(st[topk::kMs]), v_lds(st[topk::kLogDs]), v_ct(st[topk::kCTail]);
+      const V v_m1(m1), v_ld1(ld1), v_ks(ks), v_k1(k1), v_zero(A(0));
+      // off the k indices: ks q_j c_tail (0 where q_j == 0) + k1 p1_j
+      vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
+        const V sv = load(s + j, n, A(0));
+        V r = v_zero;
         if (ks != A(0)) {
-          const int64_t* idx = idx_ptr + i * K;
-          topk::topk_entry_grads(s, idx, v_ptr + i * K, st, args, [&](int64_t k, A dd) {
-            const int64_t j = idx[k];
-            A r = ks * dd;
-            if (k1 != A(0)) r += k1 * (j == y ? p1(j) - A(1) : p1(j));
-            gs[j] = static_cast<scalar_t>(r);
-          });
+          const V q = vexp(at::vec::fmsub(sv, v_inv_t, v_ms) - v_lds);
+          r = zero_where_eq(v_ks * q * v_ct, q, v_zero);
         }
+        if (k1 != A(0)) r = at::vec::fmadd(v_k1, vexp((sv - v_m1) - v_ld1), r);
+        store(gs + j, r, n);
+      });
+      const auto p1 = [&](int64_t j) { return std::exp((static_cast<A>(s[j]) - m1) - ld1); };
+      // the target entry: p1_y - 1 formed before the single rounding
+      if (k1 != A(0)) {
+        const A q = std::exp((static_cast<A>(s[y]) * args.inv_t - st[topk::kMs]) - st[topk::kLogDs]);
+        const A dd = ks != A(0) && q != A(0) ? ks * q * st[topk::kCTail] : A(0);
+        gs[y] = static_cast<scalar_t>(dd + k1 * (p1(y) - A(1)));
+      }
+      // the k teacher entries: their exact gradient (the CE part included)
+      if (ks != A(0)) {
+        const int64_t* idx = idx_ptr + i * K;
+        topk::topk_entry_grads(s, idx, v_ptr + i * K, st, args, [&](int64_t k, A dd) {
+          const int64_t j = idx[k];
+          A r = ks * dd;
+          if (k1 != A(0)) r += k1 * (j == y ? p1(j) - A(1) : p1(j));
+          gs[j] = static_cast<scalar_t>(r);
+        });
       }
     });
   });

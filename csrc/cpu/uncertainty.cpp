@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "op_checks.h"
+#include "op_outputs.h"
 
 namespace augkd::cpu {
 namespace {
@@ -64,9 +65,8 @@ inline void uncertainty_fwd_row(const scalar_t* __restrict z, int64_t C, acc_t<s
 std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cpu(const at::Tensor& logits, double temperature) {
   checks::check_uncertainty_fwd(logits, temperature);
   const int64_t B = logits.size(0), C = logits.size(1);
-  const auto row_opts = logits.options().dtype(checks::row_dtype(logits.scalar_type()));
-  at::Tensor energy = at::empty({B}, row_opts);
-  at::Tensor entropy = at::empty({B}, row_opts);
+  at::Tensor energy = row_output(logits, {B});
+  at::Tensor entropy = row_output(logits, {B});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "uncertainty_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* z_ptr = logits.const_data_ptr<scalar_t>();
@@ -74,13 +74,11 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cpu(const at::Tensor& logits,
     A* h_ptr = entropy.mutable_data_ptr<A>();
     const A T = static_cast<A>(temperature);
     const A inv_t = static_cast<A>(1.0 / temperature);
-    at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        A lse, h;
-        uncertainty_fwd_row(z_ptr + i * C, C, inv_t, lse, h);
-        e_ptr[i] = -T * lse;
-        h_ptr[i] = h;
-      }
+    for_each_row(B, C, [&](int64_t i) {
+      A lse, h;
+      uncertainty_fwd_row(z_ptr + i * C, C, inv_t, lse, h);
+      e_ptr[i] = -T * lse;
+      h_ptr[i] = h;
     });
   });
   return {energy, entropy};
@@ -103,21 +101,19 @@ at::Tensor uncertainty_bwd_cpu(const at::Tensor& grad_energy, const at::Tensor& 
     const A* e_ptr = energy.const_data_ptr<A>();
     const A* h_ptr = entropy.const_data_ptr<A>();
     const A inv_t = static_cast<A>(1.0 / temperature);
-    at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
-      const V v_inv_t(inv_t), v_zero(A(0));
-      for (int64_t i = begin; i < end; ++i) {
-        const A lse = -e_ptr[i] * inv_t;
-        const A b = -gh_ptr[i] * inv_t;               // on log p = u - lse
-        const A a = -ge_ptr[i] + b * h_ptr[i];        // constant part
-        const V v_lse(lse), v_a(a), v_b(b);
-        const scalar_t* z = z_ptr + i * C;
-        scalar_t* g = g_ptr + i * C;
-        vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
-          const V lp = at::vec::fmsub(load(z + j, n, A(0)), v_inv_t, v_lse);  // log p
-          const V p = vexp(lp);
-          store(g + j, zero_where_eq(p * at::vec::fmadd(v_b, lp, v_a), p, v_zero), n);
-        });
-      }
+    const V v_inv_t(inv_t), v_zero(A(0));
+    for_each_row(B, C, [&](int64_t i) {
+      const A lse = -e_ptr[i] * inv_t;
+      const A b = -gh_ptr[i] * inv_t;               // on log p = u - lse
+      const A a = -ge_ptr[i] + b * h_ptr[i];        // constant part
+      const V v_lse(lse), v_a(a), v_b(b);
+      const scalar_t* z = z_ptr + i * C;
+      scalar_t* g = g_ptr + i * C;
+      vec_loop<W>(0, C, [&](int64_t j, int64_t n) {
+        const V lp = at::vec::fmsub(load(z + j, n, A(0)), v_inv_t, v_lse);  // log p
+        const V p = vexp(lp);
+        store(g + j, zero_where_eq(p * at::vec::fmadd(v_b, lp, v_a), p, v_zero), n);
+      });
     });
   });
   return grad;

@@ -239,6 +239,14 @@ inline int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols));
 }
 
+// f(i) for every row i of a (rows, cols) array, rows in parallel (row_grain rows per task).
+template <typename F>
+inline void for_each_row(int64_t rows, int64_t cols, const F& f) {
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
+}
+
 // Classes swept per block in the row kernels: the block is read from memory once for its maxima, then
 // re-read from L1 for the sums (a two-pass scheme per block, online across blocks).
 constexpr int64_t kRowBlock = 2048;

@@ -1,7 +1,8 @@
 // CUDA implementation of augkd::kd_loss_fwd / augkd::kd_loss_bwd (schemas in csrc/schemas.cpp, math in
 // docs/ops-design.md section 1, kernels in kernels/kd_loss.cuh).
 //
-// Launch layout (choose_fwd_layout in launch_utils.h, RowMode in kernels/reduce.cuh)
+// Launch layout (choose_fwd_layout in launch_utils.h, RowMode in kernels/reduce.cuh; the kernels are those
+// of the row skeleton, kernels/row_reduce.cuh, launched by csrc/cuda/row_launch.h)
 //   forward:  C <= 1024: one warp per row, kRowWarps rows per block;
 //             fewer rows than 2 x SMs: each row split into parts (one block each) whose partial online
 //             states go to a workspace, then one thread per row merges them in order;
@@ -22,52 +23,37 @@
 #include <tuple>
 
 #include "kd_loss.cuh"
-#include "launch_utils.h"
 #include "op_checks.h"
+#include "op_outputs.h"
+#include "row_launch.h"
 
 namespace augkd::cuda {
 namespace {
 
-constexpr int kBwdTileThreads = kTileThreads;
-
+// The forward in its layout, then the refine sweep (a warp per row for C <= 1024, else a block).
 template <typename T, bool NEED1>
 void launch_kd_fwd(const KdFwdParams<T>& p, const FwdLayout& lay, const at::Tensor& like, cudaStream_t stream) {
-  using State = KdState<acc_type<T>, NEED1>;
-  switch (lay.mode) {
-    case RowMode::kWarp: {
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-      kd_loss_fwd_kernel<T, RowMode::kWarp, NEED1><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p, p.cols, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-    case RowMode::kBlock: {
-      const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-      kd_loss_fwd_kernel<T, RowMode::kBlock, NEED1><<<blocks, lay.threads, 0, stream>>>(p, p.cols, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-    case RowMode::kSplit: {
-      // partial states of every (row, part), then one thread per row merges them in order
-      const auto bytes = static_cast<int64_t>(p.rows * lay.parts * sizeof(State));
-      at::Tensor ws = at::empty({bytes}, like.options().dtype(at::kByte));
-      State* ws_ptr = reinterpret_cast<State*>(ws.mutable_data_ptr());
-      const dim3 grid(static_cast<unsigned>(lay.parts), static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
-      kd_loss_fwd_kernel<T, RowMode::kSplit, NEED1><<<grid, lay.threads, 0, stream>>>(p, lay.part_cols, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, 128), kMaxGridX));
-      kd_loss_fwd_merge_kernel<T, NEED1><<<blocks, 128, 0, stream>>>(p, lay.parts, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-  }
-  if (p.cols <= kWarpRowMaxCols) {
-    const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-    kd_loss_refine_kernel<T, RowMode::kWarp><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-  } else {
-    const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-    kd_loss_refine_kernel<T, RowMode::kBlock><<<blocks, kTileThreads, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_reduce<KdFwdVisitor<T, NEED1>>(p, lay, like, stream);
+  const FwdLayout refine{p.cols <= kWarpRowMaxCols ? RowMode::kWarp : RowMode::kBlock, kTileThreads, 1, p.cols};
+  launch_row_reduce<KdRefineVisitor<T>>(p, refine, like, stream);
+}
+
+// The inputs and scalars that KdFwdParams and KdBwdParams share, set alike for the forward and backward.
+template <typename T, typename P>
+void set_kd_inputs(P& p, const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& target,
+                   double temperature, double alpha, int64_t ignore_index, bool t2_scale, int64_t teacher_format) {
+  using A = acc_type<T>;
+  p.student = s.const_data_ptr<T>();
+  p.teacher = t.const_data_ptr<T>();
+  p.target = checks::data_or_null<int64_t>(target);
+  p.rows = s.size(0);
+  p.cols = s.size(1);
+  p.ignore_index = ignore_index;
+  p.inv_t = static_cast<A>(1.0 / temperature);
+  p.alpha_c = static_cast<A>(alpha * (t2_scale ? temperature * temperature : 1.0));
+  p.use_kl = alpha != 0.0;
+  p.use_ce = checks::present(target) && alpha != 1.0;
+  p.fmt = static_cast<int>(teacher_format);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
@@ -75,45 +61,31 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
                                                     double alpha, int64_t ignore_index, bool t2_scale,
                                                     int64_t teacher_format) {
   checks::check_kd_loss_fwd(student, teacher, target, temperature, alpha, teacher_format);
-  check_cuda("kd_loss", "student", student);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const bool has_target = target.has_value() && target->defined();
+  const CudaScope scope("kd_loss", "student", student);
+  const bool has_target = checks::present(target);
   const at::Tensor s = aligned_input(student);
   const at::Tensor t = aligned_input(teacher);
   const int64_t rows = s.size(0);
   const int64_t cols = s.size(1);
-  const auto row_opts = s.options().dtype(checks::row_dtype(s.scalar_type()));
-  at::Tensor loss = at::empty({rows}, row_opts);
-  at::Tensor stats = at::empty({rows, kKdStats}, row_opts);
+  at::Tensor loss = row_output(s, {rows});
+  at::Tensor stats = row_output(s, {rows, kKdStats});
   if (rows == 0) return {loss, stats};
 
-  const double c = t2_scale ? temperature * temperature : 1.0;
   const bool need1 = has_target && temperature != 1.0;  // the CE needs its own sum d_1
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_fwd_cuda", [&] {
     using A = acc_type<scalar_t>;
     KdFwdParams<scalar_t> p{};
-    p.student = s.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.target = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+    set_kd_inputs<scalar_t>(p, s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
     p.loss = loss.mutable_data_ptr<A>();
     p.stats = stats.mutable_data_ptr<A>();
-    p.rows = rows;
-    p.cols = cols;
-    p.ignore_index = ignore_index;
-    p.inv_t = static_cast<A>(1.0 / temperature);
-    p.alpha_c = static_cast<A>(alpha * c);
     p.one_minus_alpha = static_cast<A>(1.0 - alpha);
-    p.use_kl = alpha != 0.0;
-    p.use_ce = has_target && alpha != 1.0;
-    p.fmt = static_cast<int>(teacher_format);
     const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, sm_count);
     if (need1) {
-      launch_kd_fwd<scalar_t, true>(p, lay, s, stream);
+      launch_kd_fwd<scalar_t, true>(p, lay, s, scope.stream);
     } else {
-      launch_kd_fwd<scalar_t, false>(p, lay, s, stream);
+      launch_kd_fwd<scalar_t, false>(p, lay, s, scope.stream);
     }
   });
   return {loss, stats};
@@ -127,55 +99,32 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss,
                                                     bool teacher_grad) {
   checks::check_kd_loss_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
                             teacher_format);
-  check_cuda("kd_loss_bwd", "student", student);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const bool has_target = target.has_value() && target->defined();
+  const CudaScope scope("kd_loss_bwd", "student", student);
   const at::Tensor s = aligned_input(student);
   const at::Tensor t = aligned_input(teacher);
   const int64_t rows = s.size(0);
   const int64_t cols = s.size(1);
   // Requested gradients are fresh (hence aligned) contiguous tensors; the others are empty (0,) tensors.
-  at::Tensor grad_student = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
+  at::Tensor grad_student = student_grad ? at::empty(s.sizes(), s.options()) : unused_grad(s);
+  at::Tensor grad_teacher = teacher_grad ? at::empty(t.sizes(), t.options()) : unused_grad(t);
   if (rows == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
 
   const double c = t2_scale ? temperature * temperature : 1.0;
-  const bool tile = cols > kWarpRowMaxCols;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_bwd_cuda", [&] {
     using A = acc_type<scalar_t>;
     KdBwdParams<scalar_t> p{};
+    set_kd_inputs<scalar_t>(p, s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
     p.grad_loss = grad_loss.const_data_ptr<A>();
     p.grad_lse_t = grad_lse_t.const_data_ptr<A>();
-    p.student = s.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.target = has_target ? target->const_data_ptr<int64_t>() : nullptr;
     p.stats = stats.const_data_ptr<A>();
     p.grad_student = student_grad ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    p.rows = rows;
-    p.cols = cols;
-    p.ignore_index = ignore_index;
     p.temperature = static_cast<A>(temperature);
-    p.inv_t = static_cast<A>(1.0 / temperature);
     p.ks = static_cast<A>(alpha * c / temperature);
-    p.alpha_c = static_cast<A>(alpha * c);
     p.kce = static_cast<A>(1.0 - alpha);
-    p.use_kl = alpha != 0.0;
-    p.use_ce = has_target && alpha != 1.0;
     p.t_is_one = temperature == 1.0;
-    p.fmt = static_cast<int>(teacher_format);
-    if (tile) {
-      p.tile = static_cast<int64_t>(kBwdTileThreads) * kVec<scalar_t> * 4;
-      const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-      kd_loss_bwd_kernel<scalar_t, true><<<grid, kBwdTileThreads, 0, stream>>>(p);
-    } else {
-      p.tile = cols;
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, kRowWarps), kMaxGridX));
-      kd_loss_bwd_kernel<scalar_t, false><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_sweep<KdBwdVisitor<scalar_t>>(p, cols > kWarpRowMaxCols, scope.stream);
   });
   return {grad_student, grad_teacher};
 }

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -35,10 +37,10 @@ inline at::Tensor aligned_input(const at::Tensor& x) {
   return aligned16(x) ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
-// Layout of a forward row kernel (kd_loss, uncertainty), see RowMode:
+// Layout of a forward row kernel (kernels/row_reduce.cuh), see RowMode:
 //   C <= kWarpRowMaxCols                 one warp per row;
 //   fewer rows than 2 x the SM count     each row split into parts of >= kMinSplitCols columns, so
-//                                        that about 2 blocks per SM run (partial states + merge);
+//   (and `split`)                        that about 2 blocks per SM run (partial states + merge);
 //   otherwise                            one block per row.
 // Block sizes give each thread about 4 vectors of the row (or part): 128 .. kMaxRowThreads threads.
 constexpr int64_t kWarpRowMaxCols = 1024;
@@ -51,10 +53,10 @@ struct FwdLayout {
   int64_t part_cols;  // kSplit: columns per part (a multiple of the vector width)
 };
 
-inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int64_t sm_count) {
+inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int64_t sm_count, bool split = true) {
   if (cols <= kWarpRowMaxCols) return {RowMode::kWarp, kWarp * kRowWarps, 1, cols};
   int64_t parts = 1;
-  if (rows < 2 * sm_count) parts = std::min(ceil_div(2 * sm_count, rows), cols / kMinSplitCols);
+  if (split && rows < 2 * sm_count) parts = std::min(ceil_div(2 * sm_count, rows), cols / kMinSplitCols);
   int64_t part_cols = cols;
   if (parts > 1) {
     part_cols = ceil_div(ceil_div(cols, parts), vec) * vec;
@@ -65,8 +67,18 @@ inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int6
   return {parts > 1 ? RowMode::kSplit : RowMode::kBlock, threads, std::max<int64_t>(parts, 1), part_cols};
 }
 
-inline void check_cuda(const char* op, const char* name, const at::Tensor& x) {
+inline const at::Tensor& check_cuda(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernels, got ", x.device());
+  return x;
 }
+
+// What a launcher sets up once its arguments are checked: x (the argument `name` of `op`) is a CUDA
+// tensor, its device is current while the scope lives, and the kernels go to that device's current stream.
+struct CudaScope {
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+  CudaScope(const char* op, const char* name, const at::Tensor& x)
+      : guard(check_cuda(op, name, x).device()), stream(at::cuda::getCurrentCUDAStream()) {}
+};
 
 }  // namespace augkd::cuda

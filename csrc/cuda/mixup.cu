@@ -16,6 +16,7 @@
 #include "launch_utils.h"
 #include "mixup.cuh"
 #include "op_checks.h"
+#include "op_outputs.h"
 
 namespace augkd::cuda {
 namespace {
@@ -23,8 +24,6 @@ namespace {
 constexpr int kPixelVecsPerThread = 4;  // pixel tiles: kPixelThreads * VEC * 4 columns
 constexpr int64_t kLatentMaxChunks = 1024;
 constexpr int64_t kLatentMinRowsPerChunk = 8;
-
-bool has(const std::optional<at::Tensor>& x) { return x.has_value() && x->defined(); }
 
 template <typename T>
 void launch_sum_partials(const at::Tensor& ws, int64_t parts, int64_t n, double sign, at::Tensor& out,
@@ -43,8 +42,7 @@ void launch_sum_partials(const at::Tensor& ws, int64_t parts, int64_t n, double 
 at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_in, const at::Tensor& psi_in,
                                  const std::optional<at::Tensor>& s, double s_scalar) {
   checks::check_latent_mixup_fwd(z_in, mask_in, psi_in, s);
-  check_cuda("latent_mixup", "z", z_in);
-  const c10::cuda::CUDAGuard guard(z_in.device());
+  const CudaScope scope("latent_mixup", "z", z_in);
   const at::Tensor z = aligned_input(z_in);
   const at::Tensor mask = aligned_input(mask_in);
   const at::Tensor psi = aligned_input(psi_in);
@@ -52,7 +50,6 @@ at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_
   const int64_t cols = z.size(1);
   at::Tensor out = at::empty(z.sizes(), z.options());
   if (z.numel() == 0) return out;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_latent_mixup_fwd_cuda", [&] {
     using A = acc_type<scalar_t>;
@@ -60,7 +57,7 @@ at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_
     p.z = z.const_data_ptr<scalar_t>();
     p.mask = mask.const_data_ptr<scalar_t>();
     p.psi = psi.const_data_ptr<scalar_t>();
-    p.s = has(s) ? s->const_data_ptr<scalar_t>() : nullptr;
+    p.s = checks::data_or_null<scalar_t>(s);
     p.out = out.mutable_data_ptr<scalar_t>();
     p.rows = rows;
     p.cols = cols;
@@ -71,9 +68,9 @@ at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_
     const int64_t per_block = static_cast<int64_t>(kMixThreads) * (vec ? V : 1);
     const dim3 grid(static_cast<unsigned>(ceil_div(cols, per_block)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
     if (vec) {
-      latent_mixup_fwd_kernel<scalar_t, V><<<grid, kMixThreads, 0, stream>>>(p);
+      latent_mixup_fwd_kernel<scalar_t, V><<<grid, kMixThreads, 0, scope.stream>>>(p);
     } else {
-      latent_mixup_fwd_kernel<scalar_t, 1><<<grid, kMixThreads, 0, stream>>>(p);
+      latent_mixup_fwd_kernel<scalar_t, 1><<<grid, kMixThreads, 0, scope.stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -85,29 +82,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     const std::optional<at::Tensor>& s, double s_scalar, bool z_grad, bool mask_grad, bool psi_grad,
     bool s_grad) {
   checks::check_latent_mixup_bwd(grad_out_in, z_in, mask_in, psi_in, s);
-  check_cuda("latent_mixup_bwd", "z", z_in);
-  const c10::cuda::CUDAGuard guard(z_in.device());
+  const CudaScope scope("latent_mixup_bwd", "z", z_in);
   const at::Tensor go = aligned_input(grad_out_in);
   const at::Tensor z = aligned_input(z_in);
   const at::Tensor mask = aligned_input(mask_in);
   const at::Tensor psi = aligned_input(psi_in);
   const int64_t rows = z.size(0);
   const int64_t cols = z.size(1);
-  const bool has_s = s_grad && has(s);  // grad_s wanted (s itself is read whenever given)
+  const bool has_s = s_grad && checks::present(s);  // grad_s wanted (s itself is read whenever given)
   // A (1, L) mask with a single row of z is just a full mask.
   const bool bcast = mask.size(0) == 1 && rows != 1;
 
   // A gradient not asked for is an empty (0,) tensor and a nullptr for the kernel.
-  at::Tensor grad_z = z_grad ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options());
-  at::Tensor grad_psi = psi_grad ? at::empty(psi.sizes(), psi.options()) : at::empty({0}, z.options());
-  at::Tensor grad_mask = mask_grad ? at::empty(mask.sizes(), mask.options()) : at::empty({0}, z.options());
-  at::Tensor grad_s = has_s ? at::empty({rows}, s->options()) : at::empty({0}, z.options());
+  at::Tensor grad_z = z_grad ? at::empty(z.sizes(), z.options()) : unused_grad(z);
+  at::Tensor grad_psi = psi_grad ? at::empty(psi.sizes(), psi.options()) : unused_grad(z);
+  at::Tensor grad_mask = mask_grad ? at::empty(mask.sizes(), mask.options()) : unused_grad(z);
+  at::Tensor grad_s = has_s ? at::empty({rows}, s->options()) : unused_grad(z);
   if (z.numel() == 0) {  // sums over nothing
     grad_mask.zero_();
     grad_s.zero_();
     return {grad_z, grad_mask, grad_psi, grad_s};
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_latent_mixup_bwd_cuda", [&] {
     using A = acc_type<scalar_t>;
@@ -128,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     p.z = z.const_data_ptr<scalar_t>();
     p.mask = mask.const_data_ptr<scalar_t>();
     p.psi = psi.const_data_ptr<scalar_t>();
-    p.s = has(s) ? s->const_data_ptr<scalar_t>() : nullptr;
+    p.s = checks::data_or_null<scalar_t>(s);
     p.out = z_grad ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_psi = psi_grad ? grad_psi.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_mask = mask_grad && !bcast ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
@@ -141,14 +136,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     p.s_scalar = static_cast<A>(s_scalar);
     const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(n_chunks));
     if (vec) {
-      latent_mixup_bwd_kernel<scalar_t, V><<<grid, kMixThreads, 0, stream>>>(p);
+      latent_mixup_bwd_kernel<scalar_t, V><<<grid, kMixThreads, 0, scope.stream>>>(p);
     } else {
-      latent_mixup_bwd_kernel<scalar_t, 1><<<grid, kMixThreads, 0, stream>>>(p);
+      latent_mixup_bwd_kernel<scalar_t, 1><<<grid, kMixThreads, 0, scope.stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // grad_mask (1, L) = sum over row chunks; grad_s_i = -sum over column slots of sum_j g m dlt
-    if (sum_mask) launch_sum_partials<scalar_t>(ws_mask, n_chunks, cols, 1.0, grad_mask, stream);
-    if (has_s) launch_sum_partials<scalar_t>(ws_s, slots, rows, -1.0, grad_s, stream);
+    if (sum_mask) launch_sum_partials<scalar_t>(ws_mask, n_chunks, cols, 1.0, grad_mask, scope.stream);
+    if (has_s) launch_sum_partials<scalar_t>(ws_s, slots, rows, -1.0, grad_s, scope.stream);
   });
   return {grad_z, grad_mask, grad_psi, grad_s};
 }
@@ -164,9 +159,9 @@ PixelParams<T> pixel_params(const at::Tensor& gen, const at::Tensor& real, const
   PixelParams<T> p{};
   p.gen = gen.const_data_ptr<T>();
   p.real = real.const_data_ptr<T>();
-  p.s = has(s) ? s->const_data_ptr<T>() : nullptr;
-  p.mean = has(mean) ? mean->const_data_ptr<float>() : nullptr;
-  p.std = has(std_dev) ? std_dev->const_data_ptr<float>() : nullptr;
+  p.s = checks::data_or_null<T>(s);
+  p.mean = checks::data_or_null<float>(mean);
+  p.std = checks::data_or_null<float>(std_dev);
   p.rows = gen.size(0);
   p.n = gen.numel() / gen.size(0);
   p.hw = gen.size(2) * gen.size(3);
@@ -179,13 +174,11 @@ at::Tensor pixel_mixup_fwd_cuda(const at::Tensor& generated, const at::Tensor& r
                                 const std::optional<at::Tensor>& s, double s_scalar,
                                 const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
   checks::check_pixel_mixup_fwd(generated, real_in, s, mean, std_dev);
-  check_cuda("pixel_mixup", "generated", generated);
-  const c10::cuda::CUDAGuard guard(generated.device());
+  const CudaScope scope("pixel_mixup", "generated", generated);
   const at::Tensor gen = aligned_input(generated);
   const at::Tensor real = aligned_input(real_in);
   at::Tensor out = at::empty(gen.sizes(), gen.options());
   if (gen.numel() == 0) return out;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gen.scalar_type(), "augkd_pixel_mixup_fwd_cuda", [&] {
     constexpr int V = kVec<scalar_t>;
@@ -194,9 +187,9 @@ at::Tensor pixel_mixup_fwd_cuda(const at::Tensor& generated, const at::Tensor& r
     p.out = out.mutable_data_ptr<scalar_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(p.n, p.tile)), static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
     if (vec) {
-      pixel_mixup_fwd_kernel<scalar_t, V><<<grid, kPixelThreads, 0, stream>>>(p);
+      pixel_mixup_fwd_kernel<scalar_t, V><<<grid, kPixelThreads, 0, scope.stream>>>(p);
     } else {
-      pixel_mixup_fwd_kernel<scalar_t, 1><<<grid, kPixelThreads, 0, stream>>>(p);
+      pixel_mixup_fwd_kernel<scalar_t, 1><<<grid, kPixelThreads, 0, scope.stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -208,21 +201,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
     const std::optional<at::Tensor>& s, double s_scalar, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& std_dev, bool generated_grad, bool real_grad, bool s_grad) {
   checks::check_pixel_mixup_bwd(grad_out_in, generated, real_in, s, mean, std_dev);
-  check_cuda("pixel_mixup_bwd", "generated", generated);
-  const c10::cuda::CUDAGuard guard(generated.device());
+  const CudaScope scope("pixel_mixup_bwd", "generated", generated);
   const at::Tensor go = aligned_input(grad_out_in);
   const at::Tensor gen = aligned_input(generated);
   const at::Tensor real = aligned_input(real_in);
   const int64_t rows = gen.size(0);
-  const bool has_s = s_grad && has(s);  // grad_s wanted
-  at::Tensor grad_gen = generated_grad ? at::empty(gen.sizes(), gen.options()) : at::empty({0}, gen.options());
-  at::Tensor grad_real = real_grad ? at::empty(real.sizes(), real.options()) : at::empty({0}, gen.options());
-  at::Tensor grad_s = has_s ? at::empty({rows}, s->options()) : at::empty({0}, gen.options());
+  const bool has_s = s_grad && checks::present(s);  // grad_s wanted
+  at::Tensor grad_gen = generated_grad ? at::empty(gen.sizes(), gen.options()) : unused_grad(gen);
+  at::Tensor grad_real = real_grad ? at::empty(real.sizes(), real.options()) : unused_grad(gen);
+  at::Tensor grad_s = has_s ? at::empty({rows}, s->options()) : unused_grad(gen);
   if (gen.numel() == 0) {
     grad_s.zero_();
     return {grad_gen, grad_real, grad_s};
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gen.scalar_type(), "augkd_pixel_mixup_bwd_cuda", [&] {
     using A = acc_type<scalar_t>;
@@ -239,13 +230,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
     p.ws_s = has_s ? ws_s.mutable_data_ptr<A>() : nullptr;
     const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(std::min(rows, kMaxGridY)));
     if (vec) {
-      pixel_mixup_bwd_kernel<scalar_t, V><<<grid, kPixelThreads, 0, stream>>>(p);
+      pixel_mixup_bwd_kernel<scalar_t, V><<<grid, kPixelThreads, 0, scope.stream>>>(p);
     } else {
-      pixel_mixup_bwd_kernel<scalar_t, 1><<<grid, kPixelThreads, 0, stream>>>(p);
+      pixel_mixup_bwd_kernel<scalar_t, 1><<<grid, kPixelThreads, 0, scope.stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // grad_s_i = sum_{c,h,w} go (r - g) / std_c
-    if (has_s) launch_sum_partials<scalar_t>(ws_s, slots, rows, 1.0, grad_s, stream);
+    if (has_s) launch_sum_partials<scalar_t>(ws_s, slots, rows, 1.0, grad_s, scope.stream);
   });
   return {grad_gen, grad_real, grad_s};
 }

@@ -16,30 +16,29 @@
 #include <optional>
 #include <tuple>
 
-#include "launch_utils.h"
+#include "op_outputs.h"
+#include "row_launch.h"
 #include "topk_checks.h"
 #include "topk_kd_loss.cuh"
 
 namespace augkd::cuda {
 namespace {
 
-template <typename T, bool NEED1>
-void launch_topk_fwd(const TopkFwdParams<T>& p, cudaStream_t stream) {
-  if (p.cols <= kWarpRowMaxCols) {
-    const auto blocks = static_cast<unsigned>(std::min(ceil_div(p.rows, kRowWarps), kMaxGridX));
-    topk_kd_loss_fwd_kernel<T, RowMode::kWarp, NEED1><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-  } else {
-    const int64_t want = next_pow2(ceil_div(p.cols, static_cast<int64_t>(kVec<T>) * 4));
-    const int threads = static_cast<int>(std::clamp<int64_t>(want, 128, kMaxRowThreads));
-    const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxGridX));
-    topk_kd_loss_fwd_kernel<T, RowMode::kBlock, NEED1><<<blocks, threads, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename A>
-topk::TopkArgs<A> make_args(double temperature, int64_t k, int64_t cols, int64_t tail, int64_t divergence) {
-  return {static_cast<A>(1.0 / temperature), k, cols, static_cast<int>(tail), static_cast<int>(divergence)};
+// The inputs that TopkFwdParams and TopkBwdParams share, set alike for the forward and backward.
+template <typename T, typename P>
+void set_topk_inputs(P& p, const at::Tensor& s, const at::Tensor& indices, const at::Tensor& values,
+                     const std::optional<at::Tensor>& target, double temperature, int64_t ignore_index, int64_t tail,
+                     int64_t divergence) {
+  using A = acc_type<T>;
+  p.student = s.const_data_ptr<T>();
+  p.idx = indices.const_data_ptr<int64_t>();
+  p.val = values.const_data_ptr<A>();
+  p.target = checks::data_or_null<int64_t>(target);
+  p.rows = s.size(0);
+  p.cols = s.size(1);
+  p.k = indices.size(1);
+  p.ignore_index = ignore_index;
+  p.args = {static_cast<A>(1.0 / temperature), p.k, p.cols, static_cast<int>(tail), static_cast<int>(divergence)};
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& indices,
@@ -50,40 +49,30 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& stude
                                                          int64_t divergence) {
   checks::check_topk_inputs("topk_kd_loss", student, indices, values, target, temperature, alpha, values_format,
                             tail, divergence);
-  check_cuda("topk_kd_loss", "student", student);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const bool has_target = target.has_value() && target->defined();
+  const CudaScope scope("topk_kd_loss", "student", student);
+  const bool has_target = checks::present(target);
   const at::Tensor s = aligned_input(student);
-  const int64_t rows = s.size(0), cols = s.size(1), k = indices.size(1);
-  const auto row_opts = s.options().dtype(checks::row_dtype(s.scalar_type()));
-  at::Tensor loss = at::empty({rows}, row_opts);
-  at::Tensor stats = at::empty({rows, topk::kStats}, row_opts);
+  const int64_t rows = s.size(0), cols = s.size(1);
+  at::Tensor loss = row_output(s, {rows});
+  at::Tensor stats = row_output(s, {rows, topk::kStats});
   if (rows == 0) return {loss, stats};
   const double c = t2_scale ? temperature * temperature : 1.0;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_topk_kd_loss_fwd_cuda", [&] {
     using A = acc_type<scalar_t>;
     TopkFwdParams<scalar_t> p{};
-    p.student = s.const_data_ptr<scalar_t>();
-    p.idx = indices.const_data_ptr<int64_t>();
-    p.val = values.const_data_ptr<A>();
-    p.target = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+    set_topk_inputs<scalar_t>(p, s, indices, values, target, temperature, ignore_index, tail, divergence);
     p.loss = loss.mutable_data_ptr<A>();
     p.stats = stats.mutable_data_ptr<A>();
-    p.rows = rows;
-    p.cols = cols;
-    p.k = k;
-    p.ignore_index = ignore_index;
     p.alpha_c = static_cast<A>(alpha * c);
     p.one_minus_alpha = static_cast<A>(1.0 - alpha);
     p.use_kl = alpha != 0.0;
     p.use_ce = has_target && alpha != 1.0;
-    p.args = make_args<A>(temperature, k, cols, tail, divergence);
+    const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, 0, /*split=*/false);
     if (has_target && temperature != 1.0) {
-      launch_topk_fwd<scalar_t, true>(p, stream);
+      launch_row_reduce<TopkFwdVisitor<scalar_t, true>>(p, lay, s, scope.stream);
     } else {
-      launch_topk_fwd<scalar_t, false>(p, stream);
+      launch_row_reduce<TopkFwdVisitor<scalar_t, false>>(p, lay, s, scope.stream);
     }
   });
   return {loss, stats};
@@ -95,40 +84,27 @@ at::Tensor topk_kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
                                  bool t2_scale, int64_t values_format, int64_t tail, int64_t divergence) {
   checks::check_topk_kd_loss_bwd(grad_loss, student, indices, values, target, stats, temperature, alpha,
                                  values_format, tail, divergence);
-  check_cuda("topk_kd_loss_bwd", "student", student);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const bool has_target = target.has_value() && target->defined();
+  const CudaScope scope("topk_kd_loss_bwd", "student", student);
+  const bool has_target = checks::present(target);
   const at::Tensor s = aligned_input(student);
-  const int64_t rows = s.size(0), cols = s.size(1), k = indices.size(1);
+  const int64_t rows = s.size(0);
   at::Tensor grad = at::empty(s.sizes(), s.options());
   if (rows == 0) return grad;
   const double c = t2_scale ? temperature * temperature : 1.0;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_topk_kd_loss_bwd_cuda", [&] {
     using A = acc_type<scalar_t>;
     TopkBwdParams<scalar_t> p{};
+    set_topk_inputs<scalar_t>(p, s, indices, values, target, temperature, ignore_index, tail, divergence);
     p.grad_loss = grad_loss.const_data_ptr<A>();
-    p.student = s.const_data_ptr<scalar_t>();
-    p.idx = indices.const_data_ptr<int64_t>();
-    p.val = values.const_data_ptr<A>();
-    p.target = has_target ? target->const_data_ptr<int64_t>() : nullptr;
     p.stats = stats.const_data_ptr<A>();
     p.grad = grad.mutable_data_ptr<scalar_t>();
-    p.rows = rows;
-    p.cols = cols;
-    p.k = k;
-    p.ignore_index = ignore_index;
     p.ks = alpha != 0.0 ? static_cast<A>(alpha * c / temperature) : A(0);
     p.kce = has_target && alpha != 1.0 ? static_cast<A>(1.0 - alpha) : A(0);
-    p.args = make_args<A>(temperature, k, cols, tail, divergence);
-    p.tile = static_cast<int64_t>(kTileThreads) * kVec<scalar_t> * 4;
-    const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-    topk_kd_loss_bwd_dense_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_sweep<TopkBwdVisitor<scalar_t>>(p, /*tile=*/true, scope.stream);
     if (alpha != 0.0) {  // with alpha == 0 the dense kernel already wrote the k entries right
       const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, 128), kMaxGridX));
-      topk_kd_loss_bwd_entries_kernel<scalar_t><<<blocks, 128, 0, stream>>>(p);
+      topk_kd_loss_bwd_entries_kernel<scalar_t><<<blocks, 128, 0, scope.stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

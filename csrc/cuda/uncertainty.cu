@@ -1,7 +1,8 @@
 // CUDA implementation of augkd::uncertainty_fwd / augkd::uncertainty_bwd (schemas in csrc/schemas.cpp,
-// math in docs/ops-design.md section 2, kernels in kernels/uncertainty.cuh). Same launch layout as
-// csrc/cuda/kd_loss.cu: a warp per row for C <= 1024, else a block per row (forward) or a 2-D grid of
-// (column tile, row) blocks (backward). Current stream, no host synchronisation.
+// math in docs/ops-design.md section 2, kernels in kernels/uncertainty.cuh on the row skeleton of
+// kernels/row_reduce.cuh). Same launch layout as csrc/cuda/kd_loss.cu: a warp per row for C <= 1024,
+// else a block per row (forward) or a 2-D grid of (column tile, row) blocks (backward). Current stream,
+// no host synchronisation.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,67 +11,43 @@
 
 #include <tuple>
 
-#include "launch_utils.h"
 #include "op_checks.h"
+#include "op_outputs.h"
+#include "row_launch.h"
 #include "uncertainty.cuh"
 
 namespace augkd::cuda {
 namespace {
 
-constexpr int kBwdTileThreads = kTileThreads;
+// The inputs that the forward and the backward kernels share (UncInputs), set alike for both.
+template <typename T>
+void set_unc_inputs(UncInputs<T>& p, const at::Tensor& z, double temperature) {
+  p.logits = z.const_data_ptr<T>();
+  p.rows = z.size(0);
+  p.cols = z.size(1);
+  p.temperature = static_cast<acc_type<T>>(temperature);
+  p.inv_t = static_cast<acc_type<T>>(1.0 / temperature);
+}
 
 std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cuda(const at::Tensor& logits, double temperature) {
   checks::check_uncertainty_fwd(logits, temperature);
-  check_cuda("uncertainty", "logits", logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const CudaScope scope("uncertainty", "logits", logits);
   const at::Tensor z = aligned_input(logits);
   const int64_t rows = z.size(0);
   const int64_t cols = z.size(1);
-  const auto row_opts = z.options().dtype(checks::row_dtype(z.scalar_type()));
-  at::Tensor energy = at::empty({rows}, row_opts);
-  at::Tensor entropy = at::empty({rows}, row_opts);
+  at::Tensor energy = row_output(z, {rows});
+  at::Tensor entropy = row_output(z, {rows});
   if (rows == 0) return {energy, entropy};
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_uncertainty_fwd_cuda", [&] {
     using A = acc_type<scalar_t>;
     UncFwdParams<scalar_t> p{};
-    p.logits = z.const_data_ptr<scalar_t>();
+    set_unc_inputs<scalar_t>(p, z, temperature);
     p.energy = energy.mutable_data_ptr<A>();
     p.entropy = entropy.mutable_data_ptr<A>();
-    p.rows = rows;
-    p.cols = cols;
-    p.temperature = static_cast<A>(temperature);
-    p.inv_t = static_cast<A>(1.0 / temperature);
-    using State = EntropyState<A>;
     const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, sm_count);
-    switch (lay.mode) {
-      case RowMode::kWarp: {
-        const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, kRowWarps), kMaxGridX));
-        const dim3 block(kWarp, kRowWarps);
-        uncertainty_fwd_kernel<scalar_t, RowMode::kWarp><<<blocks, block, 0, stream>>>(p, cols, nullptr);
-        break;
-      }
-      case RowMode::kBlock: {
-        const auto blocks = static_cast<unsigned>(std::min(rows, kMaxGridX));
-        uncertainty_fwd_kernel<scalar_t, RowMode::kBlock><<<blocks, lay.threads, 0, stream>>>(p, cols, nullptr);
-        break;
-      }
-      case RowMode::kSplit: {
-        // partial states of every (row, part), then one thread per row merges them in order
-        const auto bytes = static_cast<int64_t>(rows * lay.parts * sizeof(State));
-        at::Tensor ws = at::empty({bytes}, z.options().dtype(at::kByte));
-        State* ws_ptr = reinterpret_cast<State*>(ws.mutable_data_ptr());
-        const dim3 grid(static_cast<unsigned>(lay.parts), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-        uncertainty_fwd_kernel<scalar_t, RowMode::kSplit><<<grid, lay.threads, 0, stream>>>(p, lay.part_cols, ws_ptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, 128), kMaxGridX));
-        uncertainty_fwd_merge_kernel<scalar_t><<<blocks, 128, 0, stream>>>(p, lay.parts, ws_ptr);
-        break;
-      }
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_reduce<UncFwdVisitor<scalar_t>>(p, lay, z, scope.stream);
   });
   return {energy, entropy};
 }
@@ -79,38 +56,23 @@ at::Tensor uncertainty_bwd_cuda(const at::Tensor& grad_energy, const at::Tensor&
                                 const at::Tensor& logits, const at::Tensor& energy, const at::Tensor& entropy,
                                 double temperature) {
   checks::check_uncertainty_bwd(grad_energy, grad_entropy, logits, energy, entropy, temperature);
-  check_cuda("uncertainty_bwd", "logits", logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const CudaScope scope("uncertainty_bwd", "logits", logits);
   const at::Tensor z = aligned_input(logits);
   const int64_t rows = z.size(0);
   const int64_t cols = z.size(1);
   at::Tensor grad = at::empty(z.sizes(), z.options());
   if (rows == 0) return grad;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_uncertainty_bwd_cuda", [&] {
     using A = acc_type<scalar_t>;
     UncBwdParams<scalar_t> p{};
+    set_unc_inputs<scalar_t>(p, z, temperature);
     p.grad_energy = grad_energy.const_data_ptr<A>();
     p.grad_entropy = grad_entropy.const_data_ptr<A>();
-    p.logits = z.const_data_ptr<scalar_t>();
     p.energy = energy.const_data_ptr<A>();
     p.entropy = entropy.const_data_ptr<A>();
     p.grad_logits = grad.mutable_data_ptr<scalar_t>();
-    p.rows = rows;
-    p.cols = cols;
-    p.temperature = static_cast<A>(temperature);
-    p.inv_t = static_cast<A>(1.0 / temperature);
-    if (cols > kWarpRowMaxCols) {
-      p.tile = static_cast<int64_t>(kBwdTileThreads) * kVec<scalar_t> * 4;
-      const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-      uncertainty_bwd_kernel<scalar_t, true><<<grid, kBwdTileThreads, 0, stream>>>(p);
-    } else {
-      p.tile = cols;
-      const auto blocks = static_cast<unsigned>(std::min(ceil_div(rows, kRowWarps), kMaxGridX));
-      uncertainty_bwd_kernel<scalar_t, false><<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_row_sweep<UncBwdVisitor<scalar_t>>(p, cols > kWarpRowMaxCols, scope.stream);
   });
   return grad;
 }

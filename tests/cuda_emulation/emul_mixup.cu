@@ -11,13 +11,12 @@
 #include "mixup.cuh"
 
 using namespace augkd::cuda;
-static int failures = 0;
-static void check(const char* what, double got, double want, double tol) {
-  const bool ok = (std::isnan(got) && std::isnan(want)) || std::fabs(got - want) <= tol * (1 + std::fabs(want));
-  if (!ok) {
-    if (failures < 30) std::printf("FAIL %s: got %.9g want %.9g\n", what, got, want);
-    ++failures;
-  }
+// Every thread of a (gx, gy) grid of `threads`-thread blocks, in turn.
+template <typename F>
+void for_each_thread(int64_t gx, int64_t gy, int threads, F f) {
+  for (int64_t bx = 0; bx < gx; ++bx)
+    for (int64_t by = 0; by < gy; ++by)
+      for (int tx = 0; tx < threads; ++tx) f(ThreadPos{bx, by, gy, tx, threads});
 }
 
 template <typename A>
@@ -65,13 +64,10 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, unsigned wan
   p.s_scalar = static_cast<A>(s_scalar);
   {
     const int64_t gx = ceil_div(L, static_cast<int64_t>(kMixThreads) * VV), gy = std::min<int64_t>(B, 65535);
-    for (int64_t bx = 0; bx < gx; ++bx)
-      for (int64_t by = 0; by < gy; ++by)
-        for (int tx = 0; tx < kMixThreads; ++tx) {
-          ThreadPos t{bx, by, gy, tx, kMixThreads};
-          if (vec) latent_mixup_fwd_thread<T, V>(p, t);
-          else latent_mixup_fwd_thread<T, 1>(p, t);
-        }
+    for_each_thread(gx, gy, kMixThreads, [&](const ThreadPos& t) {
+      if (vec) latent_mixup_fwd_thread<T, V>(p, t);
+      else latent_mixup_fwd_thread<T, 1>(p, t);
+    });
   }
   // backward (launch arithmetic of latent_mixup_bwd_cuda)
   const int64_t n_tiles = ceil_div(L, static_cast<int64_t>(kMixThreads) * VV);
@@ -92,13 +88,10 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, unsigned wan
   q.ws_s = w_s ? ws_s.data() : nullptr;
   q.rows_per_chunk = rows_per_chunk;
   HostRowSum<A> rs{&ws_s, B};
-  for (int64_t bx = 0; bx < n_tiles; ++bx)
-    for (int64_t by = 0; by < n_chunks; ++by)
-      for (int tx = 0; tx < kMixThreads; ++tx) {
-        ThreadPos t{bx, by, n_chunks, tx, kMixThreads};
-        if (vec) latent_mixup_bwd_thread<T, V>(q, t, rs);
-        else latent_mixup_bwd_thread<T, 1>(q, t, rs);
-      }
+  for_each_thread(n_tiles, n_chunks, kMixThreads, [&](const ThreadPos& t) {
+    if (vec) latent_mixup_bwd_thread<T, V>(q, t, rs);
+    else latent_mixup_bwd_thread<T, 1>(q, t, rs);
+  });
   if (bcast && w_m)
     for (int64_t i = 0; i < L; ++i) sum_partials_at<T>(ws_mask.data(), n_chunks, L, A(1), gm.data(), i);
   if (w_s)
@@ -169,13 +162,10 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
   std::vector<T> out(B * n), gg(B * n, sentinel), gr(B * n, sentinel), gs(B, sentinel);
   p.out = out.data();
   const int64_t n_tiles = ceil_div(n, p.tile), gy = std::min<int64_t>(B, 65535);
-  for (int64_t bx = 0; bx < n_tiles; ++bx)
-    for (int64_t by = 0; by < gy; ++by)
-      for (int tx = 0; tx < kPixelThreads; ++tx) {
-        ThreadPos t{bx, by, gy, tx, kPixelThreads};
-        if (vec) pixel_mixup_fwd_thread<T, V>(p, t);
-        else pixel_mixup_fwd_thread<T, 1>(p, t);
-      }
+  for_each_thread(n_tiles, gy, kPixelThreads, [&](const ThreadPos& t) {
+    if (vec) pixel_mixup_fwd_thread<T, V>(p, t);
+    else pixel_mixup_fwd_thread<T, 1>(p, t);
+  });
   const int64_t slots = n_tiles * (kPixelThreads / kWarp);
   std::vector<A> ws(w_s ? slots * B : 0, A(0));
   PixelParams<T> q = p;
@@ -184,13 +174,10 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
   q.grad_real = w_r ? gr.data() : nullptr;
   q.ws_s = w_s ? ws.data() : nullptr;
   HostRowSum<A> rs{&ws, B};
-  for (int64_t bx = 0; bx < n_tiles; ++bx)
-    for (int64_t by = 0; by < gy; ++by)
-      for (int tx = 0; tx < kPixelThreads; ++tx) {
-        ThreadPos t{bx, by, gy, tx, kPixelThreads};
-        if (vec) pixel_mixup_bwd_thread<T, V>(q, t, rs);
-        else pixel_mixup_bwd_thread<T, 1>(q, t, rs);
-      }
+  for_each_thread(n_tiles, gy, kPixelThreads, [&](const ThreadPos& t) {
+    if (vec) pixel_mixup_bwd_thread<T, V>(q, t, rs);
+    else pixel_mixup_bwd_thread<T, 1>(q, t, rs);
+  });
   if (w_s)
     for (int64_t i = 0; i < B; ++i) sum_partials_at<T>(ws.data(), slots, B, A(1), gs.data(), i);
 
@@ -245,12 +232,4 @@ void run_all(std::mt19937& rng, const char* dt) {
   }
 }
 
-int main() {
-  std::mt19937 rng(7);
-  run_all<double>(rng, "f64");
-  run_all<float>(rng, "f32");
-  run_all<c10::Half>(rng, "f16");
-  run_all<c10::BFloat16>(rng, "bf16");
-  std::printf("failures: %d\n", failures);
-  return failures != 0;
-}
+AUGKD_EMULATION_MAIN(7)

@@ -1,7 +1,8 @@
 // Host emulation of the augkd row kernels (kd_loss, uncertainty); build and run: tests/cuda_emulation/run.sh.
-// Runs the same __host__ __device__ per-thread code (sweep_range + visitors + state merges + row
-// finalisation) for every "thread" of a group in turn, reduces with the butterfly order of warp_reduce /
-// block_reduce, and compares with a double-precision reference and (fp64, small C) finite differences.
+// Runs the row skeleton's __host__ __device__ per-thread code (kernels/row_reduce.cuh: sweep_range +
+// the ops' visitors + state merges + row finalisation) for every "thread" of a group in turn, reduces
+// with the butterfly order of warp_reduce / block_reduce (emul_common.h), and compares with a
+// double-precision reference and (fp64, small C) finite differences.
 // Not covered: the device intrinsics (__expf, __logf, __fdiv_rn) and the shuffles themselves.
 #include <cmath>
 #include <cstdio>
@@ -16,44 +17,6 @@
 
 using namespace augkd::cuda;
 
-static int failures = 0;
-#define CHECK_CLOSE(what, got, want, tol)                                                                  \
-  do {                                                                                                     \
-    double g_ = (got), w_ = (want);                                                                        \
-    bool ok_ = (std::isnan(g_) && std::isnan(w_)) || (std::isinf(g_) && std::isinf(w_) && (g_ > 0) == (w_ > 0)) || \
-               std::fabs(g_ - w_) <= (tol) * (1 + std::fabs(w_));                                          \
-    if (!ok_) {                                                                                            \
-      if (failures < 40) std::printf("FAIL %s: got %.9g want %.9g\n", what, g_, w_);                        \
-      ++failures;                                                                                          \
-    }                                                                                                      \
-  } while (0)
-
-// Emulated butterfly over 32 lanes: lane i merges lane i ^ off, all lanes in lock step.
-template <typename S>
-void emu_warp_reduce(std::vector<S>& lanes) {
-  for (int off = 16; off > 0; off >>= 1) {
-    std::vector<S> prev = lanes;
-    for (int i = 0; i < 32; ++i) lanes[i].merge(prev[i ^ off]);
-  }
-}
-
-// Emulated group reduction: size threads (32 = warp mode, else block mode); returns the state of rank 0.
-template <typename S>
-S emu_group_reduce(std::vector<S> st, int size) {
-  const int nw = size / 32;
-  std::vector<S> smem(nw);
-  for (int w = 0; w < nw; ++w) {
-    std::vector<S> lanes(st.begin() + 32 * w, st.begin() + 32 * w + 32);
-    emu_warp_reduce(lanes);
-    smem[w] = lanes[0];
-  }
-  if (size == 32) return smem[0];
-  std::vector<S> lanes(32, st[0].empty());
-  for (int i = 0; i < nw; ++i) lanes[i] = smem[i];
-  emu_warp_reduce(lanes);
-  return lanes[0];
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // KD
 // ---------------------------------------------------------------------------------------------------------
@@ -66,59 +29,11 @@ struct KdCase {
   int64_t ignore_index;
 };
 
+// The forward kernel in its layout, then the refine sweep (a warp per row for C <= 1024, else a block).
 template <typename T, bool NEED1>
 void emu_kd_fwd(const KdFwdParams<T>& p, int size, int64_t parts) {
-  using A = acc_type<T>;
-  using S = KdState<A, NEED1>;
-  const int64_t part_cols = parts > 1 ? (p.cols + parts - 1) / parts : p.cols;
-  for (int64_t row = 0; row < p.rows; ++row) {
-    const T* s_row = p.student + row * p.cols;
-    const T* t_row = p.teacher + row * p.cols;
-    std::vector<S> part_states;
-    for (int64_t part = 0; part < parts; ++part) {
-      const int64_t begin = part * part_cols;
-      const int64_t end = std::min(p.cols, begin + part_cols);
-      std::vector<S> st(size);
-      for (int r = 0; r < size; ++r) {
-        KdFwdVisitor<T, NEED1> v{s_row, t_row, p.inv_t, p.fmt, S::identity(p.inv_t)};
-        sweep_range<kVec<T>, kKdUnroll>(s_row, begin, end, r, size, v);
-        st[r] = v.st;
-      }
-      part_states.push_back(emu_group_reduce(st, size));
-    }
-    S st = part_states[0];
-    for (size_t k = 1; k < part_states.size(); ++k) st.merge(part_states[k]);
-    int64_t y;
-    A s_y;
-    kd_read_target(p, row, y, s_y);
-    kd_write_row<T, NEED1>(p, row, st, y, s_y);
-  }
-  // the refine kernel: a group of `refine_size` threads per row (32: C <= 1024, else a block)
-  const int refine_size = p.cols <= 1024 ? 32 : 256;
-  for (int64_t row = 0; row < p.rows; ++row) {
-    if (!kd_needs_refine(p.stats + row * kKdStats)) continue;
-    std::vector<RefineState<A>> st(refine_size);
-    for (int r = 0; r < refine_size; ++r) {
-      KdRefineVisitor<T> v = kd_refine_visitor(p, row);
-      sweep_range<kVec<T>, kKdUnroll>(v.s_row, 0, p.cols, r, refine_size, v);
-      st[r] = v.st;
-    }
-    kd_refine_write(p, row, emu_group_reduce(st, refine_size));
-  }
-}
-
-template <typename T>
-void emu_kd_bwd(const KdBwdParams<T>& p, int size, int64_t tile) {
-  for (int64_t row = 0; row < p.rows; ++row) {
-    const int64_t off = row * p.cols;
-    for (int64_t begin = 0; begin < p.cols; begin += tile) {
-      const int64_t end = std::min(p.cols, begin + tile);
-      for (int r = 0; r < size; ++r) {
-        KdBwdVisitor<T> v = kd_bwd_visitor(p, row);
-        sweep_range<kVec<T>, kBwdUnroll>(p.student + off, begin, end, r, size, v);
-      }
-    }
-  }
+  emu_row_reduce<KdFwdVisitor<T, NEED1>>(p, size, parts);
+  emu_row_reduce<KdRefineVisitor<T>>(p, p.cols <= 1024 ? 32 : kTileThreads, 1);
 }
 
 // double reference of one row: returns loss, stats; the function of (s, t) used for finite differences.
@@ -250,6 +165,16 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
   if (need1) emu_kd_fwd<T, true>(p, size, parts);
   else emu_kd_fwd<T, false>(p, size, parts);
 
+  // row b of s and t as the kernels read them, in double, and its reference
+  auto ref_row = [&](int64_t b, std::vector<double>& sr, std::vector<double>& tr) {
+    sr.resize(C);
+    tr.resize(C);
+    for (int64_t j = 0; j < C; ++j) {
+      sr[j] = to_double(s[b * C + j]);
+      tr[j] = to_double(t[b * C + j]);
+    }
+    return kd_ref_row(sr, tr, y[b], c, c.has_target);
+  };
   // (large logits, special & 16, keep the same tolerance: the maxima and log-sums are kept apart)
   const double tol = sizeof(A) == 8 ? 1e-10 : 2e-4;
   char what[256];
@@ -261,25 +186,21 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
     gls[b] = gd(rng);
   }
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<double> sr(C), tr(C);
-    for (int64_t j = 0; j < C; ++j) {
-      sr[j] = static_cast<double>(static_cast<A>(s[b * C + j]));
-      tr[j] = static_cast<double>(static_cast<A>(t[b * C + j]));
-    }
-    const KdRef r = kd_ref_row(sr, tr, y[b], c, c.has_target);
+    std::vector<double> sr, tr;
+    const KdRef r = ref_row(b, sr, tr);
     std::snprintf(what, sizeof what, "%s kd loss row %ld", tag, (long)b);
-    CHECK_CLOSE(what, loss[b], r.loss, tol);
+    check(what, loss[b], r.loss, tol);
     const double want_stats[kKdStats] = {r.m_s, r.lse_t, r.m_t, r.log_ds, r.log_dt, r.log_d1, r.mu,
                                          r.log_dt - r.log_ds};
     const char* names[kKdStats] = {"M_s", "lse_t", "M_t", "log_ds", "log_dt", "log_d1", "mu", "L"};
     for (int k = 0; k < kKdStats; ++k) {
       std::snprintf(what, sizeof what, "%s kd %s row %ld", tag, names[k], (long)b);
-      CHECK_CLOSE(what, stats[b * kKdStats + k], want_stats[k], tol);
+      check(what, stats[b * kKdStats + k], want_stats[k], tol);
     }
     // large T: the loss T^2 KL (+ CE) relative (KL ~ 1 / T^2 is a difference of nearly equal terms)
     if (c.T >= 100 && std::isfinite(r.loss) && r.loss > 0) {
       std::snprintf(what, sizeof what, "%s kd loss (relative) row %ld", tag, (long)b);
-      CHECK_CLOSE(what, loss[b] / r.loss, 1.0, sizeof(A) == 8 ? 1e-11 : 1e-5);
+      check(what, loss[b] / r.loss, 1.0, sizeof(A) == 8 ? 1e-11 : 1e-5);
     }
 
     // reference gradients by central differences of the double reference (loss and lse_t), only for
@@ -339,15 +260,12 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
   q.use_ce = c.has_target && c.alpha != 1;
   q.t_is_one = c.T == 1.0;
   q.fmt = c.fmt;
-  emu_kd_bwd<T>(q, size, tile);
+  q.tile = tile;
+  emu_row_sweep<KdBwdVisitor<T>>(q, size);
   // analytic reference in double from the doc formulas (all cases), and finite differences (double, small C)
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<double> sr(C), tr(C);
-    for (int64_t j = 0; j < C; ++j) {
-      sr[j] = static_cast<double>(static_cast<A>(s[b * C + j]));
-      tr[j] = static_cast<double>(static_cast<A>(t[b * C + j]));
-    }
-    const KdRef r = kd_ref_row(sr, tr, y[b], c, c.has_target);
+    std::vector<double> sr, tr;
+    const KdRef r = ref_row(b, sr, tr);
     const bool ignored = c.has_target && y[b] == c.ignore_index;
     const bool bad = c.has_target && !ignored && (y[b] < 0 || y[b] >= C);
     const LD cs = r.m_s == -INFINITY ? 0 : r.m_s, ct = r.m_t == -INFINITY ? 0 : r.m_t;
@@ -378,19 +296,19 @@ void run_kd_case(const KdCase& c, std::mt19937& rng, int size, int64_t parts, in
       // fp16 / bf16 outputs: one rounding of the fp32 value
       const double otol = sizeof(T) == 2 ? (std::is_same_v<T, c10::BFloat16> ? 1e-2 : 2e-3) : gtol;
       std::snprintf(what, sizeof what, "%s kd grad_s [%ld,%ld]", tag, (long)b, (long)j);
-      CHECK_CLOSE(what, static_cast<double>(static_cast<A>(gs[b * C + j])), d, otol);
+      check(what, static_cast<double>(static_cast<A>(gs[b * C + j])), d, otol);
       // mu = E_pt[a - b] comes from the one-pass sums: its rounding, eps |mu|, reaches grad_t scaled by
       // alpha c / T (large for a tiny T without t2_scale; torch's own fp32 error there is larger still)
       const double slack = 4 * std::numeric_limits<A>::epsilon() * std::fabs(c.alpha * cc / c.T) *
                            (std::fabs(r.mu) + 1) * static_cast<double>(pt) / (c.fmt == 2 && tr[j] != 0 ? tr[j] : 1.0);
       const double got_t = static_cast<double>(static_cast<A>(gt[b * C + j]));
       std::snprintf(what, sizeof what, "%s kd grad_t [%ld,%ld]", tag, (long)b, (long)j);
-      CHECK_CLOSE(what, std::fabs(got_t - gtv) <= slack ? gtv : got_t, gtv, otol);
+      check(what, std::fabs(got_t - gtv) <= slack ? gtv : got_t, gtv, otol);
       if (sizeof(T) == 8 && C <= 64 && !(special & 2) && !std::isnan(r.loss) && c.T >= 1e-3 && c.T <= 10) {
         std::snprintf(what, sizeof what, "%s kd FD grad_s [%ld,%ld]", tag, (long)b, (long)j);
-        CHECK_CLOSE(what, d, gs_ref[b * C + j], 1e-5);
+        check(what, d, gs_ref[b * C + j], 1e-5);
         std::snprintf(what, sizeof what, "%s kd FD grad_t [%ld,%ld]", tag, (long)b, (long)j);
-        CHECK_CLOSE(what, gtv, gt_ref[b * C + j], 1e-5);
+        check(what, gtv, gt_ref[b * C + j], 1e-5);
       }
     }
   }
@@ -404,7 +322,6 @@ template <typename T>
 void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, int64_t parts, int64_t tile,
                   const char* tag, int special, int misalign) {
   using A = acc_type<T>;
-  using S = EntropyState<A>;
   std::normal_distribution<double> nd(0.0, 3.0);
   std::vector<T> z_store(B * C + 16);
   T* z = z_store.data() + misalign;
@@ -413,24 +330,9 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
     for (int64_t i = 0; i < B * C; i += 3) z[i] = from_double<T>(-INFINITY);
   if (special & 2 && B > 1) z[C + C / 2] = from_double<T>(NAN);
   std::vector<A> energy(B), entropy(B);
-  UncFwdParams<T> p{z, energy.data(), entropy.data(), B, C, static_cast<A>(T_), static_cast<A>(1.0 / T_)};
-  const int64_t part_cols = parts > 1 ? (C + parts - 1) / parts : C;
-  for (int64_t row = 0; row < B; ++row) {
-    std::vector<S> ps;
-    for (int64_t part = 0; part < parts; ++part) {
-      const int64_t begin = part * part_cols, end = std::min(C, begin + part_cols);
-      std::vector<S> st(size);
-      for (int r = 0; r < size; ++r) {
-        UncFwdVisitor<T> v{z + row * C, p.inv_t, S::identity()};
-        sweep_range<kVec<T>, kUncUnroll>(z + row * C, begin, end, r, size, v);
-        st[r] = v.st;
-      }
-      ps.push_back(emu_group_reduce(st, size));
-    }
-    S st = ps[0];
-    for (size_t k = 1; k < ps.size(); ++k) st.merge(ps[k]);
-    unc_write_row(p, row, st);
-  }
+  const UncInputs<T> in{z, B, C, static_cast<A>(T_), static_cast<A>(1.0 / T_)};
+  UncFwdParams<T> p{in, energy.data(), entropy.data()};
+  emu_row_reduce<UncFwdVisitor<T>>(p, size, parts);
   std::vector<A> ge(B), gh(B);
   std::normal_distribution<double> gd(0.0, 1.0);
   for (int64_t b = 0; b < B; ++b) {
@@ -439,19 +341,8 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
   }
   std::vector<T> gz_store(B * C + 16);
   T* gz = gz_store.data() + misalign;
-  UncBwdParams<T> q{ge.data(), gh.data(), z, energy.data(), entropy.data(), gz, B, C, tile,
-                    static_cast<A>(T_), static_cast<A>(1.0 / T_)};
-  for (int64_t row = 0; row < B; ++row) {
-    const int64_t off = row * C;
-    for (int64_t begin = 0; begin < C; begin += tile) {
-      const int64_t end = std::min(C, begin + tile);
-      for (int r = 0; r < size; ++r) {
-        UncBwdVisitor<T> v{z + off, gz + off, q.inv_t, div_rn(-energy[row], q.temperature), entropy[row], ge[row],
-                           gh[row]};
-        sweep_range<kVec<T>, kUncBwdUnroll>(z + off, begin, end, r, size, v);
-      }
-    }
-  }
+  UncBwdParams<T> q{in, energy.data(), entropy.data(), ge.data(), gh.data(), gz, tile};
+  emu_row_sweep<UncBwdVisitor<T>>(q, size);
   const double tol = sizeof(A) == 8 ? 1e-10 : 2e-4;
   char what[256];
   for (int64_t b = 0; b < B; ++b) {
@@ -470,15 +361,15 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
       if (pj != 0) H -= pj * (u[j] - lse);
     }
     std::snprintf(what, sizeof what, "%s unc energy row %ld", tag, (long)b);
-    CHECK_CLOSE(what, energy[b], -T_ * lse, tol);
+    check(what, energy[b], -T_ * lse, tol);
     std::snprintf(what, sizeof what, "%s unc entropy row %ld", tag, (long)b);
-    CHECK_CLOSE(what, entropy[b], H, tol);
+    check(what, entropy[b], H, tol);
     for (int64_t j = 0; j < C; ++j) {
       const double pj = std::exp(u[j] - lse);
       const double g = -static_cast<double>(ge[b]) * pj - (pj == 0 ? 0 : static_cast<double>(gh[b]) * pj * (u[j] - lse + H) / T_);
       const double otol = sizeof(T) == 2 ? (std::is_same_v<T, c10::BFloat16> ? 1e-2 : 2e-3) : (sizeof(A) == 8 ? 1e-9 : 1e-4);
       std::snprintf(what, sizeof what, "%s unc grad [%ld,%ld]", tag, (long)b, (long)j);
-      CHECK_CLOSE(what, static_cast<double>(static_cast<A>(gz[b * C + j])), g, otol);
+      check(what, static_cast<double>(static_cast<A>(gz[b * C + j])), g, otol);
     }
     // finite differences of (energy, entropy) in double
     if (sizeof(T) == 8 && C <= 64 && !(special & 2)) {
@@ -503,7 +394,7 @@ void run_unc_case(int64_t B, int64_t C, double T_, std::mt19937& rng, int size, 
         um[j] -= hh / T_;
         const double fd = (f(up) - f(um)) / (2 * hh);
         std::snprintf(what, sizeof what, "%s unc FD grad [%ld,%ld]", tag, (long)b, (long)j);
-        CHECK_CLOSE(what, static_cast<double>(gz[b * C + j]), fd, 1e-5);
+        check(what, static_cast<double>(gz[b * C + j]), fd, 1e-5);
       }
     }
   }
@@ -540,12 +431,4 @@ void run_all(std::mt19937& rng, const char* dt) {
   }
 }
 
-int main() {
-  std::mt19937 rng(1234);
-  run_all<double>(rng, "f64");
-  run_all<float>(rng, "f32");
-  run_all<c10::Half>(rng, "f16");
-  run_all<c10::BFloat16>(rng, "bf16");
-  std::printf("failures: %d\n", failures);
-  return failures != 0;
-}
+AUGKD_EMULATION_MAIN(1234)

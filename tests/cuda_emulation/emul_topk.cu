@@ -13,38 +13,6 @@
 using namespace augkd::cuda;
 namespace tk = augkd::topk;
 
-static int failures = 0;
-static void check(const char* what, double got, double want, double tol) {
-  const bool ok = (std::isnan(got) && std::isnan(want)) || (std::isinf(got) && got == want) ||
-                  std::fabs(got - want) <= tol * (1 + std::fabs(want));
-  if (!ok) {
-    if (failures < 30) std::printf("FAIL %s: got %.9g want %.9g\n", what, got, want);
-    ++failures;
-  }
-}
-
-// The merged state of `size` threads: per-warp butterflies, then warp 0 over the warps' results.
-template <typename S>
-S emu_reduce(std::vector<S> st, int size) {
-  auto warp = [](std::vector<S>& lanes) {
-    for (int off = 16; off > 0; off >>= 1) {
-      std::vector<S> prev = lanes;
-      for (int i = 0; i < 32; ++i) lanes[i].merge(prev[i ^ off]);
-    }
-  };
-  std::vector<S> firsts;
-  for (int w = 0; w < size / 32; ++w) {
-    std::vector<S> lanes(st.begin() + 32 * w, st.begin() + 32 * w + 32);
-    warp(lanes);
-    firsts.push_back(lanes[0]);
-  }
-  if (size == 32) return firsts[0];
-  std::vector<S> lanes(32, S::identity());
-  for (size_t i = 0; i < firsts.size(); ++i) lanes[i] = firsts[i];
-  warp(lanes);
-  return lanes[0];
-}
-
 template <typename T, bool NEED1>
 void run_case(int64_t rows, int64_t cols, int64_t k, double temp, double alpha, int tail, int div, bool target,
               std::mt19937& rng, const char* tag) {
@@ -93,17 +61,7 @@ void run_case(int64_t rows, int64_t cols, int64_t k, double temp, double alpha, 
   p.use_kl = alpha != 0;
   p.use_ce = target && alpha != 1;
   p.args = {static_cast<A>(1 / temp), k, cols, tail, div};
-  const int size = cols <= 1024 ? 32 : 128;
-  using S = LseState<A, NEED1>;
-  for (int64_t r = 0; r < rows; ++r) {
-    std::vector<S> st(size);
-    for (int t = 0; t < size; ++t) {
-      TopkFwdVisitor<T, NEED1> v{s.data() + r * cols, p.args.inv_t, S::identity()};
-      sweep_range<kVec<T>, kTopkUnroll>(s.data() + r * cols, 0, cols, t, size, v);
-      st[t] = v.st;
-    }
-    topk_write_row<T, NEED1>(p, r, emu_reduce(st, size));
-  }
+  emu_row_reduce<TopkFwdVisitor<T, NEED1>>(p, cols <= 1024 ? 32 : 128, 1);
   // backward: dense tiles, then the k entries
   std::vector<A> gl(rows);
   for (auto& g : gl) g = static_cast<A>(0.5 + std::fabs(nd(rng)) * 0.25);
@@ -124,15 +82,7 @@ void run_case(int64_t rows, int64_t cols, int64_t k, double temp, double alpha, 
   b.kce = target && alpha != 1 ? static_cast<A>(1 - alpha) : A(0);
   b.args = p.args;
   b.tile = static_cast<int64_t>(kTileThreads) * kVec<T> * 4;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t begin = 0; begin < cols; begin += b.tile) {
-      const int64_t end = std::min(cols, begin + b.tile);
-      for (int t = 0; t < kTileThreads; ++t) {
-        const TopkBwdVisitor<T> v = topk_bwd_visitor(b, r);
-        sweep_range<kVec<T>, kTopkUnroll>(v.s_row, begin, end, t, kTileThreads, v);
-      }
-    }
-  }
+  emu_row_sweep<TopkBwdVisitor<T>>(b, kTileThreads);
   if (alpha != 0)
     for (int64_t r = 0; r < rows; ++r) topk_bwd_entries_row(b, r);
 
@@ -189,6 +139,5 @@ int main() {
       run_case<c10::BFloat16, true>(3, 1500, 16, 2.0, 0.5, tail, div, true, rng, "bf16");
       run_case<float, true>(3, 40, 5, 2.0, 0.0, tail, div, true, rng, "f32 alpha=0");
     }
-  std::printf("topk emulation failures: %d\n", failures);
-  return failures != 0;
+  return report_failures();
 }
