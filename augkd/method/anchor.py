@@ -17,7 +17,7 @@ from .context import Context
 from .evaluation import minibatches
 from .loop import LoopResult, run_epochs
 from .losses import anchor_loss
-from .schedules import cosine
+from .schedules import adam, cosine
 from .step_sums import StepSums
 
 STAGE = "anchor"
@@ -52,7 +52,7 @@ def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: 
     anchor_ddp = ctx.dist.wrap(anchor)
     K = ctx.data.num_classes
     train, val = ctx.data.student.train, ctx.data.student.val
-    opt = torch.optim.Adam(anchor.parameters(), lr=cfg.lr)
+    opt = adam(anchor.parameters(), cfg.lr)
     sched = cosine(opt, cfg.epochs)
     loss_kw = dict(
         invariant=cfg.invariant, temperature=cfg.energy_temperature, ce_weight=cfg.ce_weight, penalty=cfg.mask_penalty

@@ -48,6 +48,11 @@ class LoopResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def load_best(self, modules: dict[str, nn.Module]) -> None:
+        """Put the best epoch's weights into ``modules`` (named as in ``best_states``)."""
+        for name, m in modules.items():
+            m.load_state_dict(self.best_states[name])
+
 
 def _kill_requested(stage: str, epoch: int) -> bool:
     spec = os.environ.get(KILL_ENV, "")

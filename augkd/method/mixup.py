@@ -21,7 +21,7 @@ from .context import Context
 from .evaluation import accuracy_key, evaluate, minibatches
 from .loop import LoopResult, run_epochs
 from .losses import mixup_loss
-from .schedules import constant_warmup, kd_weight_u, mixup_factor
+from .schedules import adam, constant_warmup, kd_weight_u, mixup_factor
 from .step_sums import StepSums
 
 STAGE = "mixup"
@@ -67,7 +67,7 @@ def run_mixup(
     student_ddp = ctx.dist.wrap(student)
     if anchor is not None:
         freeze(anchor)  # eval mode: the mask uses the BN running statistics, as released
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(student.parameters(), cfg.lr, cfg.weight_decay)
     # Released: ConstantLR (lr/3 for 5 steps) stepped per batch (B8); "epoch" spreads it over 5 epochs.
     sched = constant_warmup(opt, cfg.warmup_steps, cfg.warmup_factor)
     train = ctx.data.student.train

@@ -15,7 +15,7 @@ from .context import Context
 from .evaluation import accuracy_key, evaluate, minibatches
 from .loop import LoopResult, run_epochs
 from .losses import mixup_loss
-from .schedules import constant_warmup
+from .schedules import adam, constant_warmup
 from .step_sums import StepSums
 
 
@@ -45,7 +45,7 @@ def train_supervised(
     model_ddp = ctx.dist.wrap(model)
     # weight_decay is passed explicitly: the official teacher recipe parses --t_wd but drops it (B9);
     # the teacher config's default of 0 reproduces that, a non-zero value is honoured.
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adam(model.parameters(), lr, weight_decay)
     sched = constant_warmup(opt, warmup_steps, warmup_factor)
     if teacher is not None:
         teacher.eval()
