@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from augkd.method.schedules import kd_weight_u, mixup_factor
+from augkd.method.schedules import ce_weight, mixup_factor
 
 
 @pytest.mark.parametrize("kind", ["linear", "step"])
@@ -35,10 +35,10 @@ def test_monotone_non_decreasing():
 
 
 def test_u_schedules():
-    assert kd_weight_u(0.3, "tied") == pytest.approx(0.3)
-    assert kd_weight_u(0.3, "constant", 0.5) == 0.5
+    assert ce_weight(0.3, "tied") == pytest.approx(0.3)
+    assert ce_weight(0.3, "constant", 0.5) == 0.5
     with pytest.raises(ValueError):
-        kd_weight_u(0.3, "nope")
+        ce_weight(0.3, "nope")
     with pytest.raises(ValueError):
         mixup_factor(0, 10, 0.6, 0.2, "nope")
 

@@ -180,14 +180,14 @@ def test_a_teacher_with_nan_weights_is_refused(tmp_path, capsys):
 
 def test_a_diverging_stage_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = mixup_mod.mixup_loss
+    real = mixup_mod.distill_loss
 
     def diverging(*args, **kwargs):  # one batch per epoch here: epoch 0 is fine, epoch 1 blows up
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss if calls["n"] < 2 else loss * float("nan")
 
-    monkeypatch.setattr(mixup_mod, "mixup_loss", diverging)
+    monkeypatch.setattr(mixup_mod, "distill_loss", diverging)
     out = tmp_path / "r"
     assert _run(out) == 1
     err = capsys.readouterr().err

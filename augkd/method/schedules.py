@@ -24,8 +24,8 @@ def mixup_factor(epoch: int, total_epochs: int, a: float, b: float, kind: str = 
     return min(1.0, value)
 
 
-def kd_weight_u(f: float, schedule: str = "tied", constant: float = 0.5) -> float:
-    """Weight of the CE term (the KD term gets 1 - u). "tied": u = f; "constant": u = ``constant``."""
+def ce_weight(f: float, schedule: str = "tied", constant: float = 0.5) -> float:
+    """u, the weight of the CE term (the KD term gets 1 - u). "tied": u = f; "constant": u = ``constant``."""
     if schedule == "tied":
         return float(f)
     if schedule == "constant":
