@@ -16,9 +16,8 @@ import torch
 from augkd import models
 from augkd.cli import main
 from augkd.method import mixup as mixup_mod
-from augkd.method.context import SimulatedKill
-from augkd.method.loop import KILL_ENV
 
+from .kills import killed_after
 from .test_cli import TINY
 
 
@@ -129,10 +128,7 @@ class _Marker:
 
 def test_a_pickle_in_checkpoints_does_not_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv(KILL_ENV, "teacher:0")
-    with pytest.raises(SimulatedKill):
-        _run(out)
-    monkeypatch.delenv(KILL_ENV)
+    killed_after(monkeypatch, "teacher:0", _run, out)
     marker = tmp_path / "code-ran"
     for name in ("teacher_state.pt", "teacher_state.prev.pt"):
         with open(out / "checkpoints" / name, "wb") as fh:
