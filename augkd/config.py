@@ -191,15 +191,12 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     },
 }
 
-# What each method changes on top of the preset.
+# What a method changes on top of the preset (the others change nothing; which stages each method runs
+# is method.pipeline.METHODS).
 METHOD_VALUES: dict[str, dict[str, Any]] = {
-    "augkd": {},
     "official": {"preset": "official"},
     "no-anchor": {"mixup.use_anchor": False},
     "no-mixup": {"mixup.mix_samples": False},
-    "dfkd": {},
-    "ce": {},
-    "kd": {},
 }
 
 
@@ -397,7 +394,7 @@ def build_config(user: dict[str, Any] | None = None) -> RunConfig:
         if k not in types_:
             raise ConfigError(f"unknown config key {k!r}; valid keys: {', '.join(valid_keys())}")
     method = coerce("method", user.get("method", RunConfig.method), types_["method"])
-    layers: dict[str, Any] = dict(METHOD_VALUES[method])
+    layers: dict[str, Any] = dict(METHOD_VALUES.get(method, {}))
     preset = coerce("preset", user.get("preset", layers.get("preset", RunConfig.preset)), types_["preset"])
     cfg = RunConfig()
     for k, v in PRESET_VALUES[preset].items():

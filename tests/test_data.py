@@ -106,8 +106,10 @@ def test_student_fraction_split():
 
 def test_split_helpers_errors():
     rng = make_rng(0, 0)
-    with pytest.raises(ValueError, match="class '1'"):
+    with pytest.raises(ValueError, match=r"class '1' has 3 image\(s\) but the split needs 4 per class \(2 \+ 2\)"):
         split_by_counts(np.array([0] * 10 + [1] * 3), (2, 2), rng)
+    with pytest.raises(ValueError, match=r"class 'b' has 2 image\(s\): too few to split 3 ways"):
+        split_by_fractions(np.array([1, 1, 0, 0, 0]), (0.5, 0.25, 0.25), rng, group_names={1: "b"})
     with pytest.raises(ValueError, match="fractions"):
         split_by_fractions(np.array([0, 0, 0]), (0.5, 0.6), rng)
     with pytest.raises(ValueError, match="seed"):

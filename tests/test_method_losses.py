@@ -124,17 +124,17 @@ def test_anchor_energy_temperature(logits):
 
 
 @pytest.mark.parametrize("u", [0.0, 0.3, 0.5, 1.0])
-def test_mixup_loss_matches_distill_loss(logits, u):
+def test_distill_loss_matches_the_released_formula(logits, u):
     t, s, y = logits
-    loss = losses.mixup_loss(s, t, y, u=u, temperature=10.0)
+    loss = losses.distill_loss(s, t, y, u=u, temperature=10.0)
     expected = (u * F.cross_entropy(s, y, reduction="none") + (1 - u) * 100 * kl_rows(t, s, 10.0)).mean()
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
-def test_mixup_loss_with_own_logits_reduces_to_ce(logits):
+def test_distill_loss_with_own_logits_reduces_to_ce(logits):
     """The released B1 behaviour: KL(p || p) = 0, only u * CE is left."""
     _, s, y = logits
-    loss = losses.mixup_loss(s, s, y, u=0.5, temperature=10.0)
+    loss = losses.distill_loss(s, s, y, u=0.5, temperature=10.0)
     assert torch.allclose(loss, 0.5 * F.cross_entropy(s, y), atol=1e-5)
 
 

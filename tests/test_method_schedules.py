@@ -1,7 +1,8 @@
 """Module 3's f(e) and u(e) schedules against the released formulas."""
 import pytest
+import torch
 
-from augkd.method.schedules import kd_weight_u, mixup_factor
+from augkd.method.schedules import ce_weight, mixup_factor
 
 
 @pytest.mark.parametrize("kind", ["linear", "step"])
@@ -34,9 +35,32 @@ def test_monotone_non_decreasing():
 
 
 def test_u_schedules():
-    assert kd_weight_u(0.3, "tied") == pytest.approx(0.3)
-    assert kd_weight_u(0.3, "constant", 0.5) == 0.5
+    assert ce_weight(0.3, "tied") == pytest.approx(0.3)
+    assert ce_weight(0.3, "constant", 0.5) == 0.5
     with pytest.raises(ValueError):
-        kd_weight_u(0.3, "nope")
+        ce_weight(0.3, "nope")
     with pytest.raises(ValueError):
         mixup_factor(0, 10, 0.6, 0.2, "nope")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_adam_foreach_equals_the_per_tensor_loop_bit_for_bit(weight_decay):
+    """The stages' Adam (foreach) takes exactly the steps of torch's CPU default (the per-tensor loop)."""
+    from augkd import models
+    from augkd.method.schedules import adam
+
+    torch.manual_seed(0)
+    nets = [models.build_classifier("cnn-student", 10, 1, 16) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [adam(nets[0].parameters(), 1e-3, weight_decay),
+            torch.optim.Adam(nets[1].parameters(), lr=1e-3, weight_decay=weight_decay, foreach=False)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g) * 10 for p in nets[0].parameters()]
+        for net, opt in zip(nets, opts):
+            for p, gr in zip(net.parameters(), grads):
+                p.grad = gr.clone()
+            opt.step()
+    assert opts[0].param_groups[0]["foreach"] is True
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)

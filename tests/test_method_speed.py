@@ -142,3 +142,32 @@ def test_a_run_turns_the_nan_fill_off_and_finish_puts_it_back():
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = before
         torch.use_deterministic_algorithms(deterministic)
+
+
+def test_channels_last_generator_converts_once_and_keeps_its_numbers():
+    """A channels-last G hands its convolutions channels-last maps (no per-layer conversion of the
+    upsampled map) and computes exactly what it computed when each layer converted for itself."""
+    from augkd import models
+
+    torch.manual_seed(0)
+    G = models.Generator(8, (1, 16, 16), [16, 8]).to(memory_format=torch.channels_last)
+    z, grad_out = torch.randn(6, 8), torch.randn(6, 1, 16, 16)
+    seen = []
+    convs = [m for m in G.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [c.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())) for c in convs]
+    out = G(z)
+    (out * grad_out).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
+    grads = [p.grad.clone() for p in G.parameters()]
+
+    def layer_by_layer(z):  # the plain Sequential on the NCHW view
+        return G.net(G.fc(z).view(z.shape[0], G._dims0, *G.init_hw))
+
+    G.zero_grad()
+    want = layer_by_layer(z)
+    (want * grad_out).sum().backward()
+    assert torch.equal(out, want)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, G.parameters()))

@@ -86,13 +86,13 @@ def test_data_free_and_anchor_stages_run(setup):
 
 def _spy(monkeypatch):
     calls = []
-    real = mixup_mod.mixup_loss
+    real = mixup_mod.distill_loss
 
     def spy(logits, target, labels, *, u, temperature):
         calls.append((logits.detach().clone(), target.detach().clone(), labels.clone(), u))
         return real(logits, target, labels, u=u, temperature=temperature)
 
-    monkeypatch.setattr(mixup_mod, "mixup_loss", spy)
+    monkeypatch.setattr(mixup_mod, "distill_loss", spy)
     return calls
 
 
@@ -109,7 +109,7 @@ def test_module3_distils_from_the_teacher(setup, monkeypatch):
         assert any(torch.equal(target, o) for o in teacher_outputs), "KD target is not a teacher output"
         assert not torch.allclose(target, logits), "KD target equals the student's logits"
         # The KD term contributes: the loss is not the CE-only loss u * CE.
-        full = losses.mixup_loss(logits, target, labels, u=u, temperature=10.0)
+        full = losses.distill_loss(logits, target, labels, u=u, temperature=10.0)
         ce_only = u * torch.nn.functional.cross_entropy(logits, labels)
         assert not torch.allclose(full, ce_only)
 
@@ -126,7 +126,7 @@ def test_official_preset_uses_the_student_as_kd_target(setup, monkeypatch):
     for logits, target, labels, u in calls:
         assert torch.allclose(target, logits, atol=1e-6)
         assert not any(o.shape == target.shape and torch.allclose(o, target) for o in teacher_outputs)
-        full = losses.mixup_loss(logits, target, labels, u=u, temperature=10.0)
+        full = losses.distill_loss(logits, target, labels, u=u, temperature=10.0)
         torch.testing.assert_close(full, u * torch.nn.functional.cross_entropy(logits, labels))
 
 

@@ -165,6 +165,28 @@ def test_replace_head_by_structure():
         replace_head(_NoHead(), 5)
 
 
+@pytest.mark.parametrize("where", ["classifier", "heads.head", "head", "head[-1]", "fc-not-linear"])
+def test_replace_head_at_every_place_it_looks(where):
+    m = nn.Module()
+    old = nn.Linear(6, 1000, bias=False)
+    if where == "classifier":
+        m.classifier = old
+    elif where == "heads.head":
+        m.heads = nn.Sequential()
+        m.heads.head = old
+    elif where == "head":
+        m.head = old
+    elif where == "head[-1]":
+        m.head = nn.Sequential(nn.Identity(), old)
+    else:  # an fc that is no Linear layer is passed over
+        m.fc, m.classifier = nn.Identity(), old
+    replace_head(m, 7)
+    new = {"classifier": lambda: m.classifier, "heads.head": lambda: m.heads.head, "head": lambda: m.head,
+           "head[-1]": lambda: m.head[-1], "fc-not-linear": lambda: m.classifier}[where]()
+    assert isinstance(new, nn.Linear) and new is not old
+    assert (new.in_features, new.out_features, new.bias) == (6, 7, None)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision not installed")
 def test_torchvision_heads():
     for name in ("resnet18", "mobilenet_v3_small"):

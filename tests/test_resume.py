@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from augkd.cli import main
-from augkd.method.context import SimulatedKill
-from augkd.method.loop import KILL_ENV
+
+from .kills import killed_after
 
 # configs/smoke.toml's sizes (plots on, as by default), spelled out so that the test owns them.
 SMOKE = [
@@ -61,10 +61,7 @@ CHAINS = {
 def test_resume_after_kills_is_bit_exact_with_plots(reference, tmp_path, monkeypatch, chain):
     out = tmp_path / "killed"
     for i, point in enumerate(CHAINS[chain]):
-        monkeypatch.setenv(KILL_ENV, point)
-        with pytest.raises(SimulatedKill):
-            _run(out, *(["--resume"] if i else []))
-    monkeypatch.delenv(KILL_ENV)
+        killed_after(monkeypatch, point, _run, out, *(["--resume"] if i else []))
     assert _run(out, "--resume") == 0
 
     assert_same_weights(reference / "student.pt", out / "student.pt")
@@ -79,10 +76,7 @@ def test_resume_after_kills_is_bit_exact_with_plots(reference, tmp_path, monkeyp
 
 def test_resume_refuses_a_different_config(tmp_path, monkeypatch):
     out = tmp_path / "r"
-    monkeypatch.setenv(KILL_ENV, "teacher:0")
-    with pytest.raises(SimulatedKill):
-        _run(out)
-    monkeypatch.delenv(KILL_ENV)
+    killed_after(monkeypatch, "teacher:0", _run, out)
     assert _run(out, "--resume", "mixup.lr=0.5") == 2
 
 
@@ -92,10 +86,7 @@ def test_damaged_artefacts_are_named_and_the_run_recovers_bit_exactly(reference,
     file, recomputes finished stages from their last checkpoints, continues Module 3 from the checkpoint
     before the damaged one, and ends bit-identical to the uninterrupted run."""
     out = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, "mixup:1")
-    with pytest.raises(SimulatedKill):
-        _run(out)
-    monkeypatch.delenv(KILL_ENV)
+    killed_after(monkeypatch, "mixup:1", _run, out)
     ck = out / "checkpoints"
     assert (ck / "mixup_state.prev.pt").is_file()  # the generation before the newest is kept
     for f in (out / "teacher.pt", ck / "df_final.pt", ck / "anchor_final.pt", ck / "mixup_state.pt"):
@@ -121,10 +112,7 @@ def test_damaged_artefacts_are_named_and_the_run_recovers_bit_exactly(reference,
 
 def test_a_damaged_config_json_is_named(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
-    monkeypatch.setenv(KILL_ENV, "teacher:0")
-    with pytest.raises(SimulatedKill):
-        _run(out)
-    monkeypatch.delenv(KILL_ENV)
+    killed_after(monkeypatch, "teacher:0", _run, out)
     (out / "config.json").write_text('{"method": "augkd", "se')
     assert _run(out, "--resume") == 2
     err = capsys.readouterr().err

@@ -16,9 +16,8 @@ import torch
 from augkd import models
 from augkd.cli import main
 from augkd.method import mixup as mixup_mod
-from augkd.method.context import SimulatedKill
-from augkd.method.loop import KILL_ENV
 
+from .kills import killed_after
 from .test_cli import TINY
 
 
@@ -129,10 +128,7 @@ class _Marker:
 
 def test_a_pickle_in_checkpoints_does_not_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv(KILL_ENV, "teacher:0")
-    with pytest.raises(SimulatedKill):
-        _run(out)
-    monkeypatch.delenv(KILL_ENV)
+    killed_after(monkeypatch, "teacher:0", _run, out)
     marker = tmp_path / "code-ran"
     for name in ("teacher_state.pt", "teacher_state.prev.pt"):
         with open(out / "checkpoints" / name, "wb") as fh:
@@ -180,14 +176,14 @@ def test_a_teacher_with_nan_weights_is_refused(tmp_path, capsys):
 
 def test_a_diverging_stage_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = mixup_mod.mixup_loss
+    real = mixup_mod.distill_loss
 
     def diverging(*args, **kwargs):  # one batch per epoch here: epoch 0 is fine, epoch 1 blows up
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss if calls["n"] < 2 else loss * float("nan")
 
-    monkeypatch.setattr(mixup_mod, "mixup_loss", diverging)
+    monkeypatch.setattr(mixup_mod, "distill_loss", diverging)
     out = tmp_path / "r"
     assert _run(out) == 1
     err = capsys.readouterr().err

@@ -59,23 +59,13 @@ def split_by_fractions(
     fr = [float(f) for f in fractions]
     if len(fr) < 2 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
         raise ValueError(f"fractions: expected >= 2 positive numbers summing to 1, got {list(fractions)}")
-    parts: list[list[int]] = [[] for _ in fr]
-    for g, idx in _groups(np.asarray(labels)):
-        n = len(idx)
+
+    def sizes(n: int) -> list[int] | None:
         tail = [max(1, int(round(f * n))) for f in fr[1:]]
-        head = n - sum(tail)
-        if head < 1:
-            name = (group_names or {}).get(g, str(g))
-            raise ValueError(
-                f"class {name!r} has {n} image(s): too few to split {len(fr)} ways {fr}; "
-                f"it needs at least {len(fr)}"
-            )
-        perm = rng.permutation(idx)
-        start = 0
-        for p, c in zip(parts, [head] + tail):
-            p.extend(int(i) for i in perm[start : start + c])
-            start += c
-    return [sorted(p) for p in parts]
+        return [n - sum(tail)] + tail if n - sum(tail) >= 1 else None
+
+    return _cut_per_class(labels, rng, len(fr), sizes, group_names,
+                          f": too few to split {len(fr)} ways {fr}; it needs at least {len(fr)}")
 
 
 def split_by_counts(
@@ -94,18 +84,29 @@ def split_by_counts(
     cnt = [int(c) for c in counts]
     if any(c < 0 for c in cnt):
         raise ValueError(f"counts: expected non-negative per-class counts, got {list(counts)}")
-    parts: list[list[int]] = [[] for _ in range(len(cnt) + 1)]
+    return _cut_per_class(
+        labels, rng, len(cnt) + 1, lambda n: cnt + [n - sum(cnt)] if n >= sum(cnt) + min_rest else None,
+        group_names, f" but the split needs {sum(cnt)} per class ({' + '.join(map(str, cnt))}) plus at least "
+        f"{min_rest} left over; lower k_shot/val_per_class",
+    )
+
+
+def _cut_per_class(
+    labels, rng: np.random.Generator, n_parts: int, sizes, group_names: dict[int, str] | None, too_few: str
+) -> list[list[int]]:
+    """Per class (in label order): a random permutation of its indices cut into ``sizes(n)`` consecutive
+    parts; part j of the result gathers every class's part j (sorted). ``sizes(n)`` is None when a class
+    of n items is too small: ValueError "class <name> has <n> image(s)<too_few>"."""
+    parts: list[list[int]] = [[] for _ in range(n_parts)]
     for g, idx in _groups(np.asarray(labels)):
         n = len(idx)
-        if n < sum(cnt) + min_rest:
+        cut = sizes(n)
+        if cut is None:
             name = (group_names or {}).get(g, str(g))
-            raise ValueError(
-                f"class {name!r} has {n} image(s) but the split needs {sum(cnt)} per class "
-                f"({' + '.join(map(str, cnt))}) plus at least {min_rest} left over; lower k_shot/val_per_class"
-            )
+            raise ValueError(f"class {name!r} has {n} image(s){too_few}")
         perm = rng.permutation(idx)
         start = 0
-        for p, c in zip(parts, cnt + [n - sum(cnt)]):
+        for p, c in zip(parts, cut):
             p.extend(int(i) for i in perm[start : start + c])
             start += c
     return [sorted(p) for p in parts]

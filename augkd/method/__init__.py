@@ -4,7 +4,8 @@
 - ``anchor.run_anchor``: Module 2 (AnchorNet, uncertainty-guided)
 - ``mixup.run_mixup``: Module 3 (progressive latent + pixel mixup, KD from the teacher)
 - ``supervised.train_supervised``: the teacher recipe and the ce / kd / dfkd baselines
-- ``pipeline.run_method``: one method end to end in a run directory (checkpoints, resume, reports)
+- ``pipeline.run_method``: one method end to end in a run directory (checkpoints, resume, reports);
+  ``pipeline.METHODS`` lists each method's stages
 - ``losses`` / ``schedules``: the formulas, term by term
 """
 from .pipeline import run_method, stage_keys

@@ -8,16 +8,20 @@ E, G and T are frozen, but the gradient flows through G and T into A.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import partial
+
 import torch
 import torch.nn as nn
 
 from .. import ops
+from ..config import AnchorConfig
 from . import checkpoint as ckpt
 from .context import Context
 from .evaluation import minibatches
-from .loop import LoopResult, run_epochs
-from .losses import anchor_loss
-from .schedules import cosine
+from .loop import LoopResult, run_stage_epochs
+from .losses import AnchorLossTerms, anchor_loss
+from .schedules import adam, cosine
 from .step_sums import StepSums
 
 STAGE = "anchor"
@@ -41,118 +45,128 @@ def teacher_view_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
     }
 
 
-def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, anchor: nn.Module) -> LoopResult:
-    """Train ``anchor`` in place; on return it holds the epoch with the lowest validation anchor loss."""
-    cfg = ctx.cfg.anchor
-    seed = ckpt.stage_seed(ctx.cfg.seed, STAGE)
-    ckpt.seed_everything(seed)
-    gen = ckpt.make_generator(ctx.device, seed)  # epoch order: the same in every process
-    local = ckpt.per_process_generator(ctx.dist, gen, seed)  # augmentation and encoder noise
-    freeze(teacher, generator, encoder)
-    anchor_ddp = ctx.dist.wrap(anchor)
-    K = ctx.data.num_classes
-    train, val = ctx.data.student.train, ctx.data.student.val
-    opt = torch.optim.Adam(anchor.parameters(), lr=cfg.lr)
-    sched = cosine(opt, cfg.epochs)
-    loss_kw = dict(
-        invariant=cfg.invariant, temperature=cfg.energy_temperature, ce_weight=cfg.ce_weight, penalty=cfg.mask_penalty
-    )
+@dataclass
+class Anchor:
+    """What Module 2's steps work on: A (``anchor_ddp``: through DDP with several processes), the frozen
+    E, G and T, A's optimiser and scheduler, the random streams, and the validation batches' fixed part."""
 
-    def decode_anchor(z: torch.Tensor, y: torch.Tensor, net: nn.Module = anchor):
-        z_a, mask = net(z, y)
-        x_a = generator(z_a)
-        logits = teacher(ctx.normalize(x_a))
-        return x_a, mask, logits
-
-    def forward(x_enc: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, net: nn.Module = anchor):
-        with torch.no_grad():
-            z = encoder(x_enc, y, generator=noise)
-        return (z,) + decode_anchor(z, y, net)
-
+    ctx: Context
+    cfg: AnchorConfig
+    teacher: nn.Module
+    generator: nn.Module
+    encoder: nn.Module
+    anchor: nn.Module
+    anchor_ddp: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rnd: ckpt.StageRandom
     # What the evaluation needs from the frozen E, G and T is the same every epoch: the validation
     # latents (E's noise restarts from one seed each epoch) and the teacher's logits on the decoded
     # G(z) without the anchor. Computed once per stage, on the first evaluation.
-    val_fixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    val_fixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    @torch.inference_mode()
-    def fixed_val_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        if not val_fixed:
-            noise = ckpt.make_generator(ctx.device, seed + 1)  # the same encoder noise every epoch
-            for i in range(0, len(val), cfg.batch_size):
-                x, y = val.images[i : i + cfg.batch_size], val.labels[i : i + cfg.batch_size]
-                # B7: the released evaluation feeds E normalised images although training feeds raw ones.
-                x_enc = x if cfg.eval_encoder_input == "raw" else ctx.normalize(x)
-                z = encoder(x_enc, y, generator=noise)
-                val_fixed.append((z, y, teacher(ctx.normalize(generator(z)))))  # without the anchor
-        return val_fixed
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> AnchorLossTerms:
+        c = self.cfg
+        return anchor_loss(logits, y, mask, invariant=c.invariant, temperature=c.energy_temperature,
+                           ce_weight=c.ce_weight, penalty=c.mask_penalty)
 
-    def train_epoch(epoch: int) -> dict:
-        lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with
-        anchor.train()
-        steps = StepSums()  # the losses stay tensors; one host read per epoch
-        n = 0
-        for x, y in minibatches(
-            train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad, hflip=ctx.cfg.data.hflip, min_batch=2,
-            shard=ctx.dist, aug_generator=local,
-        ):
-            _, _, mask, logits = forward(x, y, local, anchor_ddp)  # E gets raw [0,1] images, as in Module 1
-            terms = anchor_loss(logits, y, mask, **loss_kw)
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
-            if cfg.scheduler_step == "batch":  # B8: released behaviour
-                sched.step()
-            b = y.shape[0]
-            n += b
-            for k, v in (("loss", terms.total), ("energy", terms.energy), ("ce", terms.ce),
-                         ("penalty", terms.penalty), ("mask_mass", terms.mask_mass)):
-                steps.add(k, v, b)
-        if cfg.scheduler_step == "epoch":
-            sched.step()
-        row = {f"train_{k}": v / max(n, 1) for k, v in steps.sums().items()}
-        row["lr"] = lr
-        return row
 
-    @torch.inference_mode()
-    def eval_epoch(epoch: int) -> dict:
-        anchor.eval()
-        losses = StepSums()
-        masses, logits_a, logits_g, labels = [], [], [], []
-        for z, y, decoded in fixed_val_batches():
-            _, mask, logits = decode_anchor(z, y)
-            terms = anchor_loss(logits, y, mask, **loss_kw)
-            # per_sample: a mean per batch -> weight by batch size; batch_sum: a sum -> add up (released).
-            losses.add("total", terms.total, y.shape[0] if cfg.mask_penalty == "per_sample" else 1)
-            masses.append(mask.sum(1))
-            logits_a.append(logits)
-            logits_g.append(decoded)
-            labels.append(y)
-        total = losses.sums().get("total", 0.0)
-        y_all = torch.cat(labels)
-        row = {"val_anchor_loss": total / len(val) if cfg.mask_penalty == "per_sample" else total}
-        row["val_mask_mass"] = float(torch.cat(masses).mean())
-        row.update(teacher_view_stats(torch.cat(logits_a), y_all, K, "anchored"))
-        row.update(teacher_view_stats(torch.cat(logits_g), y_all, K, "decoded"))
-        anchor.train()
-        return row
+def setup(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, anchor: nn.Module) -> Anchor:
+    cfg = ctx.cfg.anchor
+    rnd = ckpt.stage_random(ctx.cfg.seed, STAGE, ctx.device, ctx.dist)
+    freeze(teacher, generator, encoder)
+    anchor_ddp = ctx.dist.wrap(anchor)
+    opt = adam(anchor.parameters(), cfg.lr)
+    return Anchor(ctx, cfg, teacher, generator, encoder, anchor, anchor_ddp, opt, cosine(opt, cfg.epochs), rnd)
 
-    result = run_epochs(
-        ctx,
-        STAGE,
-        cfg.epochs,
-        objects={"anchor": anchor, "opt": opt, "sched": sched},
-        generators=ckpt.distinct_generators(gen=gen, local=local),
-        best_modules={"anchor": anchor},
-        train_epoch=train_epoch,
-        evaluate=eval_epoch,
-        select_key=lambda r: (r["val_anchor_loss"],),
-        describe=lambda r: (
-            f"loss {r['train_loss']:.3f} (energy {r['train_energy']:.2f} ce {r['train_ce']:.2f} "
+
+def decode_anchor(st: Anchor, z: torch.Tensor, y: torch.Tensor, net: nn.Module):
+    """(A(z, y) decoded by G, the mask, the teacher's logits on that image)."""
+    z_a, mask = net(z, y)
+    x_a = st.generator(z_a)
+    return x_a, mask, st.teacher(st.ctx.normalize(x_a))
+
+
+@torch.inference_mode()
+def fixed_val_batches(st: Anchor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per validation batch: E's latents, the labels, and the teacher's logits on G(z) (no anchor)."""
+    if not st.val_fixed:
+        val, b = st.ctx.data.student.val, st.cfg.batch_size
+        noise = ckpt.make_generator(st.ctx.device, st.rnd.seed + 1)  # the same encoder noise every epoch
+        for i in range(0, len(val), b):
+            x, y = val.images[i : i + b], val.labels[i : i + b]
+            # B7: the released evaluation feeds E normalised images although training feeds raw ones.
+            x_enc = x if st.cfg.eval_encoder_input == "raw" else st.ctx.normalize(x)
+            z = st.encoder(x_enc, y, generator=noise)
+            st.val_fixed.append((z, y, st.teacher(st.ctx.normalize(st.generator(z)))))
+    return st.val_fixed
+
+
+def train_epoch(st: Anchor, epoch: int) -> dict:
+    cfg, ctx = st.cfg, st.ctx
+    lr = st.opt.param_groups[0]["lr"]  # the rate this epoch starts with
+    st.anchor.train()
+    steps = StepSums()
+    for x, y in minibatches(
+        ctx.data.student.train, cfg.batch_size, st.rnd.shared, augment_pad=ctx.cfg.data.augment_pad,
+        hflip=ctx.cfg.data.hflip, min_batch=2, shard=ctx.dist, aug_generator=st.rnd.local,
+    ):
+        with torch.no_grad():
+            z = st.encoder(x, y, generator=st.rnd.local)  # E gets raw [0,1] images, as in Module 1
+        _, mask, logits = decode_anchor(st, z, y, st.anchor_ddp)
+        terms = st.loss(logits, y, mask)
+        st.opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        st.opt.step()
+        if cfg.scheduler_step == "batch":  # B8: released behaviour
+            st.sched.step()
+        b = y.shape[0]
+        for k, v in (("loss", terms.total), ("energy", terms.energy), ("ce", terms.ce),
+                     ("penalty", terms.penalty), ("mask_mass", terms.mask_mass)):
+            steps.add(k, v, b)
+    if cfg.scheduler_step == "epoch":
+        st.sched.step()
+    return {**{f"train_{k}": v for k, v in steps.means().items()}, "lr": lr}
+
+
+@torch.inference_mode()
+def eval_epoch(st: Anchor, epoch: int) -> dict:
+    st.anchor.eval()
+    per_sample = st.cfg.mask_penalty == "per_sample"
+    losses = StepSums()
+    masses, logits_a, logits_g, labels = [], [], [], []
+    for z, y, decoded in fixed_val_batches(st):
+        _, mask, logits = decode_anchor(st, z, y, st.anchor)
+        # per_sample: a mean per batch -> weight by batch size; batch_sum: a sum -> add up (released).
+        losses.add("total", st.loss(logits, y, mask).total, y.shape[0] if per_sample else 1)
+        masses.append(mask.sum(1))
+        logits_a.append(logits)
+        logits_g.append(decoded)
+        labels.append(y)
+    total = losses.sums().get("total", 0.0)
+    y_all, K = torch.cat(labels), st.ctx.data.num_classes
+    row = {"val_anchor_loss": total / len(st.ctx.data.student.val) if per_sample else total}
+    row["val_mask_mass"] = float(torch.cat(masses).mean())
+    row.update(teacher_view_stats(torch.cat(logits_a), y_all, K, "anchored"))
+    row.update(teacher_view_stats(torch.cat(logits_g), y_all, K, "decoded"))
+    st.anchor.train()
+    return row
+
+
+def describe(r: dict) -> str:
+    return (f"loss {r['train_loss']:.3f} (energy {r['train_energy']:.2f} ce {r['train_ce']:.2f} "
             f"mask {r['train_mask_mass']:.2f}) | val {r['val_anchor_loss']:.3f} teacher acc on anchored "
             f"{100 * r['anchored_teacher_acc']:.1f} (decoded {100 * r['decoded_teacher_acc']:.1f}) "
-            f"energy {r['anchored_energy']:.2f} max share {r['anchored_max_share']:.2f}"
-        ),
+            f"energy {r['anchored_energy']:.2f} max share {r['anchored_max_share']:.2f}")
+
+
+def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, anchor: nn.Module) -> LoopResult:
+    """Train ``anchor`` in place; on return it holds the epoch with the lowest validation anchor loss."""
+    st = setup(ctx, teacher, generator, encoder, anchor)
+    result = run_stage_epochs(
+        ctx, STAGE, st.cfg.epochs, {"anchor": anchor}, st.opt, st.sched, st.rnd,
+        train_epoch=partial(train_epoch, st), evaluate=partial(eval_epoch, st),
+        select_key=lambda r: (r["val_anchor_loss"],), describe=describe,
     )
-    anchor.load_state_dict(result.best_states["anchor"])
     anchor.eval()
     return result

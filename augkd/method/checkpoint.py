@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import zipfile
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -97,6 +98,30 @@ def stage_seed(seed: int, stage: str) -> int:
     for ch in stage:
         h = (h * 131 + ord(ch)) % 1_000_003
     return (seed * 1_000_003 + h) % (2**31 - 1)
+
+
+def seed_stage(run_seed: int, stage: str) -> int:
+    """Seed Python, NumPy and torch for ``stage`` (``stage_seed``) and return that seed: the one way a
+    stage's code takes its randomness (network initialisation "<stage>-init", training "<stage>")."""
+    seed = stage_seed(run_seed, stage)
+    seed_everything(seed)
+    return seed
+
+
+@dataclass
+class StageRandom:
+    """A training stage's randomness: its seed, a generator drawn alike in every process (epoch order) and
+    one per process (augmentation, noise; the same generator when there is one process)."""
+
+    seed: int
+    shared: torch.Generator
+    local: torch.Generator
+
+
+def stage_random(run_seed: int, stage: str, device: torch.device, dist) -> StageRandom:
+    seed = seed_stage(run_seed, stage)
+    shared = make_generator(device, seed)
+    return StageRandom(seed, shared, per_process_generator(dist, shared, seed))
 
 
 def _numpy_state() -> dict[str, Any]:

@@ -9,15 +9,19 @@ Per iteration: one G step, then ``student_steps`` steps of S and of E, each on a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn as nn
 
+from ..config import DataFreeConfig
 from . import checkpoint as ckpt
 from .context import Context
 from .evaluation import accuracy_key, evaluate
 from .loop import LoopResult, run_epochs
 from .losses import BNStatsHook, cvae_loss, entropy_nats, generator_loss_terms, student_df_loss
-from .schedules import cosine
+from .schedules import adam, cosine
 from .step_sums import StepSums
 
 STAGE = "df"
@@ -47,157 +51,173 @@ def _select_key(mode: str):
     raise ValueError(f"df.selection: unknown mode {mode!r}")
 
 
+@dataclass
+class DataFree:
+    """What Module 1's steps work on: the networks (``*_ddp``: called through DDP with several processes),
+    their optimisers and schedulers, the teacher's BN-statistics hooks and the random streams."""
+
+    ctx: Context
+    cfg: DataFreeConfig
+    teacher: nn.Module
+    generator: nn.Module
+    encoder: nn.Module
+    student: nn.Module
+    generator_ddp: nn.Module
+    encoder_ddp: nn.Module
+    student_ddp: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_s: torch.optim.Optimizer
+    opt_e: torch.optim.Optimizer
+    sch_g: torch.optim.lr_scheduler.LRScheduler
+    sch_s: torch.optim.lr_scheduler.LRScheduler
+    sch_e: torch.optim.lr_scheduler.LRScheduler
+    hooks: BNStatsHook
+    bn_running: tuple[torch.Tensor, torch.Tensor]
+    noise: torch.Generator  # synthetic batches: each process draws its own (DDP averages their gradients)
+    val_z: torch.Tensor
+    seed: int
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        c = self.cfg
+        return dict(adv_weight=c.adv_weight, pseudo_ce_weight=c.pseudo_ce_weight,
+                    balance_weight=c.balance_weight, bn_weight=c.bn_weight)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "encoder": self.encoder, "student": self.student}
+
+    def set_mode(self, train: bool) -> None:
+        for m in self.modules().values():
+            m.train(train)
+
+
+def setup(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, student: nn.Module) -> DataFree:
+    cfg = ctx.cfg.df
+    rnd = ckpt.stage_random(ctx.cfg.seed, STAGE, ctx.device, ctx.dist)
+    # Fixed validation latents (official: 10*B drawn once after seeding), from their own generator.
+    val_z = torch.randn(cfg.val_batches * cfg.batch_size, cfg.latent_size,
+                        generator=ckpt.make_generator(torch.device("cpu"), rnd.seed + 1)).to(ctx.device)
+    teacher.eval()  # the teacher is never trained and always uses its running BN statistics
+    teacher.requires_grad_(False)  # frozen; gradients still flow through it to G
+    hooks = BNStatsHook(teacher)
+    wrapped = [ctx.dist.wrap(m) for m in (generator, encoder, student)]
+    opt_g = adam(generator.parameters(), cfg.g_lr)
+    opt_s = adam(student.parameters(), cfg.s_lr, cfg.s_weight_decay)
+    opt_e = adam(encoder.parameters(), cfg.e_lr)
+    return DataFree(
+        ctx, cfg, teacher, generator, encoder, student, *wrapped, opt_g, opt_s, opt_e, cosine(opt_g, cfg.epochs), cosine(opt_s, cfg.epochs), cosine(opt_e, cfg.epochs),
+        hooks, tuple(t.detach() for t in hooks.running_stats()), rnd.local, val_z, rnd.seed,
+    )
+
+
+def generator_step(st: DataFree) -> dict[str, torch.Tensor]:
+    """One G step: fool the student, please the teacher (pseudo-label CE, class balance, BN statistics)."""
+    z = torch.randn(st.cfg.batch_size, st.cfg.latent_size, generator=st.noise, device=st.ctx.device)
+    xn = st.ctx.normalize(st.generator_ddp(z))
+    st.hooks.start()
+    t_logits = st.teacher(xn)
+    bn_batch = st.hooks.stop()
+    # S runs in train mode (its BN running stats see the batch, as released) but is not updated here.
+    st.student.requires_grad_(False)
+    s_logits = st.student(xn)
+    st.student.requires_grad_(True)
+    terms = generator_loss_terms(t_logits, s_logits, bn_batch, st.bn_running)
+    loss = terms.total(**st.loss_weights)
+    st.opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    st.opt_g.step()
+    return {"g_loss": loss, "g_adv_kl": terms.adversarial, "g_pseudo_ce": terms.pseudo_ce,
+            "g_balance": terms.balance, "g_bn": terms.bn}
+
+
+def student_encoder_step(st: DataFree) -> dict[str, torch.Tensor]:
+    """One S step (distil the teacher on a fresh G batch) and one E step (recover that batch's z)."""
+    z = torch.randn(st.cfg.batch_size, st.cfg.latent_size, generator=st.noise, device=st.ctx.device)
+    with torch.no_grad():
+        x = st.generator(z)  # train mode: batch statistics, as released
+        xn = st.ctx.normalize(x)
+        t_logits = st.teacher(xn)
+    loss_s = student_df_loss(st.student_ddp(xn), t_logits)
+    st.opt_s.zero_grad(set_to_none=True)
+    loss_s.backward()
+    st.opt_s.step()
+    # E sees G's raw [0,1] output and the teacher's label, and must recover z.
+    z_hat, mu, logvar = st.encoder_ddp(x, t_logits.argmax(1), return_dist=True, generator=st.noise)
+    loss_e, mse, kl = cvae_loss(z_hat, z, mu, logvar, st.cfg.cvae_kl_weight)
+    st.opt_e.zero_grad(set_to_none=True)
+    loss_e.backward()
+    st.opt_e.step()
+    return {"s_kl": loss_s, "e_loss": loss_e, "e_mse": mse, "e_kl": kl}
+
+
+def train_epoch(st: DataFree, epoch: int) -> dict:
+    cfg = st.cfg
+    lr_g, lr_e = st.opt_g.param_groups[0]["lr"], st.opt_e.param_groups[0]["lr"]  # this epoch's rates
+    st.set_mode(True)
+    steps = StepSums()
+    for _ in st.ctx.bar(range(cfg.iters_per_epoch), desc=f"df {epoch + 1}/{cfg.epochs}"):
+        for k, v in generator_step(st).items():
+            steps.add(k, v)
+        for _ in range(cfg.student_steps):
+            for k, v in student_encoder_step(st).items():
+                steps.add(k, v)
+    st.sch_g.step()
+    st.sch_s.step()
+    if cfg.step_encoder_scheduler:  # B4: the released code never steps E's scheduler
+        st.sch_e.step()
+    return {**steps.means(), "lr_g": lr_g, "lr_e": lr_e}
+
+
+@torch.inference_mode()
+def eval_epoch(st: DataFree, epoch: int) -> dict:
+    """G's loss and E's CVAE loss on the fixed validation latents, the teacher's class balance on G's
+    images, and the student's accuracy on the student-domain validation split."""
+    st.set_mode(False)
+    val_noise = ckpt.make_generator(st.ctx.device, st.seed + 2)  # same encoder noise every epoch
+    losses, all_t = StepSums(), []
+    for z in st.val_z.split(st.cfg.batch_size):
+        x = st.generator(z)
+        xn = st.ctx.normalize(x)
+        st.hooks.start()
+        t_logits = st.teacher(xn)
+        bn_batch = st.hooks.stop()
+        s_logits = st.student(xn)
+        losses.add("val_g_loss", generator_loss_terms(t_logits, s_logits, bn_batch, st.bn_running).total(**st.loss_weights))
+        z_hat, mu, logvar = st.encoder(x, t_logits.argmax(1), return_dist=True, generator=val_noise)
+        losses.add("val_cvae", cvae_loss(z_hat, z, mu, logvar, st.cfg.cvae_kl_weight)[0])
+        all_t.append(t_logits)
+    row = losses.means()
+    row.update(generated_class_balance(torch.cat(all_t), st.ctx.data.num_classes))
+    m = evaluate(st.student, st.ctx.data.student.val, st.ctx.normalize)
+    row.update({"val_acc": m["acc"], "val_acc3": m["acc3"], "val_acc5": m["acc5"]})
+    st.set_mode(True)
+    return row
+
+
+def describe(r: dict) -> str:
+    return (f"G {r['g_loss']:.3f} S-KL {r['s_kl']:.3f} E {r['e_loss']:.2f} | val G {r['val_g_loss']:.3f} "
+            f"CVAE {r['val_cvae']:.2f} | gen classes {r['gen_classes']} max share {r['gen_max_share']:.2f} "
+            f"| student val acc {100 * r['val_acc']:.1f}")
+
+
 def run_data_free(
     ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, student: nn.Module
 ) -> LoopResult:
     """Train G, E and S in place; on return they hold the best epoch's weights."""
-    cfg = ctx.cfg.df
-    seed = ckpt.stage_seed(ctx.cfg.seed, STAGE)
-    ckpt.seed_everything(seed)
-    # synthetic batches: each process draws its own (DDP averages their gradients)
-    noise = ckpt.per_process_generator(ctx.dist, ckpt.make_generator(ctx.device, seed), seed)
-    K, L, B = ctx.data.num_classes, cfg.latent_size, cfg.batch_size
-    # Fixed validation latents (official: 10*B drawn once after seeding), from their own generator.
-    val_z = torch.randn(cfg.val_batches * B, L, generator=ckpt.make_generator(torch.device("cpu"), seed + 1)).to(ctx.device)
-
-    teacher.eval()  # the teacher is never trained and always uses its running BN statistics
-    teacher.requires_grad_(False)  # frozen; gradients still flow through it to G
-    hooks = BNStatsHook(teacher)
-    bn_running = tuple(t.detach() for t in hooks.running_stats())
-
-    # the modules a training step updates, called through DDP with several processes
-    generator_ddp, encoder_ddp, student_ddp = (ctx.dist.wrap(m) for m in (generator, encoder, student))
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.g_lr)
-    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.s_lr, weight_decay=cfg.s_weight_decay)
-    opt_e = torch.optim.Adam(encoder.parameters(), lr=cfg.e_lr)
-    sch_g, sch_s, sch_e = cosine(opt_g, cfg.epochs), cosine(opt_s, cfg.epochs), cosine(opt_e, cfg.epochs)
-    weights = dict(
-        adv_weight=cfg.adv_weight,
-        pseudo_ce_weight=cfg.pseudo_ce_weight,
-        balance_weight=cfg.balance_weight,
-        bn_weight=cfg.bn_weight,
-    )
-
-    def generator_step() -> dict[str, torch.Tensor]:
-        z = torch.randn(B, L, generator=noise, device=ctx.device)
-        x = generator_ddp(z)
-        xn = ctx.normalize(x)
-        hooks.start()
-        t_logits = teacher(xn)
-        bn_batch = hooks.stop()
-        # S runs in train mode (its BN running stats see the batch, as released) but is not updated here.
-        student.requires_grad_(False)
-        s_logits = student(xn)
-        student.requires_grad_(True)
-        terms = generator_loss_terms(t_logits, s_logits, bn_batch, bn_running)
-        loss = terms.total(**weights)
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        return {
-            "g_loss": loss,
-            "g_adv_kl": terms.adversarial,
-            "g_pseudo_ce": terms.pseudo_ce,
-            "g_balance": terms.balance,
-            "g_bn": terms.bn,
-        }
-
-    def student_encoder_step() -> dict[str, torch.Tensor]:
-        z = torch.randn(B, L, generator=noise, device=ctx.device)
-        with torch.no_grad():
-            x = generator(z)  # train mode: batch statistics, as released
-            xn = ctx.normalize(x)
-            t_logits = teacher(xn)
-        pseudo = t_logits.argmax(1)
-        s_logits = student_ddp(xn)
-        loss_s = student_df_loss(s_logits, t_logits)
-        opt_s.zero_grad(set_to_none=True)
-        loss_s.backward()
-        opt_s.step()
-        # E sees G's raw [0,1] output and the teacher's label, and must recover z.
-        z_hat, mu, logvar = encoder_ddp(x, pseudo, return_dist=True, generator=noise)
-        loss_e, mse, kl = cvae_loss(z_hat, z, mu, logvar, cfg.cvae_kl_weight)
-        opt_e.zero_grad(set_to_none=True)
-        loss_e.backward()
-        opt_e.step()
-        return {"s_kl": loss_s, "e_loss": loss_e, "e_mse": mse, "e_kl": kl}
-
-    def train_epoch(epoch: int) -> dict:
-        lr_g, lr_e = opt_g.param_groups[0]["lr"], opt_e.param_groups[0]["lr"]  # this epoch's rates
-        generator.train()
-        student.train()
-        encoder.train()
-        steps = StepSums()  # the losses stay tensors; one host read per epoch
-        for _ in ctx.bar(range(cfg.iters_per_epoch), desc=f"df {epoch + 1}/{cfg.epochs}"):
-            for k, v in generator_step().items():
-                steps.add(k, v)
-            for _ in range(cfg.student_steps):
-                for k, v in student_encoder_step().items():
-                    steps.add(k, v)
-        sch_g.step()
-        sch_s.step()
-        if cfg.step_encoder_scheduler:  # B4: the released code never steps E's scheduler
-            sch_e.step()
-        row = {k: v / steps.counts[k] for k, v in steps.sums().items()}
-        row["lr_g"] = lr_g
-        row["lr_e"] = lr_e
-        return row
-
-    @torch.inference_mode()
-    def eval_epoch(epoch: int) -> dict:
-        generator.eval()
-        encoder.eval()
-        student.eval()
-        val_noise = ckpt.make_generator(ctx.device, seed + 2)  # same encoder noise every epoch
-        g_losses, cvae_losses, all_t = [], [], []
-        chunks = val_z.split(B)
-        for z in chunks:
-            x = generator(z)
-            xn = ctx.normalize(x)
-            hooks.start()
-            t_logits = teacher(xn)
-            bn_batch = hooks.stop()
-            s_logits = student(xn)
-            g_losses.append(generator_loss_terms(t_logits, s_logits, bn_batch, bn_running).total(**weights))
-            z_hat, mu, logvar = encoder(x, t_logits.argmax(1), return_dist=True, generator=val_noise)
-            cvae_losses.append(cvae_loss(z_hat, z, mu, logvar, cfg.cvae_kl_weight)[0])
-            all_t.append(t_logits)
-        # one host read; summed in Python in batch order, as adding float(loss) batch by batch does
-        values = torch.stack(g_losses + cvae_losses).double().tolist()
-        g_values, cvae_values = values[: len(chunks)], values[len(chunks) :]
-        row = {"val_g_loss": sum(g_values) / len(chunks), "val_cvae": sum(cvae_values) / len(chunks)}
-        row.update(generated_class_balance(torch.cat(all_t), K))
-        m = evaluate(student, ctx.data.student.val, ctx.normalize)
-        row.update({"val_acc": m["acc"], "val_acc3": m["acc3"], "val_acc5": m["acc5"]})
-        generator.train()
-        encoder.train()
-        student.train()
-        return row
-
+    st = setup(ctx, teacher, generator, encoder, student)
     try:
         result = run_epochs(
-            ctx,
-            STAGE,
-            cfg.epochs,
-            objects={
-                "generator": generator, "encoder": encoder, "student": student,
-                "opt_g": opt_g, "opt_s": opt_s, "opt_e": opt_e,
-                "sch_g": sch_g, "sch_s": sch_s, "sch_e": sch_e,
-            },
-            generators={"noise": noise},
-            best_modules={"generator": generator, "encoder": encoder, "student": student},
-            train_epoch=train_epoch,
-            evaluate=eval_epoch,
-            select_key=_select_key(cfg.selection),
-            describe=lambda r: (
-                f"G {r['g_loss']:.3f} S-KL {r['s_kl']:.3f} E {r['e_loss']:.2f} | val G {r['val_g_loss']:.3f} "
-                f"CVAE {r['val_cvae']:.2f} | gen classes {r['gen_classes']} max share {r['gen_max_share']:.2f} "
-                f"| student val acc {100 * r['val_acc']:.1f}"
-            ),
+            ctx, STAGE, st.cfg.epochs,
+            objects={**st.modules(), "opt_g": st.opt_g, "opt_s": st.opt_s, "opt_e": st.opt_e,
+                     "sch_g": st.sch_g, "sch_s": st.sch_s, "sch_e": st.sch_e},
+            generators={"noise": st.noise},
+            best_modules=st.modules(),
+            train_epoch=partial(train_epoch, st),
+            evaluate=partial(eval_epoch, st),
+            select_key=_select_key(st.cfg.selection),
+            describe=describe,
         )
     finally:
-        hooks.remove()  # B14: the released code leaves the hooks on for the rest of the run
-    generator.load_state_dict(result.best_states["generator"])
-    encoder.load_state_dict(result.best_states["encoder"])
-    student.load_state_dict(result.best_states["student"])
+        st.hooks.remove()  # B14: the released code leaves the hooks on for the rest of the run
+    result.load_best(st.modules())
     return result

@@ -42,6 +42,12 @@ def evaluate(model: nn.Module, split: Split, normalize, batch_size: int = 512) -
     return metrics_from_logits(predict(model, split.images, normalize, batch_size), split.labels)
 
 
+def validation_row(model: nn.Module, split: Split, normalize) -> dict[str, float]:
+    """An epoch's validation columns for a classifier: val_acc, val_acc3, val_acc5, val_loss."""
+    m = evaluate(model, split, normalize)
+    return {"val_acc": m["acc"], "val_acc3": m["acc3"], "val_acc5": m["acc5"], "val_loss": m["loss"]}
+
+
 def accuracy_key(row: dict, prefix: str = "val_") -> tuple:
     """Best-epoch key to MINIMISE: higher Acc, then Acc@3, then Acc@5 (the official order)."""
     return (-row[prefix + "acc"], -row[prefix + "acc3"], -row[prefix + "acc5"])

@@ -48,6 +48,11 @@ class LoopResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def load_best(self, modules: dict[str, nn.Module]) -> None:
+        """Put the best epoch's weights into ``modules`` (named as in ``best_states``)."""
+        for name, m in modules.items():
+            m.load_state_dict(self.best_states[name])
+
 
 def _kill_requested(stage: str, epoch: int) -> bool:
     spec = os.environ.get(KILL_ENV, "")
@@ -221,3 +226,37 @@ def run_epochs(
     if epochs == 0 and dist.is_main:
         write_csv(csv_path, history)
     return LoopResult(best_epoch, best_row, best_states, history, elapsed)
+
+
+def run_stage_epochs(
+    ctx: Context,
+    stage: str,
+    epochs: int,
+    modules: dict[str, nn.Module],
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    rnd: ckpt.StageRandom,
+    *,
+    train_epoch: Callable[[int], dict[str, Any]],
+    evaluate: Callable[[int], dict[str, Any]],
+    select_key: Callable[[dict[str, Any]], tuple],
+    describe: Callable[[dict[str, Any]], str] | None = None,
+    generator_names: tuple[str, str] = ("gen", "local"),
+) -> LoopResult:
+    """``run_epochs`` for a stage that trains ``modules`` with one optimiser and one scheduler (checkpointed
+    as "opt" and "sched") and draws from ``rnd`` (its generators saved under ``generator_names``); on
+    return the modules hold the best epoch's weights."""
+    result = run_epochs(
+        ctx,
+        stage,
+        epochs,
+        objects={**modules, "opt": opt, "sched": sched},
+        generators=ckpt.distinct_generators(**dict(zip(generator_names, (rnd.shared, rnd.local)))),
+        best_modules=modules,
+        train_epoch=train_epoch,
+        evaluate=evaluate,
+        select_key=select_key,
+        describe=describe,
+    )
+    result.load_best(modules)
+    return result

@@ -181,10 +181,10 @@ def anchor_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Module 3: mixup
+# Module 3 and the kd baseline
 
 
-def mixup_loss(
+def distill_loss(
     student_logits: torch.Tensor,
     target_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -192,7 +192,9 @@ def mixup_loss(
     u: float,
     temperature: float = 10.0,
 ) -> torch.Tensor:
-    """Released DistillLoss: mean over rows of u * CE(S, y) + (1 - u) * T^2 * KL(softmax(t/T) || softmax(S/T))."""
+    """Released DistillLoss: mean over rows of u * CE(S, y) + (1 - u) * T^2 * KL(softmax(t/T) || softmax(S/T)).
+
+    Module 3's loss on [real, mixed] batches and the ``kd`` baseline's loss on labelled student data."""
     return ops.kd_loss(
         student_logits, target_logits, labels, temperature=temperature, alpha=1.0 - u, reduction="mean"
     )

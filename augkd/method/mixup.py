@@ -11,17 +11,21 @@ y, and learns from u * CE(labels) + (1-u) * T^2 * KL(teacher || student) with T 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn as nn
 
 from .. import ops
+from ..config import MixupConfig
 from . import checkpoint as ckpt
 from .anchor import freeze
 from .context import Context
-from .evaluation import accuracy_key, evaluate, minibatches
-from .loop import LoopResult, run_epochs
-from .losses import mixup_loss
-from .schedules import constant_warmup, kd_weight_u, mixup_factor
+from .evaluation import accuracy_key, minibatches, validation_row
+from .loop import LoopResult, run_stage_epochs
+from .losses import distill_loss
+from .schedules import adam, ce_weight, constant_warmup, mixup_factor
 from .step_sums import StepSums
 
 STAGE = "mixup"
@@ -49,6 +53,93 @@ def mixed_batch(
     return ops.pixel_mixup(x_gen, x, f, mean=ctx.mean, std=ctx.std)  # N((1-f) x_gen + f x)
 
 
+@dataclass
+class Mixup:
+    """What Module 3's steps work on: S (``student_ddp``: through DDP with several processes), the frozen
+    T, G, E and A (None: the no-anchor ablation), S's optimiser and scheduler, the random streams."""
+
+    ctx: Context
+    cfg: MixupConfig
+    teacher: nn.Module
+    student: nn.Module
+    student_ddp: nn.Module
+    generator: nn.Module
+    encoder: nn.Module
+    anchor: nn.Module | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rnd: ckpt.StageRandom
+
+
+def setup(ctx: Context, teacher: nn.Module, student: nn.Module, generator: nn.Module, encoder: nn.Module,
+          anchor: nn.Module | None) -> Mixup:
+    cfg = ctx.cfg.mixup
+    rnd = ckpt.stage_random(ctx.cfg.seed, STAGE, ctx.device, ctx.dist)
+    freeze(teacher, generator, encoder)
+    student_ddp = ctx.dist.wrap(student)
+    if anchor is not None:
+        freeze(anchor)  # eval mode: the mask uses the BN running statistics, as released
+    opt = adam(student.parameters(), cfg.lr, cfg.weight_decay)
+    # Released: ConstantLR (lr/3 for 5 steps) stepped per batch (B8); "epoch" spreads it over 5 epochs.
+    sched = constant_warmup(opt, cfg.warmup_steps, cfg.warmup_factor)
+    return Mixup(ctx, cfg, teacher, student, student_ddp, generator, encoder, anchor, opt, sched, rnd)
+
+
+def kd_target(st: Mixup, inputs: torch.Tensor) -> torch.Tensor:
+    """The logits the KD term distils from."""
+    if st.cfg.kd_target == "teacher":
+        with torch.no_grad():
+            return st.teacher(inputs)
+    # B1, released behaviour: the KD "teacher" is a second forward of the student itself, so
+    # KL(p || p) = 0 with zero gradient and only the CE term trains. Under DDP that second forward runs
+    # outside the wrapper and without a graph (one backward per DDP forward); its KL gradient is
+    # exactly 0 either way.
+    if st.ctx.dist.enabled:
+        with torch.no_grad():
+            return st.student(inputs)
+    return st.student(inputs)
+
+
+def train_epoch(st: Mixup, epoch: int) -> dict:
+    cfg, ctx = st.cfg, st.ctx
+    f = mixup_factor(epoch, cfg.epochs, cfg.a, cfg.b, cfg.schedule)
+    u = ce_weight(f, cfg.u_schedule, cfg.u)
+    # no-mixup ablation: the synthetic half stays the pure anchor image (mixing factor 0) while the
+    # CE/KD weight u still follows the schedule (docs/fidelity.md).
+    f_mix = f if cfg.mix_samples else 0.0
+    lr = st.opt.param_groups[0]["lr"]  # the rate this epoch starts with
+    st.student.train()
+    steps = StepSums()
+    for x, y in minibatches(ctx.data.student.train, cfg.batch_size, st.rnd.shared, augment_pad=ctx.cfg.data.augment_pad,
+                            hflip=ctx.cfg.data.hflip, shard=ctx.dist, aug_generator=st.rnd.local):
+        x_mix = mixed_batch(ctx, x, y, f_mix, st.encoder, st.generator, st.anchor, st.rnd.local)
+        # B2: the released code puts the real half in un-normalised.
+        inputs = torch.cat([ctx.normalize(x) if cfg.normalize_real else x, x_mix])
+        logits = st.student_ddp(inputs)
+        target = kd_target(st, inputs)
+        loss = distill_loss(logits, target, torch.cat([y, y]), u=u, temperature=cfg.temperature)
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        st.opt.step()
+        if cfg.scheduler_step == "batch":
+            st.sched.step()
+        b = y.shape[0]
+        steps.add("loss", loss, b)
+        with torch.no_grad():
+            t_mix = target[b:] if cfg.kd_target == "teacher" else st.teacher(x_mix)
+            steps.add("teacher_acc_mixed", (t_mix.argmax(1) == y).float().sum())
+    if cfg.scheduler_step == "epoch":
+        st.sched.step()
+    sums, n = steps.sums(), max(steps.weights.get("loss", 0), 1)
+    return {"f": f, "u": u, "train_loss": sums.get("loss", 0.0) / n,
+            "teacher_acc_mixed": sums.get("teacher_acc_mixed", 0.0) / n, "lr": lr}
+
+
+def describe(r: dict) -> str:
+    return (f"f {r['f']:.2f} u {r['u']:.2f} loss {r['train_loss']:.3f} teacher acc on mixed "
+            f"{100 * r['teacher_acc_mixed']:.1f} | val acc {100 * r['val_acc']:.1f}")
+
+
 def run_mixup(
     ctx: Context,
     teacher: nn.Module,
@@ -58,92 +149,10 @@ def run_mixup(
     anchor: nn.Module | None,
 ) -> LoopResult:
     """Train ``student`` (initialised from Module 1) in place; on return it holds the best val epoch."""
-    cfg = ctx.cfg.mixup
-    seed = ckpt.stage_seed(ctx.cfg.seed, STAGE)
-    ckpt.seed_everything(seed)
-    gen = ckpt.make_generator(ctx.device, seed)  # epoch order: the same in every process
-    local = ckpt.per_process_generator(ctx.dist, gen, seed)  # augmentation and encoder noise
-    freeze(teacher, generator, encoder)
-    student_ddp = ctx.dist.wrap(student)
-    if anchor is not None:
-        freeze(anchor)  # eval mode: the mask uses the BN running statistics, as released
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Released: ConstantLR (lr/3 for 5 steps) stepped per batch (B8); "epoch" spreads it over 5 epochs.
-    sched = constant_warmup(opt, cfg.warmup_steps, cfg.warmup_factor)
-    train = ctx.data.student.train
-
-    def train_epoch(epoch: int) -> dict:
-        f = mixup_factor(epoch, cfg.epochs, cfg.a, cfg.b, cfg.schedule)
-        u = kd_weight_u(f, cfg.u_schedule, cfg.u)
-        # no-mixup ablation: the synthetic half stays the pure anchor image (mixing factor 0) while the
-        # CE/KD weight u still follows the schedule (docs/fidelity.md).
-        f_mix = f if cfg.mix_samples else 0.0
-        lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with
-        student.train()
-        steps = StepSums()  # the loss and counts stay tensors; one host read per epoch
-        n = 0
-        for x, y in minibatches(train, cfg.batch_size, gen, augment_pad=ctx.cfg.data.augment_pad,
-                                hflip=ctx.cfg.data.hflip, shard=ctx.dist, aug_generator=local):
-            x_mix = mixed_batch(ctx, x, y, f_mix, encoder, generator, anchor, local)
-            # B2: the released code puts the real half in un-normalised.
-            real = ctx.normalize(x) if cfg.normalize_real else x
-            inputs = torch.cat([real, x_mix])
-            labels = torch.cat([y, y])
-            logits = student_ddp(inputs)
-            if cfg.kd_target == "teacher":
-                with torch.no_grad():
-                    target = teacher(inputs)
-            else:
-                # B1, released behaviour: the KD "teacher" is a second forward of the student itself,
-                # so KL(p || p) = 0 with zero gradient and only the CE term trains. Under DDP that
-                # second forward runs outside the wrapper and without a graph (one backward per DDP
-                # forward); its KL gradient is exactly 0 either way.
-                if ctx.dist.enabled:
-                    with torch.no_grad():
-                        target = student(inputs)
-                else:
-                    target = student(inputs)
-            loss = mixup_loss(logits, target, labels, u=u, temperature=cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cfg.scheduler_step == "batch":
-                sched.step()
-            b = y.shape[0]
-            n += b
-            steps.add("loss", loss, b)
-            with torch.no_grad():
-                if cfg.kd_target == "teacher":
-                    t_mix = target[b:]
-                else:
-                    t_mix = teacher(x_mix)
-                steps.add("teacher_acc_mixed", (t_mix.argmax(1) == y).float().sum())
-        if cfg.scheduler_step == "epoch":
-            sched.step()
-        sums = steps.sums()
-        row = {"f": f, "u": u, "train_loss": sums.get("loss", 0.0) / max(n, 1)}
-        row["teacher_acc_mixed"] = sums.get("teacher_acc_mixed", 0.0) / max(n, 1)
-        row["lr"] = lr
-        return row
-
-    def eval_epoch(epoch: int) -> dict:
-        m = evaluate(student, ctx.data.student.val, ctx.normalize)
-        return {"val_acc": m["acc"], "val_acc3": m["acc3"], "val_acc5": m["acc5"], "val_loss": m["loss"]}
-
-    result = run_epochs(
-        ctx,
-        STAGE,
-        cfg.epochs,
-        objects={"student": student, "opt": opt, "sched": sched},
-        generators=ckpt.distinct_generators(gen=gen, local=local),
-        best_modules={"student": student},
-        train_epoch=train_epoch,
-        evaluate=eval_epoch,
-        select_key=accuracy_key,
-        describe=lambda r: (
-            f"f {r['f']:.2f} u {r['u']:.2f} loss {r['train_loss']:.3f} teacher acc on mixed "
-            f"{100 * r['teacher_acc_mixed']:.1f} | val acc {100 * r['val_acc']:.1f}"
-        ),
+    st = setup(ctx, teacher, student, generator, encoder, anchor)
+    return run_stage_epochs(
+        ctx, STAGE, st.cfg.epochs, {"student": student}, st.opt, st.sched, st.rnd,
+        train_epoch=partial(train_epoch, st),
+        evaluate=lambda epoch: validation_row(student, ctx.data.student.val, ctx.normalize),
+        select_key=accuracy_key, describe=describe,
     )
-    student.load_state_dict(result.best_states["student"])
-    return result

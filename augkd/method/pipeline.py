@@ -6,12 +6,16 @@ skips finished stages and how ``augkd compare`` shares the teacher, Module 1 and
 methods (their stage directories then point into a cache keyed by the config that stage depends on).
 ``restore_or_train`` is the one place this happens: a loaded stage leaves its modules exactly as a
 trained one does, and an artefact made under another configuration (its digest differs) is refused.
+
+``METHODS`` (at the end) lists each method's stages; ``run_method`` below it is the whole run.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -162,15 +166,23 @@ def _check_fits(path: str, states: dict, modules: dict[str, nn.Module]) -> None:
             raise CheckpointError(f"{path}: the saved {name} does not fit this run's {name} network")
 
 
-def _result_info(stage: str, result, extra: dict | None = None) -> dict:
+def _result_info(stage: str | None, result, **extra) -> dict:
+    """A trained stage's record (the "info" of its final artefact)."""
     return {
-        "stage": stage,
+        **({"stage": stage} if stage else {}),
         "best_epoch": result.best_epoch,
         "best_row": result.best_row,
         "history": result.history,
         "seconds": result.seconds,
-        **(extra or {}),
+        **extra,
     }
+
+
+def finished_stage(ctx: Context, artefact, modules: dict[str, nn.Module], train, *, frozen: tuple[str, ...]) -> dict:
+    """``restore_or_train`` the stage, then write its metrics CSV and curves into this run directory."""
+    info = restore_or_train(ctx, artefact, modules, train, frozen=frozen)
+    _stage_outputs(ctx, artefact.stage, info)
+    return info
 
 
 def _stage_outputs(ctx: Context, stage: str, info: dict) -> None:
@@ -276,15 +288,14 @@ def obtain_teacher(ctx: Context) -> tuple[nn.Module, dict]:
         teacher.eval()
         teacher.requires_grad_(False)
     else:
-        ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "teacher-init"))
+        ckpt.seed_stage(ctx.cfg.seed, "teacher-init")
         teacher = build_teacher(ctx)
 
         def train() -> tuple[dict, dict]:
             info = train_teacher(ctx, teacher)
             return {"model": ckpt.cpu_state_dict(teacher)}, info
 
-        info = restore_or_train(ctx, TeacherArtefact(ctx), {"model": teacher}, train, frozen=("model",))
-        _stage_outputs(ctx, "teacher", info)
+        info = finished_stage(ctx, TeacherArtefact(ctx), {"model": teacher}, train, frozen=("model",))
     info["student_test"] = evaluate(teacher, ctx.data.student.test, ctx.normalize)
     return teacher, info
 
@@ -299,13 +310,7 @@ def train_teacher(ctx: Context, teacher: nn.Module) -> dict:
         epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
         warmup_steps=5, warmup_factor=1.0 / 3.0, scheduler_step="batch",
     )
-    info = {
-        "best_epoch": result.best_epoch,
-        "best_row": result.best_row,
-        "history": result.history,
-        "seconds": result.seconds,
-        "teacher_test": evaluate(teacher, dom.test, ctx.normalize),
-    }
+    info = _result_info(None, result, teacher_test=evaluate(teacher, dom.test, ctx.normalize))
     ctx.log.info(
         "teacher: best epoch %d, val acc %.1f%%, teacher-domain test acc %.1f%%",
         result.best_epoch + 1, 100 * result.best_row.get("val_acc", float("nan")), 100 * info["teacher_test"]["acc"],
@@ -314,12 +319,32 @@ def train_teacher(ctx: Context, teacher: nn.Module) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages with final artefacts
+# Stages with final artefacts. Each takes the networks so far (``Nets``), adds or trains its own, and
+# returns {its name in summary.json: its summary} ({} when it records nothing or does not run).
 
 
-def stage_data_free(ctx: Context, teacher: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, dict]:
+@dataclass
+class Nets:
+    """The networks of one run, as the stages produce them."""
+
+    teacher: nn.Module
+    student: nn.Module | None = None
+    generator: nn.Module | None = None
+    encoder: nn.Module | None = None
+    anchor: nn.Module | None = None  # None: no Module 2 (the no-anchor ablation)
+
+
+def new_student(ctx: Context, nets: Nets) -> dict:
+    """The ce and kd baselines' student: freshly initialised."""
+    ckpt.seed_stage(ctx.cfg.seed, "student-init")
+    nets.student = _build_classifier(ctx, ctx.cfg.student.arch, ctx.cfg.student.pretrained)
+    return {}
+
+
+def stage_data_free(ctx: Context, nets: Nets) -> dict:
+    """Module 1: G, E and the student's warm-up."""
     cfg = ctx.cfg.df
-    ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "df-init"))
+    ckpt.seed_stage(ctx.cfg.seed, "df-init")
     shape = tuple(ctx.data.image_shape)
     G = ctx.place(models.Generator(cfg.latent_size, shape, cfg.generator_hidden))
     E = ctx.place(models.Encoder(shape, ctx.data.num_classes, cfg.latent_size, cfg.encoder_hidden))
@@ -328,55 +353,63 @@ def stage_data_free(ctx: Context, teacher: nn.Module) -> tuple[nn.Module, nn.Mod
 
     def train() -> tuple[dict, dict]:
         ctx.log.info("Module 1 (data-free): %d epochs x %d iterations, batch %d", cfg.epochs, cfg.iters_per_epoch, cfg.batch_size)
-        result = run_data_free(ctx, teacher, G, E, S)
+        result = run_data_free(ctx, nets.teacher, G, E, S)
         return {k: ckpt.cpu_state_dict(m) for k, m in modules.items()}, _result_info("df", result)
 
     # G and E are only used from here on; the student trains on in Module 3 or the fine-tune.
-    info = restore_or_train(ctx, FinalArtefact(ctx, "df"), modules, train, frozen=("generator", "encoder"))
-    _stage_outputs(ctx, "df", info)
+    info = finished_stage(ctx, FinalArtefact(ctx, "df"), modules, train, frozen=("generator", "encoder"))
     _log_df(ctx, info)
     if ctx.cfg.plots and ctx.dist.is_main:
-        plot_generated(ctx, os.path.join(ctx.run_dir, "plots", "generated.png"), G, teacher, cfg.latent_size)
-    return G, E, S, info
+        plot_generated(ctx, os.path.join(ctx.run_dir, "plots", "generated.png"), G, nets.teacher, cfg.latent_size)
+    nets.generator, nets.encoder, nets.student = G, E, S
+    return {"df": {**_stage_summary(info), "student_test": evaluate(S, ctx.data.student.test, ctx.normalize)}}
 
 
-def stage_anchor(ctx: Context, teacher, G, E) -> tuple[nn.Module, dict]:
+def stage_anchor(ctx: Context, nets: Nets) -> dict:
+    """Module 2: the AnchorNet, where Module 3 uses one (mixup.use_anchor)."""
+    if not ctx.cfg.mixup.use_anchor:
+        return {}
     cfg = ctx.cfg.anchor
-    ckpt.seed_everything(ckpt.stage_seed(ctx.cfg.seed, "anchor-init"))
+    ckpt.seed_stage(ctx.cfg.seed, "anchor-init")
     A = models.AnchorNet(ctx.cfg.df.latent_size, ctx.data.num_classes, mask=cfg.mask).to(ctx.device)
+    teacher, G, E = nets.teacher, nets.generator, nets.encoder
 
     def train() -> tuple[dict, dict]:
         ctx.log.info("Module 2 (anchor): %d epochs, mask penalty %s", cfg.epochs, cfg.mask_penalty)
         result = run_anchor(ctx, teacher, G, E, A)
         return {"anchor": ckpt.cpu_state_dict(A)}, _result_info("anchor", result)
 
-    info = restore_or_train(ctx, FinalArtefact(ctx, "anchor"), {"anchor": A}, train, frozen=("anchor",))
-    _stage_outputs(ctx, "anchor", info)
+    info = finished_stage(ctx, FinalArtefact(ctx, "anchor"), {"anchor": A}, train, frozen=("anchor",))
     _log_anchor(ctx, info)
     if ctx.cfg.plots and ctx.dist.is_main:
         plot_anchor(ctx, os.path.join(ctx.run_dir, "plots", "anchor.png"), G, E, A, teacher)
-    return A, info
+    nets.anchor = A
+    return {"anchor": _stage_summary(info)}
 
 
-def stage_mixup(ctx: Context, teacher, S, G, E, A) -> dict:
+def stage_mixup(ctx: Context, nets: Nets) -> dict:
+    """Module 3: the student learns from real and mixed images."""
+    S, G, E, A = nets.student, nets.generator, nets.encoder, nets.anchor
+
     def train() -> tuple[dict, dict]:
         m = ctx.cfg.mixup
         ctx.log.info(
             "Module 3 (mixup): %d epochs, f %s a=%g b=%g, u %s, KD target %s, anchor %s, mixing %s",
             m.epochs, m.schedule, m.a, m.b, m.u_schedule, m.kd_target, A is not None, m.mix_samples,
         )
-        result = run_mixup(ctx, teacher, S, G, E, A)
+        result = run_mixup(ctx, nets.teacher, S, G, E, A)
         return {"student": ckpt.cpu_state_dict(S)}, _result_info("mixup", result)
 
-    info = restore_or_train(ctx, FinalArtefact(ctx, "mixup"), {"student": S}, train, frozen=("student",))
-    _stage_outputs(ctx, "mixup", info)
+    info = finished_stage(ctx, FinalArtefact(ctx, "mixup"), {"student": S}, train, frozen=("student",))
     if ctx.cfg.plots and ctx.dist.is_main:
         plot_mixup(ctx, os.path.join(ctx.run_dir, "plots", "mixup.png"), G, E, A)
-    return info
+    return {"mixup": _stage_summary(info)}
 
 
-def stage_finetune(ctx: Context, S: nn.Module, teacher: nn.Module | None) -> dict:
-    """Baselines: CE (ce, dfkd) or CE + KD (kd) on the labelled student data, Module 3's budget."""
+def stage_finetune(ctx: Context, nets: Nets, *, distil: bool) -> dict:
+    """Baselines: CE (ce, dfkd) or, with ``distil``, CE + KD from the teacher (kd) on the labelled student
+    data, with Module 3's budget."""
+    S = nets.student
 
     def train() -> tuple[dict, dict]:
         m = ctx.cfg.mixup
@@ -385,17 +418,40 @@ def stage_finetune(ctx: Context, S: nn.Module, teacher: nn.Module | None) -> dic
             ctx, "finetune", S, ctx.data.student.train, ctx.data.student.val,
             epochs=m.epochs, lr=m.lr, weight_decay=m.weight_decay, batch_size=m.batch_size,
             warmup_steps=m.warmup_steps, warmup_factor=m.warmup_factor, scheduler_step=m.scheduler_step,
-            teacher=teacher, kd_u=ctx.cfg.baseline.kd_u, temperature=m.temperature,
+            teacher=nets.teacher if distil else None, kd_u=ctx.cfg.baseline.kd_u, temperature=m.temperature,
         )
         return {"student": ckpt.cpu_state_dict(S)}, _result_info("finetune", result)
 
-    info = restore_or_train(ctx, FinalArtefact(ctx, "finetune"), {"student": S}, train, frozen=("student",))
-    _stage_outputs(ctx, "finetune", info)
-    return info
+    info = finished_stage(ctx, FinalArtefact(ctx, "finetune"), {"student": S}, train, frozen=("student",))
+    return {"finetune": _stage_summary(info)}
 
 
 # ---------------------------------------------------------------------------------------------
-# The method
+# The method: the teacher, then the method's stages in order (each loads its final artefact when it
+# exists, else trains and writes it), then the student's test metrics.
+
+Stage = Callable[[Context, Nets], dict]
+AUGKD: tuple[Stage, ...] = (stage_data_free, stage_anchor, stage_mixup)  # Module 2 only where mixup.use_anchor
+METHODS: dict[str, tuple[Stage, ...]] = {
+    "augkd": AUGKD,
+    "official": AUGKD,  # the released code's behaviour (config.PRESET_VALUES["official"])
+    "no-anchor": AUGKD,  # mixup.use_anchor = false: no Module 2
+    "no-mixup": AUGKD,  # mixup.mix_samples = false
+    "dfkd": (stage_data_free, partial(stage_finetune, distil=False)),
+    "ce": (new_student, partial(stage_finetune, distil=False)),
+    "kd": (new_student, partial(stage_finetune, distil=True)),
+}
+
+
+def run_method(ctx: Context) -> dict:
+    """Run ``ctx.cfg.method`` end to end; return (and write) the summary with the test metrics."""
+    t0 = time.perf_counter()
+    teacher, teacher_info = obtain_teacher(ctx)
+    ctx.log.info("teacher accuracy on the student-domain test split: %.1f%%", 100 * teacher_info["student_test"]["acc"])
+    nets, stages = Nets(teacher), {}
+    for stage in METHODS[ctx.cfg.method]:
+        stages.update(stage(ctx, nets))
+    return _finish(ctx, nets.student, teacher_info, stages, t0)
 
 
 def _check_replicas_agree(ctx: Context, model: nn.Module) -> None:
@@ -406,35 +462,13 @@ def _check_replicas_agree(ctx: Context, model: nn.Module) -> None:
         raise RuntimeError("data-parallel run: the processes' final students differ; the replicas diverged")
 
 
-def run_method(ctx: Context) -> dict:
-    """Run ``ctx.cfg.method`` end to end; return (and write) the summary with the test metrics."""
-    t0 = time.perf_counter()
+def _finish(ctx: Context, S: nn.Module, teacher_info: dict, stages: dict, t0: float) -> dict:
+    """The student's test and validation metrics: summary.json, student.pt and the closing log line."""
     cfg = ctx.cfg
-    teacher, teacher_info = obtain_teacher(ctx)
-    ctx.log.info("teacher accuracy on the student-domain test split: %.1f%%", 100 * teacher_info["student_test"]["acc"])
-    stages: dict[str, dict] = {}
-    method = cfg.method
-    if method in ("ce", "kd"):
-        ckpt.seed_everything(ckpt.stage_seed(cfg.seed, "student-init"))
-        S = _build_classifier(ctx, cfg.student.arch, cfg.student.pretrained)
-        stages["finetune"] = _stage_summary(stage_finetune(ctx, S, teacher if method == "kd" else None))
-    else:
-        G, E, S, df_info = stage_data_free(ctx, teacher)
-        stages["df"] = _stage_summary(df_info)
-        df_student = evaluate(S, ctx.data.student.test, ctx.normalize)
-        stages["df"]["student_test"] = df_student
-        if method == "dfkd":
-            stages["finetune"] = _stage_summary(stage_finetune(ctx, S, None))
-        else:
-            A = None
-            if cfg.mixup.use_anchor:
-                A, anchor_info = stage_anchor(ctx, teacher, G, E)
-                stages["anchor"] = _stage_summary(anchor_info)
-            stages["mixup"] = _stage_summary(stage_mixup(ctx, teacher, S, G, E, A))
     test = evaluate(S, ctx.data.student.test, ctx.normalize)
     val = evaluate(S, ctx.data.student.val, ctx.normalize)
     summary = {
-        "method": method,
+        "method": cfg.method,
         "preset": cfg.preset,
         "seed": cfg.seed,
         "setting": ctx.data.name,
@@ -458,6 +492,6 @@ def run_method(ctx: Context) -> dict:
         models.save_state(S, os.path.join(ctx.run_dir, "student.pt"))
     ctx.log.info(
         "%s: student test Acc %.1f%%  Acc@3 %.1f%%  Acc@5 %.1f%%  (teacher on student test %.1f%%)",
-        method, 100 * test["acc"], 100 * test["acc3"], 100 * test["acc5"], 100 * teacher_info["student_test"]["acc"],
+        cfg.method, 100 * test["acc"], 100 * test["acc3"], 100 * test["acc5"], 100 * teacher_info["student_test"]["acc"],
     )
     return summary

@@ -5,6 +5,9 @@ official ``raw_kd`` ablation). Best epoch: validation Acc, then Acc@3, then Acc@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,11 +15,55 @@ import torch.nn.functional as F
 from ..data import Split
 from . import checkpoint as ckpt
 from .context import Context
-from .evaluation import accuracy_key, evaluate, minibatches
-from .loop import LoopResult, run_epochs
-from .losses import mixup_loss
-from .schedules import constant_warmup
+from .evaluation import accuracy_key, minibatches, validation_row
+from .loop import LoopResult, run_stage_epochs
+from .losses import distill_loss
+from .schedules import adam, constant_warmup
 from .step_sums import StepSums
+
+
+@dataclass
+class Supervised:
+    """What a supervised epoch works on (``model_ddp``: through DDP with several processes)."""
+
+    ctx: Context
+    model: nn.Module
+    model_ddp: nn.Module
+    train: Split
+    batch_size: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scheduler_step: str
+    rnd: ckpt.StageRandom
+    teacher: nn.Module | None  # None: CE only; else the DistillLoss with weight kd_u on the CE term
+    kd_u: float
+    temperature: float
+
+
+def train_epoch(st: Supervised, epoch: int) -> dict:
+    ctx = st.ctx
+    lr_start = st.opt.param_groups[0]["lr"]
+    st.model.train()
+    steps = StepSums()
+    for x, y in minibatches(st.train, st.batch_size, st.rnd.shared, augment_pad=ctx.cfg.data.augment_pad,
+                            hflip=ctx.cfg.data.hflip, shard=ctx.dist, aug_generator=st.rnd.local):
+        xn = ctx.normalize(x)
+        logits = st.model_ddp(xn)
+        if st.teacher is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            with torch.no_grad():
+                t_logits = st.teacher(xn)
+            loss = distill_loss(logits, t_logits, y, u=st.kd_u, temperature=st.temperature)
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        st.opt.step()
+        if st.scheduler_step == "batch":
+            st.sched.step()
+        steps.add("loss", loss, y.shape[0])
+    if st.scheduler_step == "epoch":
+        st.sched.step()
+    return {"train_loss": steps.means().get("loss", 0.0), "lr": lr_start}
 
 
 def train_supervised(
@@ -38,61 +85,20 @@ def train_supervised(
     temperature: float = 10.0,
 ) -> LoopResult:
     """Train ``model`` in place; on return it holds the best epoch's weights."""
-    seed = ckpt.stage_seed(ctx.cfg.seed, stage)
-    ckpt.seed_everything(seed)
-    order = ckpt.make_generator(ctx.device, seed)  # epoch order: the same in every process
-    local = ckpt.per_process_generator(ctx.dist, order, seed)  # augmentation
+    rnd = ckpt.stage_random(ctx.cfg.seed, stage, ctx.device, ctx.dist)
     model_ddp = ctx.dist.wrap(model)
     # weight_decay is passed explicitly: the official teacher recipe parses --t_wd but drops it (B9);
     # the teacher config's default of 0 reproduces that, a non-zero value is honoured.
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adam(model.parameters(), lr, weight_decay)
     sched = constant_warmup(opt, warmup_steps, warmup_factor)
     if teacher is not None:
         teacher.eval()
         teacher.requires_grad_(False)
-    pad, hflip = ctx.cfg.data.augment_pad, ctx.cfg.data.hflip
-
-    def train_epoch(epoch: int) -> dict:
-        lr_start = opt.param_groups[0]["lr"]
-        model.train()
-        steps, n = StepSums(), 0  # the loss stays a tensor; one host read per epoch
-        batches = minibatches(train, batch_size, order, augment_pad=pad, hflip=hflip, shard=ctx.dist,
-                              aug_generator=local)
-        for x, y in batches:
-            xn = ctx.normalize(x)
-            logits = model_ddp(xn)
-            if teacher is None:
-                loss = F.cross_entropy(logits, y)
-            else:
-                with torch.no_grad():
-                    t_logits = teacher(xn)
-                loss = mixup_loss(logits, t_logits, y, u=kd_u, temperature=temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if scheduler_step == "batch":
-                sched.step()
-            steps.add("loss", loss, y.shape[0])
-            n += y.shape[0]
-        if scheduler_step == "epoch":
-            sched.step()
-        return {"train_loss": steps.sums().get("loss", 0.0) / max(n, 1), "lr": lr_start}
-
-    def eval_epoch(epoch: int) -> dict:
-        m = evaluate(model, val, ctx.normalize)
-        return {"val_acc": m["acc"], "val_acc3": m["acc3"], "val_acc5": m["acc5"], "val_loss": m["loss"]}
-
-    result = run_epochs(
-        ctx,
-        stage,
-        epochs,
-        objects={"model": model, "opt": opt, "sched": sched},
-        generators=ckpt.distinct_generators(order=order, local=local),
-        best_modules={"model": model},
-        train_epoch=train_epoch,
-        evaluate=eval_epoch,
+    st = Supervised(ctx, model, model_ddp, train, batch_size, opt, sched, scheduler_step, rnd, teacher, kd_u, temperature)
+    return run_stage_epochs(
+        ctx, stage, epochs, {"model": model}, opt, sched, rnd, generator_names=("order", "local"),
+        train_epoch=partial(train_epoch, st),
+        evaluate=lambda epoch: validation_row(model, val, ctx.normalize),
         select_key=accuracy_key,
         describe=lambda r: f"loss {r['train_loss']:.3f} val acc {100 * r['val_acc']:.1f}",
     )
-    model.load_state_dict(result.best_states["model"])
-    return result

@@ -74,31 +74,24 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     ``.head`` (Swin, MaxViT). Anything else raises instead of guessing: the official code assumed
     ``.fc`` for every unknown model (bug B5).
     """
-    def new(old: nn.Linear) -> nn.Linear:
-        return nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    def last(seq):
+        return seq[-1] if isinstance(seq, nn.Sequential) and len(seq) else None
 
-    fc = getattr(model, "fc", None)
-    if isinstance(fc, nn.Linear):
-        model.fc = new(fc)
-        return model
-    cls = getattr(model, "classifier", None)
-    if isinstance(cls, nn.Linear):
-        model.classifier = new(cls)
-        return model
-    if isinstance(cls, nn.Sequential) and len(cls) and isinstance(cls[-1], nn.Linear):
-        cls[-1] = new(cls[-1])
-        return model
+    fc, cls, head = (getattr(model, name, None) for name in ("fc", "classifier", "head"))
     heads = getattr(model, "heads", None)
-    if isinstance(heads, nn.Sequential) and isinstance(getattr(heads, "head", None), nn.Linear):
-        heads.head = new(heads.head)
-        return model
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear):
-        model.head = new(head)
-        return model
-    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
-        head[-1] = new(head[-1])
-        return model
+    # the candidate places in the order looked at: (what is there now, how to put a new layer there)
+    places = [
+        (fc, lambda m: setattr(model, "fc", m)),
+        (cls, lambda m: setattr(model, "classifier", m)),
+        (last(cls), lambda m: cls.__setitem__(-1, m)),
+        (getattr(heads, "head", None) if isinstance(heads, nn.Sequential) else None, lambda m: setattr(heads, "head", m)),
+        (head, lambda m: setattr(model, "head", m)),
+        (last(head), lambda m: head.__setitem__(-1, m)),
+    ]
+    for old, put in places:
+        if isinstance(old, nn.Linear):
+            put(nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+            return model
     raise ValueError(
         f"name: cannot find the classification head of {type(model).__name__} (looked for a Linear at .fc, "
         ".classifier, .classifier[-1], .heads.head, .head); this architecture is not supported"
