@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import divergence_reference, reference
 from .reference import compute_dtype
 
 # Columns of kd_loss_fwd's stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md);
 # column 1 (lse_t) is the one the front-end returns (teacher energy) and differentiates.
 KD_STATS = 8
 KD_STATS_LSE_T = 1
+# kd_divergence_fwd's stats (kernels/kd_divergence_math.h): columns 5 (the divergence D) and 6 (the CE) are the
+# per-row parts the front-end returns and differentiates; the other columns carry no gradient.
+DIV_STATS, DIV_STATS_D, DIV_STATS_CE = 11, 5, 6
 
 _registered: set[tuple[str, str]] = set()
 
@@ -91,12 +94,24 @@ def _fake_topk_bwd(grad_loss, student, indices, values, target, stats, *args):
     return torch.empty_like(student)
 
 
+def _fake_div_fwd(student, teacher, target, temperature, alpha, ignore_index, t2_scale, divergence, beta):
+    acc = compute_dtype(student.dtype)
+    rows = student.shape[0]
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, DIV_STATS), dtype=acc)
+
+
+def _fake_div_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, ignore_index, divergence, beta,
+                  student_grad, teacher_grad):
+    return _grad_or_empty(student_grad, student, student), _grad_or_empty(teacher_grad, teacher, teacher)
+
+
 FAKES = {
     "kd_loss_fwd": _fake_kd_fwd, "kd_loss_bwd": _fake_kd_bwd,
     "uncertainty_fwd": _fake_unc_fwd, "uncertainty_bwd": _fake_unc_bwd,
     "latent_mixup_fwd": _fake_latent_fwd, "latent_mixup_bwd": _fake_latent_bwd,
     "pixel_mixup_fwd": _fake_pixel_fwd, "pixel_mixup_bwd": _fake_pixel_bwd,
     "topk_kd_loss_fwd": _fake_topk_fwd, "topk_kd_loss_bwd": _fake_topk_bwd,
+    "kd_divergence_fwd": _fake_div_fwd, "kd_divergence_bwd": _fake_div_bwd,
 }
 
 
@@ -242,12 +257,58 @@ def _topk_backward_for(bwd):
     return backward
 
 
+def _div_setup(ctx, inputs, output):
+    student, teacher, target = inputs[:3]
+    ctx.save_for_backward(student, teacher, target, output[1])
+    ctx.args = inputs[3:]  # temperature, alpha, ignore_index, t2_scale, divergence, beta
+
+
+def _div_row_grads(ctx, grad_loss, grad_stats, has_target):
+    """The gradient on each row's D and on its CE: through the loss (alpha c D + (1 - alpha) CE, a term of
+    weight exactly 0 left out) and through the stats columns D and CE (the parts)."""
+    temperature, alpha, _, t2_scale, _, _ = ctx.args
+    c = temperature * temperature if t2_scale else 1.0
+    g_div = g_ce = None
+    if grad_loss is not None:
+        g_div = grad_loss * (alpha * c) if alpha != 0 else None
+        g_ce = grad_loss * (1 - alpha) if has_target and alpha != 1 else None
+    if grad_stats is not None:
+        col_d, col_ce = grad_stats[:, DIV_STATS_D], grad_stats[:, DIV_STATS_CE]
+        g_div = col_d if g_div is None else g_div + col_d
+        g_ce = col_ce if g_ce is None else g_ce + col_ce
+    return g_div, g_ce
+
+
+def _div_backward_for(bwd):
+    def backward(ctx, grad_loss, grad_stats):
+        if grad_loss is None and grad_stats is None:
+            return (None,) * 9
+        student, teacher, target, stats = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            col = (lambda k: None) if grad_stats is None else (lambda k: grad_stats[:, k])
+            gs, gt = _graph_grads(lambda: divergence_reference.kd_divergence_rows(student, teacher, target, *ctx.args),
+                                  (student, teacher), (need_s, need_t),
+                                  (grad_loss, col(DIV_STATS_D), col(DIV_STATS_CE)))
+            return (gs, gt) + (None,) * 7
+        g_div, g_ce = _div_row_grads(ctx, grad_loss, grad_stats, target is not None)
+        rows = stats.shape[0]
+        g_div = _zeros_rows(stats, rows) if g_div is None else g_div.contiguous()
+        g_ce = _zeros_rows(stats, rows) if g_ce is None else g_ce.contiguous()
+        temperature, _, ignore_index, _, divergence, beta = ctx.args
+        gs, gt = bwd(g_div, g_ce, student, teacher, target, stats, temperature, ignore_index, divergence, beta,
+                     need_s, need_t)
+        return (gs if need_s else None, gt if need_t else None) + (None,) * 7
+    return backward
+
+
 AUTOGRAD = {
     "kd_loss": (_kd_setup, _kd_backward_for),
     "uncertainty": (_unc_setup, _unc_backward_for),
     "latent_mixup": (_latent_setup, _latent_backward_for),
     "pixel_mixup": (_pixel_setup, _pixel_backward_for),
     "topk_kd_loss": (_topk_setup, _topk_backward_for),
+    "kd_divergence": (_div_setup, _div_backward_for),
 }
 
 
