@@ -44,6 +44,11 @@ SCHEMAS = {
     "topk_kd_loss_bwd": "(Tensor grad_loss, Tensor student, Tensor indices, Tensor values, Tensor? target, "
     "Tensor stats, float temperature, float alpha, int ignore_index, bool t2_scale, int values_format, "
     "int tail, int divergence) -> Tensor",
+    "kd_divergence_fwd": "(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+    "int ignore_index, bool t2_scale, int divergence, float beta) -> (Tensor loss, Tensor stats)",
+    "kd_divergence_bwd": "(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor teacher, Tensor? target, "
+    "Tensor stats, float temperature, int ignore_index, int divergence, float beta, bool student_grad, "
+    "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)",
 }
 
 
