@@ -61,16 +61,15 @@ AUGKD_DIV_HD V series(V y) {
   return y * y * poly;
 }
 
-// k(x) = (1 + x) log1p(x) - x on [-1, 0]; k(-1) = 1.
+// k(x) = (1 + x) log1p(x) - x on [-1, 0], given l = log1p(x) (the caller needs it too); k(-1) = 1.
 template <typename O, typename A, typename V>
-AUGKD_DIV_HD V k_fn(V x) {
+AUGKD_DIV_HD V k_log(V x, V l) {
   const V y = V(A(0)) - x;
   const auto small = O::le(y, V(A(kSeriesMax)));
   const auto edge = O::eq(x, V(A(-1)));
   const V s = series<A, true>(O::sel(small, y, V(A(0))));
-  const V xl = O::sel(O::or_(small, edge), V(A(-0.5)), x);
-  const V closed = (V(A(1)) + xl) * O::log1p(xl) - xl;
-  return O::sel(small, s, O::sel(edge, V(A(1)), closed));
+  const V closed = (V(A(1)) + x) * O::sel(edge, V(A(0)), l) - x;
+  return O::sel(small, s, closed);
 }
 
 // k(x) for x = expm1(-r), r = |rho| >= 0: log1p(x) = -r exactly, so k = -x - r (1 + x) (0 where 1 + x == 0).
@@ -126,11 +125,12 @@ AUGKD_DIV_HD void forward_terms(V q, V p, V rho, A beta, V& d, V& ss, V& st) {
     f = O::sel(neg, j_rho<O, A>(x, r), k_rho<O, A>(x, r));
   } else if constexpr (DIV == kJSD) {
     const V w = O::sel(neg, V(beta), V(A(1) - beta));
-    f = w * k_rho<O, A>(x, r) - k_fn<O, A>(w * x);
     // S_s = sum q log(m / q), S_t = sum p log(m / p), m = beta p + (1 - beta) q:
     //   rho <= 0: log(m / q) = log1p(beta x),                 log(m / p) = log1p(beta x) - rho
     //   rho >  0: log(m / q) = rho + log1p((1 - beta) x),     log(m / p) = log1p((1 - beta) x)
-    const V lw = O::log1p(w * x);
+    const V wx = w * x;
+    const V lw = O::log1p(wx);
+    f = w * k_rho<O, A>(x, r) - k_log<O, A>(wx, lw);
     const V wq = O::sel(neg, lw, rho + lw), wp = O::sel(neg, lw - rho, lw);
     ss = ss + O::sel(O::eq(q, zero), zero, q * wq);
     st = st + O::sel(O::eq(p, zero), zero, p * wp);

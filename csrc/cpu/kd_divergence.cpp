@@ -28,12 +28,34 @@
 namespace augkd::cpu {
 namespace {
 
+// expm1 of x <= 0 (every argument here: distances to a maximum, -|rho|), fp32: the Taylor series to x^9 for
+// x > -0.35 (relative error < 1e-10 of the truncation), exp(x) - 1 below (no cancellation there: |e^x - 1| >
+// 0.29); NaN stays NaN, -inf gives -1. A few times cheaper than Sleef's expm1. fp64: Sleef's.
+inline Vec<float> vexpm1_nonpos(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V small = x > V(-0.35f);
+  const V z = V::blendv(V(0.f), x, small);
+  V p(1.f / 362880.f);
+  p = at::vec::fmadd(p, z, V(1.f / 40320.f));
+  p = at::vec::fmadd(p, z, V(1.f / 5040.f));
+  p = at::vec::fmadd(p, z, V(1.f / 720.f));
+  p = at::vec::fmadd(p, z, V(1.f / 120.f));
+  p = at::vec::fmadd(p, z, V(1.f / 24.f));
+  p = at::vec::fmadd(p, z, V(1.f / 6.f));
+  p = at::vec::fmadd(p, z, V(0.5f));
+  p = at::vec::fmadd(p, z, V(1.f));
+  return V::blendv(vexp(x) - V(1.f), z * p, small);
+}
+inline Vec<double> vexpm1_nonpos(const Vec<double>& x) {
+  return x.expm1();
+}
+
 template <typename A>
 struct VecOps {
   using V = Vec<A>;
   using M = Vec<A>;
   static V exp(const V& x) { return vexp(x); }
-  static V expm1(const V& x) { return x.expm1(); }
+  static V expm1(const V& x) { return vexpm1_nonpos(x); }
   static V log1p(const V& x) { return x.log1p(); }
   static M le(const V& a, const V& b) { return a <= b; }
   static M lt(const V& a, const V& b) { return a < b; }

@@ -53,15 +53,12 @@ def _series(y, K_SERIES: tl.constexpr, FP64: tl.constexpr):
 
 
 @triton.jit
-def _k(x, FP64: tl.constexpr):
-    """k(x) = (1 + x) log1p(x) - x on [-1, 0]; k(-1) = 1."""
+def _k(x, l, FP64: tl.constexpr):
+    """k(x) = (1 + x) log1p(x) - x on [-1, 0] given l = log1p(x); k(-1) = 1."""
     y = -x
     small = y <= SERIES_MAX
-    edge = x == -1.0
     s = _series(tl.where(small, y, 0.0), True, FP64)
-    xl = tl.where(small | edge, -0.5, x)
-    closed = (1.0 + xl) * _log1p(xl) - xl
-    return tl.where(small, s, tl.where(edge, 1.0, closed))
+    return tl.where(small, s, (1.0 + x) * tl.where(x == -1.0, 0.0, l) - x)
 
 
 @triton.jit
@@ -193,8 +190,8 @@ def _div_fwd_kernel(
                 f = tl.where(neg, _j_rho(x, r, FP64), _k_rho(x, r, FP64))
             elif DIV == JSD:
                 w = tl.where(neg, bw, 1.0 - bw)
-                f = w * _k_rho(x, r, FP64) - _k(w * x, FP64)
                 lw = _log1p(w * x)
+                f = w * _k_rho(x, r, FP64) - _k(w * x, lw, FP64)
                 acc_s += tl.where(q == 0, 0.0, q * tl.where(neg, lw, rho + lw))
                 acc_t += tl.where(p == 0, 0.0, p * tl.where(neg, lw - rho, lw))
             else:
