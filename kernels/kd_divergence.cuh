@@ -18,6 +18,7 @@ struct DivOps {
   using M = bool;
   AUGKD_HD static A exp(A x) { return exp_(x); }
   AUGKD_HD static A expm1(A x) { return expm1_(x); }
+  AUGKD_HD static A expm1_small(A x) { return expm1_(x); }
   AUGKD_HD static A log1p(A x) { return log1p_(x); }
   AUGKD_HD static bool le(A a, A b) { return a <= b; }
   AUGKD_HD static bool lt(A a, A b) { return a < b; }

@@ -3,7 +3,7 @@
 //
 // Every function is a template over an operations policy O and a value type V (a vector or a scalar):
 //   O::M                              the mask type of a comparison of V
-//   O::exp, O::expm1, O::log1p        on V
+//   O::exp, O::expm1, O::log1p        on V (expm1 of arguments <= 0; expm1_small: of [-1/4, 0] only)
 //   O::le(a, b), O::lt, O::eq         comparisons -> M;  O::and_, O::or_ on M
 //   O::sel(m, a, b)                   m ? a : b, lane by lane
 // and over the divergence code DIV (kKL, kReverseKL, kJSD, kTVD), so each loop compiles to its own code.
@@ -100,13 +100,18 @@ AUGKD_DIV_HD V log_ratio(V a, V b) {
   return O::sel(O::and_(O::eq(a, ninf), O::eq(b, ninf)), V(A(0)), b - a);
 }
 
-// One class's share of d_t - d_s = sum_j (e^b_j - e^a_j), through expm1 of a non-positive argument:
-// e^a expm1(b - a) or -e^b expm1(a - b) (ea = e^a, eb = e^b, diff = log_ratio(a, b)).
+// One class's share of d_t - d_s = sum_j (e^b_j - e^a_j) (ea = e^a, eb = e^b, diff = log_ratio(a, b)): while
+// |b - a| <= 1/4, e^a expm1(b - a) or -e^b expm1(a - b), so that nothing cancels when the rows are close (large T);
+// beyond, eb - ea itself (|e^b - e^a| >= 0.22 max(e^a, e^b): no cancellation). O::expm1_small needs to be
+// accurate on [-1/4, 0] only.
 template <typename O, typename A, typename V>
 AUGKD_DIV_HD V gap_term(V ea, V eb, V diff) {
-  const auto neg = O::le(diff, V(A(0)));
-  const V em = O::expm1(O::sel(neg, diff, V(A(0)) - diff));
-  return O::sel(neg, ea * em, V(A(0)) - eb * em);
+  const V zero = V(A(0));
+  const auto neg = O::le(diff, zero);
+  const V z = O::sel(neg, diff, zero - diff);
+  const auto far = O::lt(z, V(A(-0.25)));
+  const V em = O::expm1_small(O::sel(far, zero, z));
+  return O::sel(far, eb - ea, O::sel(neg, ea * em, zero - eb * em));
 }
 
 // The divergence term of one class and its two sums for the backward (added to d, ss, st).

@@ -28,13 +28,9 @@
 namespace augkd::cpu {
 namespace {
 
-// expm1 of x <= 0 (every argument here: distances to a maximum, -|rho|), fp32: the Taylor series to x^9 for
-// x > -0.35 (relative error < 1e-10 of the truncation), exp(x) - 1 below (no cancellation there: |e^x - 1| >
-// 0.29); NaN stays NaN, -inf gives -1. A few times cheaper than Sleef's expm1. fp64: Sleef's.
-inline Vec<float> vexpm1_nonpos(const Vec<float>& x) {
+// expm1 of z in [-0.35, 0] by its Taylor series to z^9 (truncation < 1e-10 relative).
+inline Vec<float> expm1_series(const Vec<float>& z) {
   using V = Vec<float>;
-  const V small = x > V(-0.35f);
-  const V z = V::blendv(V(0.f), x, small);
   V p(1.f / 362880.f);
   p = at::vec::fmadd(p, z, V(1.f / 40320.f));
   p = at::vec::fmadd(p, z, V(1.f / 5040.f));
@@ -44,9 +40,24 @@ inline Vec<float> vexpm1_nonpos(const Vec<float>& x) {
   p = at::vec::fmadd(p, z, V(1.f / 6.f));
   p = at::vec::fmadd(p, z, V(0.5f));
   p = at::vec::fmadd(p, z, V(1.f));
-  return V::blendv(vexp(x) - V(1.f), z * p, small);
+  return z * p;
+}
+
+// expm1 of x <= 0 (every argument here: distances to a maximum, -|rho|), fp32: the series for x > -0.35,
+// exp(x) - 1 below (no cancellation there: |e^x - 1| > 0.29); NaN stays NaN, -inf gives -1. A few times
+// cheaper than Sleef's expm1. fp64: Sleef's.
+inline Vec<float> vexpm1_nonpos(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V small = x > V(-0.35f);
+  return V::blendv(vexp(x) - V(1.f), expm1_series(V::blendv(V(0.f), x, small)), small);
 }
 inline Vec<double> vexpm1_nonpos(const Vec<double>& x) {
+  return x.expm1();
+}
+inline Vec<float> vexpm1_small(const Vec<float>& x) {
+  return expm1_series(x);
+}
+inline Vec<double> vexpm1_small(const Vec<double>& x) {
   return x.expm1();
 }
 
@@ -56,6 +67,7 @@ struct VecOps {
   using M = Vec<A>;
   static V exp(const V& x) { return vexp(x); }
   static V expm1(const V& x) { return vexpm1_nonpos(x); }
+  static V expm1_small(const V& x) { return vexpm1_small(x); }
   static V log1p(const V& x) { return x.log1p(); }
   static M le(const V& a, const V& b) { return a <= b; }
   static M lt(const V& a, const V& b) { return a < b; }
@@ -70,6 +82,7 @@ struct ScalarOps {
   using M = bool;
   static A exp(A x) { return std::exp(x); }
   static A expm1(A x) { return std::expm1(x); }
+  static A expm1_small(A x) { return std::expm1(x); }
   static A log1p(A x) { return std::log1p(x); }
   static bool le(A a, A b) { return a <= b; }
   static bool lt(A a, A b) { return a < b; }
@@ -272,8 +285,11 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
     scalar_t* gs_ptr = student_grad ? gs_out.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt_ptr = teacher_grad ? gt_out.mutable_data_ptr<scalar_t>() : nullptr;
     const A inv_t = static_cast<A>(1.0 / temperature), b = static_cast<A>(beta);
+    // the teacher's gradient as a template flag: without it, its per-class terms are not computed at all
+    with_bool(teacher_grad, [&](auto want_t) {
     with_divergence(divergence, [&](auto code) {
       constexpr int DIV = decltype(code)::value;
+      constexpr bool WT = decltype(want_t)::value;
       at::parallel_for(0, B, row_grain(2 * C), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t* s = s_ptr + i * C;
@@ -308,11 +324,11 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
               view.at(s, t, j, n, q, p, rho);
               div::class_grads<O, A, DIV>(q, p, rho, b, d, ss, stt, du, dv);
               gsv = v_kd * du;
-              gtv = v_kd * dv;
+              if constexpr (WT) gtv = v_kd * dv;
             }
             if (use_ce) gsv = at::vec::fmadd(v_kc, vexp((load(s + j, n, kNegInf) - v_m1) - v_ld1), gsv);
             if (gs) store(gs + j, gsv, n);
-            if (gt) store(gt + j, gtv, n);
+            if constexpr (WT) store(gt + j, gtv, n);
           });
           if (use_ce) {  // the target entry: p1_y - 1 formed before the single rounding
             using SO = ScalarOps<A>;
@@ -330,6 +346,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
           }
         }
       });
+    });
     });
   });
   return {gs_out, gt_out};

@@ -159,10 +159,12 @@ def _div_fwd_kernel(
             eb = tl.exp(b)
             diff = _log_ratio(a, b)
             neg = diff <= 0
-            em = cm.expm1(tl.where(neg, diff, -diff))
+            z = tl.where(neg, diff, -diff)
+            far = z < -0.25  # |e^b - e^a| >= 0.22 max(e^a, e^b): the difference itself does not cancel
+            em = cm.expm1(tl.where(far, 0.0, z))
             d_s += tl.sum(ea, axis=0)
             d_t += tl.sum(eb, axis=0)
-            gap += tl.sum(tl.where(neg, ea * em, -eb * em), axis=0)
+            gap += tl.sum(tl.where(far, eb - ea, tl.where(neg, ea * em, -eb * em)), axis=0)
             if NEED1:
                 n1 = tl.maximum(m_1, tl.max(s, axis=0))
                 d_1 = tl.where(m_1 == neg_inf, 0.0, tl.exp(m_1 - n1) * d_1)
