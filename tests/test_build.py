@@ -12,7 +12,7 @@ from augkd.ops import _extension
 
 OPS = ["kd_loss_fwd", "kd_loss_bwd", "uncertainty_fwd", "uncertainty_bwd",
        "latent_mixup_fwd", "latent_mixup_bwd", "pixel_mixup_fwd", "pixel_mixup_bwd",
-       "topk_kd_loss_fwd", "topk_kd_loss_bwd"]
+       "topk_kd_loss_fwd", "topk_kd_loss_bwd", "kd_divergence_fwd", "kd_divergence_bwd"]
 
 needs_extension = pytest.mark.skipif(not _extension.LOADED,
                                      reason=f"extension not loaded: {_extension.WHY_NOT_LOADED}")

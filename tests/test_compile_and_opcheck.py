@@ -29,6 +29,8 @@ def _samples(grad: bool):
     return {
         "topk_kd_loss_fwd": [(s, idx, val, y, 2.0, 0.5, -100, True, 1, 1, 0), (s, idx, val, None, 1.0, 1.0, -100, False, 0, 0, 1)],
         "kd_loss_fwd": [(s, t, y, 2.0, 0.5, -100, True, 0), (s, t, None, 1.0, 1.0, -100, False, 1)],
+        "kd_divergence_fwd": [(s, t, y, 2.0, 0.5, -100, True, 2, 0.3), (s, t, None, 1.0, 1.0, -100, False, 3, 0.5),
+                              (s, t, y, 0.5, 0.0, -100, True, 1, 0.5)],
         "uncertainty_fwd": [(s, 1.5)],
         "latent_mixup_fwd": [(z, m, psi, sv, 0.0), (z, m.expand(4, 6).contiguous(), psi, None, 0.3)],
         "pixel_mixup_fwd": [(g, r, sv[:3].detach().clone().requires_grad_(grad), 0.0, mean, std),
@@ -38,7 +40,7 @@ def _samples(grad: bool):
 
 @needs_extension
 @pytest.mark.parametrize("name", ["kd_loss_fwd", "uncertainty_fwd", "latent_mixup_fwd", "pixel_mixup_fwd",
-                                  "topk_kd_loss_fwd"])
+                                  "topk_kd_loss_fwd", "kd_divergence_fwd"])
 def test_opcheck_cpp_ops(name):
     op = getattr(torch.ops.augkd, name).default
     for args in _samples(grad=True)[name]:
