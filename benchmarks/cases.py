@@ -12,6 +12,7 @@ Each case builds its inputs once and offers one forward+backward callable per pr
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -255,6 +256,47 @@ def llm_cases(*, gpu: bool = False) -> list[Case]:
     return cases
 
 
+# ---------------------------------------------------------------- the divergence family of kd_loss
+
+def _soft_hard(soft, s, y):
+    return ALPHA * soft * T_KD * T_KD + (1 - ALPHA) * F.cross_entropy(s, y)
+
+
+def reverse_kl_eager(s, t, y):
+    log_q, log_p = F.log_softmax(s / T_KD, -1), F.log_softmax(t / T_KD, -1)
+    return _soft_hard(F.kl_div(log_p, log_q, reduction="batchmean", log_target=True), s, y)
+
+
+def jsd_eager(s, t, y, beta=0.5):
+    log_q, log_p = F.log_softmax(s / T_KD, -1), F.log_softmax(t / T_KD, -1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)
+    jsd = (beta * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
+           + (1 - beta) * F.kl_div(log_m, log_q, reduction="batchmean", log_target=True))
+    return _soft_hard(jsd, s, y)
+
+
+def tvd_eager(s, t, y):
+    p, q = F.softmax(t / T_KD, -1), F.softmax(s / T_KD, -1)
+    return _soft_hard(0.5 * (p - q).abs().sum(-1).mean(), s, y)
+
+
+def _divergence_augkd(divergence):
+    def run(s, t, y):
+        return ops.kd_loss(s, t, y, temperature=T_KD, alpha=ALPHA, divergence=divergence, reduction="batchmean")
+    return run
+
+
+DIVERGENCE_EAGER = {"reverse_kl": reverse_kl_eager, "jsd": jsd_eager, "tvd": tvd_eager}
+
+
+def divergence_cases() -> list[Case]:
+    """kd_loss with divergence="reverse_kl" / "jsd" / "tvd" (op name kd_loss-<divergence>) against the plain
+    formulas, eager and compiled (the "kl" case is kd_loss itself)."""
+    return [Case(f"kd_loss-{name}", shape, _kd_inputs(*shape), _with_compile(eager, _divergence_augkd(name)),
+                 shape[0] * shape[1])
+            for name, eager in DIVERGENCE_EAGER.items() for shape in [(4096, 1000), (512, 32000)]]
+
+
 def all_cases(*, gpu: bool = False) -> list[Case]:
     kd_extra = {"liger": kd_liger} if gpu else None
     kd_shapes = [(4096, 1000), (512, 32000), (64, 31), (16, 131072)]
@@ -267,7 +309,7 @@ def all_cases(*, gpu: bool = False) -> list[Case]:
     shape = (2048, 3, 32, 32)
     cases.append(Case("pixel_mixup", shape, _pixel_inputs(shape), _mixup_providers(pixel_eager, pixel_augkd, gpu),
                       2048 * 3 * 32 * 32))
-    return cases + llm_cases(gpu=gpu)
+    return cases + divergence_cases() + llm_cases(gpu=gpu)
 
 
 def step(case_inputs: dict, formula: Callable) -> None:

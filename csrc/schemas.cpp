@@ -57,3 +57,16 @@ TORCH_LIBRARY_FRAGMENT(augkd, m) {
 #endif
   });
 }
+
+// The KD divergence family (docs/ops-design.md, "KD divergences"): divergence 0 kl, 1 reverse_kl, 2 jsd (beta
+// weights the teacher in the mixture), 3 tvd. The backward takes the gradient on each row's divergence D and on
+// its CE (stats columns 5 and 6), so the per-row parts the front-end returns are differentiable too.
+TORCH_LIBRARY_FRAGMENT(augkd, m) {
+  m.def(
+      "kd_divergence_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+      "int ignore_index, bool t2_scale, int divergence, float beta) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "kd_divergence_bwd(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor teacher, Tensor? target, "
+      "Tensor stats, float temperature, int ignore_index, int divergence, float beta, bool student_grad, "
+      "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+}

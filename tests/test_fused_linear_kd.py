@@ -228,7 +228,7 @@ def test_auto_chunk_rows():
     (dict(temperature=0.0), "temperature"),
     (dict(alpha=1.5), "alpha"),
     (dict(reduction="avg"), "reduction"),
-    (dict(divergence="jsd"), "divergence"),
+    (dict(divergence="js"), "divergence"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(target=torch.tensor([0, 1, 7, 2, 3])), r"fused_linear_kd_loss: target holds token id 7, outside \[0, 7\)"),
     (dict(student_weight=torch.randn(7, 5, dtype=torch.float64)), "same dtype"),

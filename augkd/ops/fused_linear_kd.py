@@ -19,11 +19,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _checks
+from .kd_divergence import divergence_code
 from .kd_loss import kd_loss
 
 OP = "fused_linear_kd_loss"
 REDUCTIONS = ("none", "sum", "mean", "token_mean", "batchmean")
-DIVERGENCES = ("kl",)
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")  # as kd_loss (docs/ops-design.md, section 6)
 
 # One chunk's fp32 logits take at most this many bytes (a chunk holds about 3 such buffers at a time: student
 # and teacher logits, the gradient of the student logits), unless that is fewer than MIN_CHUNK_ROWS rows.
@@ -51,6 +52,8 @@ class _Config:
     alpha: float
     ignore_index: int
     t2_scale: bool
+    divergence: str
+    beta: float
     reduction: str
     chunk: int
     acc: torch.dtype
@@ -189,7 +192,7 @@ def _sweep(cfg: _Config, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad):
             zs = student.logits(lo, hi).requires_grad_(student.wants_grad)
             zt = teacher.logits(lo, hi).requires_grad_(teacher.wants_grad)
             loss = kd_loss(zs, zt, y, temperature=cfg.temperature, alpha=cfg.alpha, ignore_index=cfg.ignore_index,
-                           reduction="none", t2_scale=cfg.t2_scale)
+                           reduction="none", t2_scale=cfg.t2_scale, divergence=cfg.divergence, beta=cfg.beta)
             leaves = [z for z in (zs, zt) if z.requires_grad]
             if leaves:
                 g_rows = row_grad[lo:hi] if row_grad.dim() else row_grad.expand(hi - lo)
@@ -263,7 +266,7 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                          temperature: float = 1.0, alpha: float = 1.0, divergence: str = "kl",
                          ignore_index: int = -100, reduction: str = "batchmean", t2_scale: bool = True,
-                         chunk_size: Optional[int] = None) -> torch.Tensor:
+                         chunk_size: Optional[int] = None, beta: float = 0.5) -> torch.Tensor:
     """KD loss of two linear heads (language-model heads) without holding their N x V logits.
 
     With s = student_input @ student_weight.T + student_bias and t = teacher_input @ teacher_weight.T +
@@ -283,7 +286,8 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
         target: (N,) or (B, T) token ids, or None (then alpha must be 1).
         student_bias, teacher_bias: optional (V,).
         temperature, alpha, t2_scale: as in :func:`kd_loss`.
-        divergence: ``"kl"`` (KL(teacher || student)).
+        divergence, beta: the soft term, as in :func:`kd_loss`: ``"kl"`` (KL(teacher || student)),
+            ``"reverse_kl"``, ``"jsd"`` (TRL's generalized JSD with the teacher weighted by beta) or ``"tvd"``.
         ignore_index: target value of rows to skip.
         reduction: ``"none"`` (per row, shape of the leading dims), ``"sum"``, ``"mean"`` / ``"token_mean"``
             (sum / number of rows not ignored; all rows without a target), ``"batchmean"`` (sum /
@@ -313,8 +317,13 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
     tensors = (student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
     grad_on = torch.is_grad_enabled()
     want = tuple(bool(grad_on and t is not None and t.requires_grad) for t in tensors)
-    cfg = _Config(temperature, alpha, int(ignore_index), bool(t2_scale), reduction, int(min(chunk, max(n, 1))),
+    _, beta = divergence_code(OP, divergence, beta)
+    cfg = _Config(temperature, alpha, int(ignore_index), bool(t2_scale), divergence, beta, reduction, int(min(chunk, max(n, 1))),
                   acc, want)
+    if torch.compiler.is_compiling():  # the sweep as an opaque op: no graph break
+        out = _compiled.call(x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias, flat_target, cfg,
+                             student_input.shape[0] if student_input.dim() else 0)
+        return out.reshape(lead) if reduction == "none" else out
     if not any(want):
         rows, _ = _sweep(cfg, x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias, flat_target,
                          None)
@@ -336,7 +345,7 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "kl",
                  ignore_index: int = -100, reduction: str = "batchmean", t2_scale: bool = True,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, beta: float = 0.5):
         super().__init__()
         name = "FusedLinearKDLoss"
         _checks.positive_float(name, "temperature", temperature)
@@ -345,6 +354,7 @@ class FusedLinearKDLoss(nn.Module):
         _checks.choice(name, "reduction", reduction, REDUCTIONS)
         self.temperature, self.alpha, self.divergence = float(temperature), float(alpha), divergence
         self.ignore_index, self.reduction, self.t2_scale, self.chunk_size = ignore_index, reduction, t2_scale, chunk_size
+        self.beta = divergence_code(name, divergence, beta)[1]
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
                 student_bias=None, teacher_bias=None):
@@ -352,8 +362,11 @@ class FusedLinearKDLoss(nn.Module):
                                     student_bias=student_bias, teacher_bias=teacher_bias,
                                     temperature=self.temperature, alpha=self.alpha, divergence=self.divergence,
                                     ignore_index=self.ignore_index, reduction=self.reduction,
-                                    t2_scale=self.t2_scale, chunk_size=self.chunk_size)
+                                    t2_scale=self.t2_scale, chunk_size=self.chunk_size, beta=self.beta)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}")
+
+
+from . import fused_linear_kd_compile as _compiled  # noqa: E402  (it builds on the definitions above)

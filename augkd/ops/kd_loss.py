@@ -11,7 +11,7 @@ except ImportError:
     np = None
 from torch import nn
 
-from . import _checks, _registration, backends, reference
+from . import _checks, _registration, backends, kd_divergence, reference
 from .specs.kd_loss import KD_STATS_LSE_T
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "token_mean")
@@ -114,7 +114,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
             temperature: float | torch.Tensor = 1.0, alpha: float | torch.Tensor = 1.0,
             sample_weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "batchmean",
             t2_scale: bool = True, teacher_format: str = "logits", return_teacher_energy: bool = False,
-            weight: torch.Tensor | None = None):
+            weight: torch.Tensor | None = None, divergence: str = "kl", beta: float = 0.5,
+            return_parts: bool = False):
     """Knowledge-distillation loss, fused.
 
     Per row i (the last dimension holds the C classes; leading dimensions are rows)::
@@ -150,13 +151,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
             the same pass (meaningful for ``"logits"``; differentiable).
         weight: the former name of ``sample_weight``, still accepted when its shape cannot be mistaken
             for torch's per-class weight (refused when rows == classes for (B, C) logits).
+        divergence: the soft term D(teacher p, student q), p = softmax(t / T), q = softmax(s / T), in place of
+            KL above (docs/ops-design.md, "KD divergences"): ``"kl"`` KL(p || q); ``"reverse_kl"`` KL(q || p);
+            ``"jsd"`` the generalized Jensen-Shannon divergence of TRL's ``generalized_jsd_loss``,
+            beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q, where beta = 0 is
+            KL(p || q) and beta = 1 is KL(q || p) as in TRL (the mixture formula would be 0 there);
+            ``"tvd"`` 1/2 sum |p - q|. The T^2 factor (``t2_scale``) applies to every divergence (TRL and
+            Liger do not scale: pass ``t2_scale=False`` to match them). Gradients flow into both logits.
+        beta: the teacher's weight in the JSD mixture, in [0, 1] (only read for ``"jsd"``).
+        return_parts: also return the soft and hard terms, each weighted and reduced like the loss:
+            soft = c * D (c = T^2 with t2_scale), hard = CE (0 without a target), so that
+            loss = alpha * soft + (1 - alpha) * hard (Liger's ``return_soft_hard_loss``); both differentiable.
 
     Returns:
         The loss (fp32; fp64 when an input is fp64): a scalar, or per row for ``"none"``; with
-        ``return_teacher_energy`` a pair ``(loss, energy)``.
+        ``return_teacher_energy`` a pair ``(loss, energy)``; with ``return_parts`` a triple
+        ``(loss, soft, hard)``.
     """
     temperature, alpha = _validate(student_logits, teacher_logits, target, temperature, alpha, reduction,
                                    teacher_format)
+    code, beta = kd_divergence.divergence_code(OP, divergence, beta)
+    # the divergence op serves every divergence but today's KL, and KL when the parts are asked for
+    use_divergence_op = divergence != "kl" or bool(return_parts)
+    if use_divergence_op and return_teacher_energy:
+        raise ValueError(f"{OP}: return_teacher_energy needs divergence='kl' and return_parts=False")
     lead = student_logits.shape[:-1]
     classes = student_logits.shape[-1]
     row_weights = _row_weights(weight, sample_weight, lead, classes, student_logits.device)
@@ -175,6 +193,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     if flat_target is not None and (backend != "cpu" or outside_int64):
         _check_labels(flat_target, classes, None if outside_int64 else kernel_ignore, ignore_index)
     fmt = reference.TEACHER_FORMATS[teacher_format]
+    if use_divergence_op:
+        # log-probabilities are logits to softmax; probabilities become their logs (0 -> -inf, an absent class)
+        teacher = reference._teacher_logits(teacher, fmt)
+        parts = kd_divergence.per_row(backend, student, teacher, flat_target, temperature, alpha, kernel_ignore,
+                                      bool(t2_scale), code, beta)
+        if row_weights is not None:
+            parts = tuple(r * row_weights.reshape(-1).to(r.dtype) for r in parts)
+        reduced = tuple(_reduce(r, lead, reduction, flat_target, kernel_ignore) for r in parts)
+        return reduced if return_parts else reduced[0]
     rows, lse_t = _per_row(backend, student, teacher, flat_target, temperature, alpha, kernel_ignore,
                            bool(t2_scale), fmt, return_teacher_energy)
     if row_weights is not None:

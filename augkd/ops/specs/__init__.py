@@ -18,6 +18,7 @@ FAMILIES = (
     "latent_mixup",
     "pixel_mixup",
     "topk_kd_loss",
+    "kd_divergence",
 )
 
 SPECS: dict[str, OpSpec] = {family: importlib.import_module(f"{__name__}.{family}").SPEC for family in FAMILIES}

@@ -18,7 +18,7 @@ INTERPRET = False  # TRITON_INTERPRET=1: kernels run in the interpreter, on CPU 
 try:
     import torch
 
-    from . import kd_loss, mixup, topk_kd_loss, uncertainty  # noqa: F401  (registers the ops)
+    from . import kd_divergence, kd_loss, mixup, topk_kd_loss, uncertainty  # noqa: F401  (registers the ops)
     from ._common import INTERPRET
 
     OPS = {name: getattr(torch.ops.augkd_triton, name) for name in OP_NAMES}
