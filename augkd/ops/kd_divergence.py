@@ -8,12 +8,9 @@ the parts; its backward takes a gradient on each, so the parts are differentiabl
 
 from __future__ import annotations
 
-import torch
-
 from . import _checks, _registration, backends
 from .divergence_reference import DIVERGENCES, kd_divergence_rows
 from .specs.kd_divergence import STATS_CE, STATS_D
-
 
 
 def divergence_code(op: str, divergence, beta) -> tuple[int, float]:

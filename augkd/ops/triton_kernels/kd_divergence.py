@@ -205,10 +205,8 @@ def _div_fwd_kernel(
         d = tl.sum(acc_d, axis=0)
         ce = zero
         if NEED1:
-            lse1 = m_1 + tl.log(d_1)
             ld1 = tl.log(d_1)
         else:
-            lse1 = m_s + log_ds
             m_1 = m_s
             ld1 = log_ds
         if HAS_TARGET:
