@@ -89,3 +89,37 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     assert _compare(tmp_path / "x", 0) == 2
     assert "--jobs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_stage_lock_makes_a_second_holder_wait_and_cleans_temporaries(tmp_path):
+    """Two holders of one shared stage directory (separate opens, as two processes have): the second
+    enters only after the first has left; the holder removes a killed writer's temporaries."""
+    import logging
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from augkd.distributed import Dist
+    from augkd.method import stage_lock
+
+    d = tmp_path / "cache" / "df-abc"
+    d.mkdir(parents=True)
+    (d / ".tmp-left-by-a-kill.pt").write_bytes(b"half")
+    ctx = SimpleNamespace(stage_dirs={"df": str(d)}, dist=Dist(), log=logging.getLogger("test-stage-lock"))
+    events = []
+
+    def second():
+        with stage_lock.holding(ctx, "df"):
+            events.append("second in")
+
+    with stage_lock.holding(ctx, "df"):
+        assert not (d / ".tmp-left-by-a-kill.pt").exists()
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.5)
+        events.append("first out")
+    t.join(10)
+    assert events == ["first out", "second in"]
+    with stage_lock.holding(ctx, "teacher"):  # not a shared stage here: no lock, nothing touched
+        pass
+    assert not (tmp_path / "cache" / "teacher").exists()
