@@ -166,8 +166,8 @@ def cmd_compare(args, user) -> int:
     from .compare import run_compare
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("compare runs its methods one after another in one process; launch it without "
-                          "torchrun (torchrun works with `augkd run` and `augkd train-teacher`)")
+        raise ConfigError("compare runs its methods in this process or in its own worker processes (--jobs); "
+                          "launch it without torchrun (torchrun works with `augkd run` and `augkd train-teacher`)")
     methods: list[str] = []
     for item in args.methods or [",".join(METHODS)]:
         methods.extend(m.strip() for m in item.split(",") if m.strip())
