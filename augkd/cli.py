@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-teacher", dest="teacher_per_seed", action="store_false",
                    help="train the teacher once (first seed) and use it for every seed")
     p.add_argument("--resume", action="store_true", help="continue in-progress stages in --out")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs (seed, method) at once, each in its own process with cores/N torch threads unless "
+                        "threads= is set (default 1: one after another in this process)")
     return parser
 
 
@@ -151,6 +154,11 @@ def cmd_run(args, user) -> int:
         f"Acc@5 {100 * t['acc5']:.1f}%  | teacher on student test {100 * s['teacher']['student_test']['acc']:.1f}%  "
         f"| {time.perf_counter() - t0:.0f} s  | {out}"
     )
+    diag = s["stages"].get("anchor", {}).get("diagnostics")
+    if diag:
+        from .method.anchor_diagnostics import headline
+
+        print(headline(diag))
     return 0
 
 
@@ -158,8 +166,8 @@ def cmd_compare(args, user) -> int:
     from .compare import run_compare
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("compare runs its methods one after another in one process; launch it without "
-                          "torchrun (torchrun works with `augkd run` and `augkd train-teacher`)")
+        raise ConfigError("compare runs its methods in this process or in its own worker processes (--jobs); "
+                          "launch it without torchrun (torchrun works with `augkd run` and `augkd train-teacher`)")
     methods: list[str] = []
     for item in args.methods or [",".join(METHODS)]:
         methods.extend(m.strip() for m in item.split(",") if m.strip())
@@ -168,13 +176,15 @@ def cmd_compare(args, user) -> int:
         raise ConfigError(f"--methods: unknown {', '.join(bad)}; expected some of {', '.join(METHODS)}")
     if args.seeds < 1:
         raise ConfigError("--seeds: expected at least 1")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: expected at least 1 process, got {args.jobs}")
     user.pop("method", None)
     base_seed = int(user.pop("seed", 0))
     cfg = build_config(user)  # validates the shared keys once, up front
     out = args.out or default_out("compare", cfg)
     table = run_compare(
         user, methods, [base_seed + i for i in range(args.seeds)], out,
-        quiet=args.quiet, resume=args.resume, teacher_per_seed=args.teacher_per_seed,
+        quiet=args.quiet, resume=args.resume, teacher_per_seed=args.teacher_per_seed, jobs=args.jobs,
     )
     print(table)
     return 0

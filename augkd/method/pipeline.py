@@ -25,8 +25,8 @@ from .. import models
 from ..config import ConfigError
 from ..errors import CheckpointError, ConfigMismatch
 from ..report import plot_curves, read_json, write_csv, write_json
+from . import anchor_diagnostics, digests, stage_lock
 from . import checkpoint as ckpt
-from . import digests
 from .anchor import run_anchor
 from .context import Context
 from .data_free import run_data_free
@@ -112,6 +112,19 @@ class TeacherArtefact:
 
 
 def restore_or_train(
+    ctx: Context,
+    artefact,
+    modules: dict[str, nn.Module],
+    train: Callable[[], tuple[dict[str, dict], dict]],
+    *,
+    frozen: tuple[str, ...] = (),
+) -> dict:
+    # A shared stage (compare's cache) is looked for, trained and written under its lock (stage_lock.py).
+    with stage_lock.holding(ctx, artefact.stage):
+        return _restore_or_train(ctx, artefact, modules, train, frozen=frozen)
+
+
+def _restore_or_train(
     ctx: Context,
     artefact,
     modules: dict[str, nn.Module],
@@ -226,11 +239,6 @@ def _log_anchor(ctx: Context, info: dict) -> None:
         info["best_epoch"] + 1, 100 * r["anchored_teacher_acc"], 100 * r["decoded_teacher_acc"], r["anchored_energy"],
         r["decoded_energy"], r["anchored_max_share"], r["val_mask_mass"], ctx.cfg.df.latent_size,
     )
-    if r["anchored_max_share"] > 0.5:
-        ctx.log.warning(
-            "Module 2: the teacher's predictions on anchor images collapse onto one class (share %.2f)",
-            r["anchored_max_share"],
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,10 +389,13 @@ def stage_anchor(ctx: Context, nets: Nets) -> dict:
 
     info = finished_stage(ctx, FinalArtefact(ctx, "anchor"), {"anchor": A}, train, frozen=("anchor",))
     _log_anchor(ctx, info)
+    info = {**info, "diagnostics": anchor_diagnostics.measure(ctx, teacher, G, E, A)}  # every run, also a cached stage
+    anchor_diagnostics.report(ctx, info["diagnostics"])
     if ctx.cfg.plots and ctx.dist.is_main:
         plot_anchor(ctx, os.path.join(ctx.run_dir, "plots", "anchor.png"), G, E, A, teacher)
+        anchor_diagnostics.plot_classes(ctx, os.path.join(ctx.run_dir, "plots", "anchor_classes.png"), G, E, A, teacher)
     nets.anchor = A
-    return {"anchor": _stage_summary(info)}
+    return {"anchor": {**_stage_summary(info), "diagnostics": info["diagnostics"]}}
 
 
 def stage_mixup(ctx: Context, nets: Nets) -> dict:

@@ -246,9 +246,10 @@ def _prepare_locked(cfg, run_dir, cfg_path, *, quiet, resume, stage_dirs, allow_
     if fresh_resume:
         log.warning("--resume: %s holds no earlier run (no config.json); starting a fresh run there", run_dir)
     if dist.is_main:
-        # Temporaries of a killed writer: safe to delete now that this run holds the directory.
+        # Temporaries of a killed writer: safe to delete now that this run holds the directory. Shared
+        # stage directories (compare's cache) are cleaned by the holder of their own lock (stage_lock.py).
         stale = []
-        for d in [os.path.join(run_dir, sub) for sub in ("", "metrics", "checkpoints", "plots")] + list((stage_dirs or {}).values()):
+        for d in [os.path.join(run_dir, sub) for sub in ("", "metrics", "checkpoints", "plots")]:
             stale += remove_stale_temporaries(d)
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
