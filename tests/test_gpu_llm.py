@@ -12,7 +12,8 @@ import torch
 import augkd.ops as ops
 from augkd.ops import use_backend
 
-from .test_gpu import _close, _ready  # the GPU backends' tolerances, one table for every GPU test
+from .matrix import assert_close as _close  # the shared tolerance table of every backend test
+from .test_gpu import _ready
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
 
