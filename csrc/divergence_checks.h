@@ -23,16 +23,9 @@ inline void check_divergence_bwd(const at::Tensor& grad_div, const at::Tensor& g
                                  const at::Tensor& stats, double temperature, int64_t divergence, double beta) {
   const char* op = "kd_divergence_bwd";
   check_divergence_inputs(op, student, teacher, target, temperature, divergence, beta);
-  const int64_t rows = student.size(0);
-  const auto row = row_dtype(student.scalar_type());
-  check_row_vector(op, "grad_div", grad_div, rows, row, "student", student);
-  check_row_vector(op, "grad_ce", grad_ce, rows, row, "student", student);
-  TORCH_CHECK(stats.defined() && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == div::kStats, op,
-              ": stats must have shape (", rows, ", ", static_cast<int>(div::kStats),
-              ") (the forward's per-row statistics), got ", stats.defined() ? shape_str(stats.sizes()) : "undefined");
-  check_dtype(op, "stats", stats, row);
-  check_same_device(op, "stats", stats, "student", student);
-  check_contiguous(op, "stats", stats);
+  check_row_grad(op, "grad_div", grad_div, student);
+  check_row_grad(op, "grad_ce", grad_ce, student);
+  check_row_stats(op, stats, student, div::kStats, "the forward's per-row statistics");
 }
 
 }  // namespace augkd::checks

@@ -119,6 +119,24 @@ inline void check_class_matrix(const char* op, const char* name, const at::Tenso
   check_contiguous(op, name, x);
 }
 
+// A per-row gradient a backward takes: a (rows,) vector in student's row dtype, on its device, contiguous.
+inline void check_row_grad(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& student) {
+  check_row_vector(op, name, grad, student.size(0), row_dtype(student.scalar_type()), "student", student);
+}
+
+// The forward's per-row statistics a backward takes back: a (rows, width) matrix in student's row dtype, on
+// its device, contiguous; `what` says what the columns hold.
+inline void check_row_stats(const char* op, const at::Tensor& stats, const at::Tensor& student, int64_t width,
+                            const char* what) {
+  const int64_t rows = student.size(0);
+  TORCH_CHECK(stats.defined(), op, ": stats must be a defined tensor");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == width, op, ": stats must have shape (",
+              rows, ", ", width, ") (", what, "), got ", shape_str(stats.sizes()));
+  check_dtype(op, "stats", stats, row_dtype(student.scalar_type()));
+  check_same_device(op, "stats", stats, "student", student);
+  check_contiguous(op, "stats", stats);
+}
+
 inline void check_temperature(const char* op, double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
               ": temperature must be a finite number > 0, got ", temperature);
@@ -175,18 +193,10 @@ inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& gra
                               const at::Tensor& stats, double temperature, double alpha, int64_t teacher_format) {
   const char* op = "kd_loss_bwd";
   check_kd_loss_inputs(op, student, teacher, target, temperature, alpha, teacher_format);
-  const int64_t rows = student.size(0);
-  const auto rdt = row_dtype(student.scalar_type());
-  check_row_vector(op, "grad_loss", grad_loss, rows, rdt, "student", student);
-  check_row_vector(op, "grad_lse_t", grad_lse_t, rows, rdt, "student", student);
-  TORCH_CHECK(stats.defined(), op, ": stats must be a defined tensor");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kKdStats, op,
-              ": stats must have shape (", rows, ", ", kKdStats,
-              ") ([M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd), got ",
-              shape_str(stats.sizes()));
-  check_dtype(op, "stats", stats, rdt);
-  check_same_device(op, "stats", stats, "student", student);
-  check_contiguous(op, "stats", stats);
+  check_row_grad(op, "grad_loss", grad_loss, student);
+  check_row_grad(op, "grad_lse_t", grad_lse_t, student);
+  check_row_stats(op, stats, student, kKdStats,
+                  "[M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd");
 }
 
 // ---------------------------------------------------------------------------------------------------------

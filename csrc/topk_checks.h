@@ -50,17 +50,6 @@ inline void check_topk_indices(const char* op, const at::Tensor& indices, int64_
   }
 }
 
-inline void check_topk_stats(const char* op, const at::Tensor& stats, const at::Tensor& student) {
-  const int64_t rows = student.size(0);
-  TORCH_CHECK(stats.defined(), op, ": stats must be a defined tensor");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == topk::kStats, op,
-              ": stats must have shape (", rows, ", ", static_cast<int>(topk::kStats),
-              ") (the forward's per-row statistics), got ", shape_str(stats.sizes()));
-  check_dtype(op, "stats", stats, row_dtype(student.scalar_type()));
-  check_same_device(op, "stats", stats, "student", student);
-  check_contiguous(op, "stats", stats);
-}
-
 // Everything the backward checks, for the CPU and CUDA launchers alike.
 inline void check_topk_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
                                    const at::Tensor& values, const std::optional<at::Tensor>& target,
@@ -68,9 +57,8 @@ inline void check_topk_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor
                                    int64_t tail, int64_t divergence) {
   const char* op = "topk_kd_loss_bwd";
   check_topk_inputs(op, student, indices, values, target, temperature, alpha, values_format, tail, divergence);
-  check_topk_stats(op, stats, student);
-  check_row_vector(op, "grad_loss", grad_loss, student.size(0), row_dtype(student.scalar_type()), "student",
-                   student);
+  check_row_stats(op, stats, student, topk::kStats, "the forward's per-row statistics");
+  check_row_grad(op, "grad_loss", grad_loss, student);
 }
 
 }  // namespace augkd::checks

@@ -104,31 +104,24 @@ struct DivFwdParams {
 };
 
 // Sweep 1 over a row's range: per vector the maxima first, then the sums from those maxima.
+constexpr int kDivUnroll = 2;
+
+// The visitors read the student row as x and the teacher row as y (RowVisitor, kernels/load_store.cuh).
 template <typename T, bool NEED1>
-struct DivStatsVisitor {
+struct DivStatsVisitor : RowVisitor<T, DivFwdParams<T>, DivState<acc_type<T>, NEED1>, kDivUnroll, 2> {
   using A = acc_type<T>;
   using O = DivOps<A>;
-  const T* __restrict__ s_row;
-  const T* __restrict__ t_row;
   A inv_t;
   DivState<A, NEED1> st;
 
-  template <int N>
-  struct Regs {
-    A s[N], t[N];
-  };
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-    load_n<N>(t_row + j, r.t);
-  }
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
     A ms = neg_inf<A>(), mt = neg_inf<A>();
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      ms = max_(ms, r.s[k]);
-      mt = max_(mt, r.t[k]);
+      ms = max_(ms, r.x[k]);
+      mt = max_(mt, r.y[k]);
     }
     const A M_s = max_(st.m_s, ms * inv_t), M_t = max_(st.m_t, mt * inv_t);
     const A M_1 = NEED1 ? max_(st.m_1, ms) : st.m_1;
@@ -136,12 +129,12 @@ struct DivStatsVisitor {
     const A cs = center_(st.m_s), ct = center_(st.m_t), c1 = center_(st.m_1);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A a = r.s[k] * inv_t - cs, b = r.t[k] * inv_t - ct;
+      const A a = r.x[k] * inv_t - cs, b = r.y[k] * inv_t - ct;
       const A ea = exp_(a), eb = exp_(b);
       st.d_s += ea;
       st.d_t += eb;
       st.gap += div::gap_term<O, A>(ea, eb, div::log_ratio<O, A>(a, b));
-      if constexpr (NEED1) st.d_1 += exp_(r.s[k] - c1);
+      if constexpr (NEED1) st.d_1 += exp_(r.x[k] - c1);
     }
   }
 };
@@ -160,36 +153,25 @@ struct DivRow {
 };
 
 template <typename T, int DIV>
-struct DivSumsVisitor {
+struct DivSumsVisitor : RowVisitor<T, DivFwdParams<T>, DivSums<acc_type<T>>, kDivUnroll, 2> {
   using A = acc_type<T>;
   using O = DivOps<A>;
-  const T* __restrict__ s_row;
-  const T* __restrict__ t_row;
   DivRow<A> row;
   A beta;
   DivSums<A> sums;
 
-  template <int N>
-  struct Regs {
-    A s[N], t[N];
-  };
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-    load_n<N>(t_row + j, r.t);
-  }
-  template <int N>
-  AUGKD_HD void apply(int64_t, const Regs<N>& r) {
+  template <typename R>
+  AUGKD_HD void apply(int64_t, const R& r) {
+    constexpr int N = R::kN;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       A q, p, rho;
-      row.template at<O>(r.s[k], r.t[k], q, p, rho);
+      row.template at<O>(r.x[k], r.y[k], q, p, rho);
       div::forward_terms<O, A, DIV>(q, p, rho, beta, sums.d, sums.ss, sums.st);
     }
   }
 };
 
-constexpr int kDivUnroll = 2;
 constexpr int kDivThreads = 256;
 
 // One block per row (rows loop by gridDim.x): sweep 1, a block reduction, sweep 2, a block reduction, and
@@ -210,7 +192,7 @@ __global__ void __launch_bounds__(kDivThreads) kd_divergence_fwd_kernel(const Di
       if (threadIdx.x == 0) p.loss[row] = A(0);
       continue;
     }
-    DivStatsVisitor<T, NEED1> v1{s_row, t_row, p.inv_t, DivState<A, NEED1>::identity()};
+    DivStatsVisitor<T, NEED1> v1{{s_row, t_row}, p.inv_t, DivState<A, NEED1>::identity()};
     sweep_range<kVec<T>, kDivUnroll>(s_row, 0, p.cols, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
                                      v1);
     const DivState<A, NEED1> st = block_reduce(v1.st, smem1);
@@ -226,7 +208,7 @@ __global__ void __launch_bounds__(kDivThreads) kd_divergence_fwd_kernel(const Di
     __syncthreads();
     const DivRow<A> r{p.inv_t, center_(shared_row[0]), center_(shared_row[2]), shared_row[1], shared_row[3],
                       shared_row[4]};
-    DivSumsVisitor<T, DIV> v2{s_row, t_row, r, p.beta, DivSums<A>::identity()};
+    DivSumsVisitor<T, DIV> v2{{s_row, t_row}, r, p.beta, DivSums<A>::identity()};
     sweep_range<kVec<T>, kDivUnroll>(s_row, 0, p.cols, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
                                      v2);
     const DivSums<A> sums = block_reduce(v2.sums, smem2);
@@ -272,28 +254,18 @@ struct DivBwdParams {
 };
 
 template <typename T, int DIV>
-struct DivBwdVisitor {
+struct DivBwdVisitor : RowVisitor<T, DivBwdParams<T>, void, kDivUnroll, 2> {
   using A = acc_type<T>;
   using O = DivOps<A>;
-  const T* __restrict__ s_row;
-  const T* __restrict__ t_row;
   T* __restrict__ gs_row;
   T* __restrict__ gt_row;
   DivRow<A> row;
   A beta, d, ss, st, kd, kc, m_1, log_d1;
   int64_t y;
 
-  template <int N>
-  struct Regs {
-    A s[N], t[N];
-  };
-  template <int N>
-  AUGKD_HD void load(int64_t j, Regs<N>& r) const {
-    load_n<N>(s_row + j, r.s);
-    load_n<N>(t_row + j, r.t);
-  }
-  template <int N>
-  AUGKD_HD void apply(int64_t j, const Regs<N>& r) const {
+  template <typename R>
+  AUGKD_HD void apply(int64_t j, const R& r) const {
+    constexpr int N = R::kN;
     A gs[N], gt[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -301,13 +273,13 @@ struct DivBwdVisitor {
       gt[k] = A(0);
       if (kd != A(0)) {  // a gradient weight of exactly 0 leaves its term out (no 0 * inf)
         A q, p, rho, du, dv;
-        row.template at<O>(r.s[k], r.t[k], q, p, rho);
+        row.template at<O>(r.x[k], r.y[k], q, p, rho);
         div::class_grads<O, A, DIV>(q, p, rho, beta, d, ss, st, du, dv);
         gs[k] = kd * du;
         gt[k] = kd * dv;
       }
       if (kc != A(0)) {
-        const A p1 = exp_((r.s[k] - m_1) - log_d1);
+        const A p1 = exp_((r.x[k] - m_1) - log_d1);
         gs[k] += kc * (j + k == y ? p1 - A(1) : p1);
       }
     }
@@ -328,8 +300,7 @@ __global__ void __launch_bounds__(kTileThreads) kd_divergence_bwd_kernel(const D
     const bool ignored = p.target != nullptr && y == p.ignore_index;
     const bool bad = p.target != nullptr && !ignored && (y < 0 || y >= p.cols);
     const A nan = quiet_nan<A>();
-    DivBwdVisitor<T, DIV> v{p.student + row * p.cols,
-                            p.teacher + row * p.cols,
+    DivBwdVisitor<T, DIV> v{{p.student + row * p.cols, p.teacher + row * p.cols},
                             p.grad_s != nullptr ? p.grad_s + row * p.cols : nullptr,
                             p.grad_t != nullptr ? p.grad_t + row * p.cols : nullptr,
                             DivRow<A>{p.inv_t, center_(st[div::kMs]), center_(st[div::kMt]), st[div::kLogDs],
@@ -343,7 +314,7 @@ __global__ void __launch_bounds__(kTileThreads) kd_divergence_bwd_kernel(const D
                             st[div::kM1],
                             st[div::kLogD1],
                             y};
-    sweep_range<kVec<T>, kDivUnroll>(v.s_row, begin, end, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
+    sweep_range<kVec<T>, kDivUnroll>(v.x_row, begin, end, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
                                      v);
   }
 }

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define AUGKD_DIV_HD __host__ __device__ __forceinline__
@@ -42,6 +43,17 @@ constexpr int kTVD = 3;
 constexpr int kMs = 0, kLogDs = 1, kMt = 2, kLogDt = 3, kL = 4, kD = 5, kCE = 6, kSs = 7, kSt = 8, kM1 = 9,
               kLogD1 = 10;
 constexpr int kStats = 11;
+
+// Host side: f(std::integral_constant<int, code>{}) for a runtime divergence code (one instantiation each).
+template <typename F>
+void with_divergence(int64_t code, F&& f) {
+  switch (code) {
+    case kKL: f(std::integral_constant<int, kKL>{}); break;
+    case kReverseKL: f(std::integral_constant<int, kReverseKL>{}); break;
+    case kJSD: f(std::integral_constant<int, kJSD>{}); break;
+    default: f(std::integral_constant<int, kTVD>{}); break;
+  }
+}
 
 // |x| at or below which k and j come from their series (all terms of one sign, nothing cancels); fp32 sums
 // to x^9, fp64 to x^19 (the next term is under one rounding at |x| = kSeriesMax).

@@ -119,19 +119,6 @@ def restore_or_train(
     *,
     frozen: tuple[str, ...] = (),
 ) -> dict:
-    # A shared stage (compare's cache) is looked for, trained and written under its lock (stage_lock.py).
-    with stage_lock.holding(ctx, artefact.stage):
-        return _restore_or_train(ctx, artefact, modules, train, frozen=frozen)
-
-
-def _restore_or_train(
-    ctx: Context,
-    artefact,
-    modules: dict[str, nn.Module],
-    train: Callable[[], tuple[dict[str, dict], dict]],
-    *,
-    frozen: tuple[str, ...] = (),
-) -> dict:
     """Load ``artefact`` into ``modules`` when it exists, else ``train()`` (-> states, info) and write it.
 
     Either way the modules leave in the same state, so a run that loads a stage (resume, ``compare``'s
@@ -140,33 +127,40 @@ def _restore_or_train(
     the stage recomputed (from its last per-epoch checkpoint when resuming); one made under another
     configuration is refused.
     """
-    info = None
-    if artefact.exists():
-        try:
-            states, info = artefact.read()
-            _check_fits(artefact.path, states, modules)  # before loading anything: no half-loaded module
-        except ConfigMismatch:
-            raise
-        except CheckpointError as err:
-            info = None
-            ctx.log.warning("%s; recomputing the %s stage", err, artefact.stage)
-        else:
-            for name, m in modules.items():
-                m.load_state_dict(states[name])
-            ctx.log.info("%s: reusing the finished stage in %s", artefact.stage, artefact.path)
-    if info is None:
-        states, info = train()
-        info = {**info, "config_digest": ctx.digests[artefact.stage]}
-        if ctx.dist.is_main:
-            artefact.write(states, info)
-        ctx.dist.barrier()  # on disk before any process looks for it
+    # A shared stage (compare's cache) is looked for, trained and written under its lock (stage_lock.py).
+    with stage_lock.holding(ctx, artefact.stage):
+        info = _restore(ctx, artefact, modules)
+        if info is None:
+            states, info = train()
+            info = {**info, "config_digest": ctx.digests[artefact.stage]}
+            if ctx.dist.is_main:
+                artefact.write(states, info)
+            ctx.dist.barrier()  # on disk before any process looks for it
+        for name, m in modules.items():
+            if name in frozen:
+                m.eval()
+                m.requires_grad_(False)
+            else:
+                m.train()
+                m.requires_grad_(True)
+        return info
+
+
+def _restore(ctx: Context, artefact, modules: dict[str, nn.Module]) -> dict | None:
+    """The info of ``artefact`` after loading it into ``modules``; None when it is missing or damaged."""
+    if not artefact.exists():
+        return None
+    try:
+        states, info = artefact.read()
+        _check_fits(artefact.path, states, modules)  # before loading anything: no half-loaded module
+    except ConfigMismatch:
+        raise
+    except CheckpointError as err:
+        ctx.log.warning("%s; recomputing the %s stage", err, artefact.stage)
+        return None
     for name, m in modules.items():
-        if name in frozen:
-            m.eval()
-            m.requires_grad_(False)
-        else:
-            m.train()
-            m.requires_grad_(True)
+        m.load_state_dict(states[name])
+    ctx.log.info("%s: reusing the finished stage in %s", artefact.stage, artefact.path)
     return info
 
 

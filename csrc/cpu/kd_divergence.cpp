@@ -14,7 +14,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -24,6 +23,8 @@
 
 #include "divergence_checks.h"
 #include "kd_divergence_math.h"
+#include "op_outputs.h"
+#include "op_register.h"
 
 namespace augkd::cpu {
 namespace {
@@ -91,17 +92,6 @@ struct ScalarOps {
   static bool or_(bool a, bool b) { return a || b; }
   static A sel(bool m, A a, A b) { return m ? a : b; }
 };
-
-// f(std::integral_constant<int, code>{}) for a runtime divergence code.
-template <typename F>
-void with_divergence(int64_t code, F&& f) {
-  switch (code) {
-    case div::kKL: f(std::integral_constant<int, div::kKL>{}); break;
-    case div::kReverseKL: f(std::integral_constant<int, div::kReverseKL>{}); break;
-    case div::kJSD: f(std::integral_constant<int, div::kJSD>{}); break;
-    default: f(std::integral_constant<int, div::kTVD>{}); break;
-  }
-}
 
 template <typename A>
 struct RowStats {
@@ -189,16 +179,11 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& stude
                                                          bool t2_scale, int64_t divergence, double beta) {
   checks::check_divergence_inputs("kd_divergence", student, teacher, target, temperature, divergence, beta);
   const int64_t B = student.size(0), C = student.size(1);
-  const auto row_opts = student.options().dtype(checks::row_dtype(student.scalar_type()));
-  at::Tensor loss = at::empty({B}, row_opts);
-  at::Tensor stats = at::empty({B, div::kStats}, row_opts);
-  const bool has_target = target.has_value() && target->defined();
-  const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
-  for (int64_t i = 0; has_target && i < B; ++i) {
-    const int64_t y = y_ptr[i];
-    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < C), "kd_divergence: target holds class index ", y,
-                      ", outside [0, ", C, ") (and not ignore_index=", ignore_index, ")");
-  }
+  at::Tensor loss = row_output(student, {B});
+  at::Tensor stats = row_output(student, {B, div::kStats});
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
+  checks::check_labels("kd_divergence", target, C, ignore_index);
   const bool need1 = has_target && temperature != 1.0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_divergence_fwd_cpu", [&] {
@@ -212,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& stude
     A* st_ptr = stats.mutable_data_ptr<A>();
     const A inv_t = static_cast<A>(1.0 / temperature), b = static_cast<A>(beta), a = static_cast<A>(alpha);
     const A c = static_cast<A>(t2_scale ? temperature * temperature : 1.0);
-    with_divergence(divergence, [&](auto code) {
+    div::with_divergence(divergence, [&](auto code) {
       constexpr int DIV = decltype(code)::value;
       with_bool(need1, [&](auto n1) {
         at::parallel_for(0, B, row_grain(2 * C), [&](int64_t begin, int64_t end) {
@@ -266,11 +251,11 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
                                                          bool student_grad, bool teacher_grad) {
   checks::check_divergence_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta);
   const int64_t B = student.size(0), C = student.size(1);
-  at::Tensor gs_out = student_grad ? new_output_like(student) : at::empty({0}, student.options());
-  at::Tensor gt_out = teacher_grad ? new_output_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor gs_out = student_grad ? new_output_like(student) : unused_grad(student);
+  at::Tensor gt_out = teacher_grad ? new_output_like(teacher) : unused_grad(teacher);
   if (!student_grad && !teacher_grad) return {gs_out, gt_out};
-  const bool has_target = target.has_value() && target->defined();
-  const int64_t* y_ptr = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_divergence_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -287,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
     const A inv_t = static_cast<A>(1.0 / temperature), b = static_cast<A>(beta);
     // the teacher's gradient as a template flag: without it, its per-class terms are not computed at all
     with_bool(teacher_grad, [&](auto want_t) {
-    with_divergence(divergence, [&](auto code) {
+    div::with_divergence(divergence, [&](auto code) {
       constexpr int DIV = decltype(code)::value;
       constexpr bool WT = decltype(want_t)::value;
       at::parallel_for(0, B, row_grain(2 * C), [&](int64_t begin, int64_t end) {
@@ -355,7 +340,4 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
 }  // namespace
 }  // namespace augkd::cpu
 
-TORCH_LIBRARY_IMPL(augkd, CPU, m) {
-  m.impl("kd_divergence_fwd", &augkd::cpu::kd_divergence_fwd_cpu);
-  m.impl("kd_divergence_bwd", &augkd::cpu::kd_divergence_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(augkd, CPU, m) { AUGKD_IMPL_FWD_BWD(m, kd_divergence, cpu); }

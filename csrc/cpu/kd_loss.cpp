@@ -32,7 +32,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -41,6 +40,7 @@
 
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_register.h"
 
 namespace augkd::cpu {
 namespace {
@@ -385,7 +385,4 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, 
 }  // namespace
 }  // namespace augkd::cpu
 
-TORCH_LIBRARY_IMPL(augkd, CPU, m) {
-  m.impl("kd_loss_fwd", &augkd::cpu::kd_loss_fwd_cpu);
-  m.impl("kd_loss_bwd", &augkd::cpu::kd_loss_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(augkd, CPU, m) { AUGKD_IMPL_FWD_BWD(m, kd_loss, cpu); }

@@ -16,7 +16,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -24,6 +23,7 @@
 
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_register.h"
 
 namespace augkd::cpu {
 namespace {
@@ -320,8 +320,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
 }  // namespace augkd::cpu
 
 TORCH_LIBRARY_IMPL(augkd, CPU, m) {
-  m.impl("latent_mixup_fwd", &augkd::cpu::latent_mixup_fwd_cpu);
-  m.impl("latent_mixup_bwd", &augkd::cpu::latent_mixup_bwd_cpu);
-  m.impl("pixel_mixup_fwd", &augkd::cpu::pixel_mixup_fwd_cpu);
-  m.impl("pixel_mixup_bwd", &augkd::cpu::pixel_mixup_bwd_cpu);
+  AUGKD_IMPL_FWD_BWD(m, latent_mixup, cpu);
+  AUGKD_IMPL_FWD_BWD(m, pixel_mixup, cpu);
 }

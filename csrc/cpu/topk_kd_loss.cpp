@@ -13,7 +13,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -21,6 +20,7 @@
 #include <tuple>
 
 #include "op_outputs.h"
+#include "op_register.h"
 #include "topk_checks.h"
 #include "topk_kd.h"
 
@@ -208,7 +208,4 @@ at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& s
 }  // namespace
 }  // namespace augkd::cpu
 
-TORCH_LIBRARY_IMPL(augkd, CPU, m) {
-  m.impl("topk_kd_loss_fwd", &augkd::cpu::topk_kd_loss_fwd_cpu);
-  m.impl("topk_kd_loss_bwd", &augkd::cpu::topk_kd_loss_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(augkd, CPU, m) { AUGKD_IMPL_FWD_BWD(m, topk_kd_loss, cpu); }

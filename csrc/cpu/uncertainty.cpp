@@ -13,13 +13,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
 
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_register.h"
 
 namespace augkd::cpu {
 namespace {
@@ -122,7 +122,4 @@ at::Tensor uncertainty_bwd_cpu(const at::Tensor& grad_energy, const at::Tensor& 
 }  // namespace
 }  // namespace augkd::cpu
 
-TORCH_LIBRARY_IMPL(augkd, CPU, m) {
-  m.impl("uncertainty_fwd", &augkd::cpu::uncertainty_fwd_cpu);
-  m.impl("uncertainty_bwd", &augkd::cpu::uncertainty_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(augkd, CPU, m) { AUGKD_IMPL_FWD_BWD(m, uncertainty, cpu); }

@@ -9,7 +9,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -18,35 +17,24 @@
 #include "divergence_checks.h"
 #include "kd_divergence.cuh"
 #include "launch_utils.h"
+#include "op_outputs.h"
+#include "op_register.h"
 
 namespace augkd::cuda {
 namespace {
-
-template <typename F>
-void with_divergence(int64_t code, F&& f) {
-  switch (code) {
-    case div::kKL: f(std::integral_constant<int, div::kKL>{}); break;
-    case div::kReverseKL: f(std::integral_constant<int, div::kReverseKL>{}); break;
-    case div::kJSD: f(std::integral_constant<int, div::kJSD>{}); break;
-    default: f(std::integral_constant<int, div::kTVD>{}); break;
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                           const std::optional<at::Tensor>& target,
                                                           double temperature, double alpha, int64_t ignore_index,
                                                           bool t2_scale, int64_t divergence, double beta) {
   checks::check_divergence_inputs("kd_divergence", student, teacher, target, temperature, divergence, beta);
-  check_cuda("kd_divergence", "student", student);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const bool has_target = target.has_value() && target->defined();
+  const CudaScope scope("kd_divergence", "student", student);
+  const bool has_target = checks::present(target);
   const at::Tensor s = aligned_input(student), t = aligned_input(teacher);
   const int64_t rows = s.size(0), cols = s.size(1);
-  const auto row_opts = s.options().dtype(checks::row_dtype(s.scalar_type()));
-  at::Tensor loss = at::empty({rows}, row_opts);
-  at::Tensor stats = at::empty({rows, div::kStats}, row_opts);
+  at::Tensor loss = row_output(s, {rows});
+  at::Tensor stats = row_output(s, {rows, div::kStats});
   if (rows == 0) return {loss, stats};
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto blocks = static_cast<unsigned>(std::min(rows, kMaxGridX));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_divergence_fwd_cuda", [&] {
@@ -54,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cuda(const at::Tensor& stud
     DivFwdParams<scalar_t> p{};
     p.student = s.const_data_ptr<scalar_t>();
     p.teacher = t.const_data_ptr<scalar_t>();
-    p.target = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+    p.target = checks::data_or_null<int64_t>(target);
     p.loss = loss.mutable_data_ptr<A>();
     p.stats = stats.mutable_data_ptr<A>();
     p.rows = rows;
@@ -64,12 +52,12 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cuda(const at::Tensor& stud
     p.alpha = static_cast<A>(alpha);
     p.c = static_cast<A>(t2_scale ? temperature * temperature : 1.0);
     p.beta = static_cast<A>(beta);
-    with_divergence(divergence, [&](auto code) {
+    div::with_divergence(divergence, [&](auto code) {
       constexpr int DIV = decltype(code)::value;
       if (has_target && temperature != 1.0) {
-        kd_divergence_fwd_kernel<scalar_t, DIV, true><<<blocks, kDivThreads, 0, stream>>>(p);
+        kd_divergence_fwd_kernel<scalar_t, DIV, true><<<blocks, kDivThreads, 0, scope.stream>>>(p);
       } else {
-        kd_divergence_fwd_kernel<scalar_t, DIV, false><<<blocks, kDivThreads, 0, stream>>>(p);
+        kd_divergence_fwd_kernel<scalar_t, DIV, false><<<blocks, kDivThreads, 0, scope.stream>>>(p);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -84,15 +72,12 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad
                                                           int64_t ignore_index, int64_t divergence, double beta,
                                                           bool student_grad, bool teacher_grad) {
   checks::check_divergence_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta);
-  check_cuda("kd_divergence_bwd", "student", student);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const bool has_target = target.has_value() && target->defined();
+  const CudaScope scope("kd_divergence_bwd", "student", student);
   const at::Tensor s = aligned_input(student), t = aligned_input(teacher);
   const int64_t rows = s.size(0), cols = s.size(1);
-  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
-  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
+  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : unused_grad(s);
+  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : unused_grad(t);
   if (rows == 0 || (!student_grad && !teacher_grad)) return {gs, gt};
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_divergence_bwd_cuda", [&] {
     using A = acc_type<scalar_t>;
@@ -101,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad
     p.grad_ce = grad_ce.const_data_ptr<A>();
     p.student = s.const_data_ptr<scalar_t>();
     p.teacher = t.const_data_ptr<scalar_t>();
-    p.target = has_target ? target->const_data_ptr<int64_t>() : nullptr;
+    p.target = checks::data_or_null<int64_t>(target);
     p.stats = stats.const_data_ptr<A>();
     p.grad_s = student_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_t = teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
@@ -112,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad
     p.inv_t = static_cast<A>(1.0 / temperature);
     p.beta = static_cast<A>(beta);
     const dim3 grid(static_cast<unsigned>(ceil_div(cols, p.tile)), static_cast<unsigned>(std::min(rows, kMaxGridY)));
-    with_divergence(divergence, [&](auto code) {
-      kd_divergence_bwd_kernel<scalar_t, decltype(code)::value><<<grid, kTileThreads, 0, stream>>>(p);
+    div::with_divergence(divergence, [&](auto code) {
+      kd_divergence_bwd_kernel<scalar_t, decltype(code)::value><<<grid, kTileThreads, 0, scope.stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -123,7 +108,4 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad
 }  // namespace
 }  // namespace augkd::cuda
 
-TORCH_LIBRARY_IMPL(augkd, CUDA, m) {
-  m.impl("kd_divergence_fwd", &augkd::cuda::kd_divergence_fwd_cuda);
-  m.impl("kd_divergence_bwd", &augkd::cuda::kd_divergence_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(augkd, CUDA, m) { AUGKD_IMPL_FWD_BWD(m, kd_divergence, cuda); }

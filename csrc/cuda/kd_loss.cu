@@ -17,7 +17,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -25,6 +24,7 @@
 #include "kd_loss.cuh"
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_register.h"
 #include "row_launch.h"
 
 namespace augkd::cuda {
@@ -132,7 +132,4 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss,
 }  // namespace
 }  // namespace augkd::cuda
 
-TORCH_LIBRARY_IMPL(augkd, CUDA, m) {
-  m.impl("kd_loss_fwd", &augkd::cuda::kd_loss_fwd_cuda);
-  m.impl("kd_loss_bwd", &augkd::cuda::kd_loss_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(augkd, CUDA, m) { AUGKD_IMPL_FWD_BWD(m, kd_loss, cuda); }

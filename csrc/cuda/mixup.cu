@@ -8,7 +8,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -17,6 +16,7 @@
 #include "mixup.cuh"
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_register.h"
 
 namespace augkd::cuda {
 namespace {
@@ -245,8 +245,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
 }  // namespace augkd::cuda
 
 TORCH_LIBRARY_IMPL(augkd, CUDA, m) {
-  m.impl("latent_mixup_fwd", &augkd::cuda::latent_mixup_fwd_cuda);
-  m.impl("latent_mixup_bwd", &augkd::cuda::latent_mixup_bwd_cuda);
-  m.impl("pixel_mixup_fwd", &augkd::cuda::pixel_mixup_fwd_cuda);
-  m.impl("pixel_mixup_bwd", &augkd::cuda::pixel_mixup_bwd_cuda);
+  AUGKD_IMPL_FWD_BWD(m, latent_mixup, cuda);
+  AUGKD_IMPL_FWD_BWD(m, pixel_mixup, cuda);
 }

@@ -11,12 +11,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
 #include "op_outputs.h"
+#include "op_register.h"
 #include "row_launch.h"
 #include "topk_checks.h"
 #include "topk_kd_loss.cuh"
@@ -114,7 +114,4 @@ at::Tensor topk_kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
 }  // namespace
 }  // namespace augkd::cuda
 
-TORCH_LIBRARY_IMPL(augkd, CUDA, m) {
-  m.impl("topk_kd_loss_fwd", &augkd::cuda::topk_kd_loss_fwd_cuda);
-  m.impl("topk_kd_loss_bwd", &augkd::cuda::topk_kd_loss_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(augkd, CUDA, m) { AUGKD_IMPL_FWD_BWD(m, topk_kd_loss, cuda); }

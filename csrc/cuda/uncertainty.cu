@@ -7,12 +7,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <tuple>
 
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_register.h"
 #include "row_launch.h"
 #include "uncertainty.cuh"
 
@@ -80,7 +80,4 @@ at::Tensor uncertainty_bwd_cuda(const at::Tensor& grad_energy, const at::Tensor&
 }  // namespace
 }  // namespace augkd::cuda
 
-TORCH_LIBRARY_IMPL(augkd, CUDA, m) {
-  m.impl("uncertainty_fwd", &augkd::cuda::uncertainty_fwd_cuda);
-  m.impl("uncertainty_bwd", &augkd::cuda::uncertainty_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(augkd, CUDA, m) { AUGKD_IMPL_FWD_BWD(m, uncertainty, cuda); }

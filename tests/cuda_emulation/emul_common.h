@@ -1,6 +1,6 @@
-// Host-side helpers shared by the CUDA emulation programs (emul_rows.cu, emul_mixup.cu, emul_topk.cu):
-// value conversions, the failure counter, and the row skeleton of kernels/row_reduce.cuh run on the host
-// (every "thread" of a group in turn, reduced in the butterfly order of warp_reduce / block_reduce).
+// Host-side helpers shared by the CUDA emulation programs (emul_rows.cu, emul_mixup.cu, emul_topk.cu,
+// emul_divergence.cu): value conversions, the failure counter, and the row skeleton of kernels/row_reduce.cuh
+// run on the host (every "thread" of a group in turn, reduced in the butterfly order of warp_reduce / block_reduce).
 #pragma once
 
 #include <cmath>

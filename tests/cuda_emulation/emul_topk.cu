@@ -43,44 +43,40 @@ void run_case(int64_t rows, int64_t cols, int64_t k, double temp, double alpha, 
     y[r] = r % 3 == 2 ? -100 : (r * 11) % cols;
     if (y[r] == cols - 1 && cols > 3) y[r] = 0;
   }
+  // the inputs both parameter blocks share, set alike (as set_topk_inputs in csrc/cuda/topk_kd_loss.cu)
+  auto set_inputs = [&](auto& q) {
+    q.student = s.data();
+    q.idx = idx.data();
+    q.val = val.data();
+    q.target = target ? y.data() : nullptr;
+    q.rows = rows;
+    q.cols = cols;
+    q.k = k;
+    q.ignore_index = -100;
+    q.args = {static_cast<A>(1 / temp), k, cols, tail, div};
+  };
   // forward, with the launcher's layout
   std::vector<A> loss(rows), stats(rows * tk::kStats);
   TopkFwdParams<T> p{};
-  p.student = s.data();
-  p.idx = idx.data();
-  p.val = val.data();
-  p.target = target ? y.data() : nullptr;
+  set_inputs(p);
   p.loss = loss.data();
   p.stats = stats.data();
-  p.rows = rows;
-  p.cols = cols;
-  p.k = k;
-  p.ignore_index = -100;
   p.alpha_c = static_cast<A>(alpha * temp * temp);
   p.one_minus_alpha = static_cast<A>(1 - alpha);
   p.use_kl = alpha != 0;
   p.use_ce = target && alpha != 1;
-  p.args = {static_cast<A>(1 / temp), k, cols, tail, div};
   emu_row_reduce<TopkFwdVisitor<T, NEED1>>(p, cols <= 1024 ? 32 : 128, 1);
   // backward: dense tiles, then the k entries
   std::vector<A> gl(rows);
   for (auto& g : gl) g = static_cast<A>(0.5 + std::fabs(nd(rng)) * 0.25);
   std::vector<T> grad(rows * cols);
   TopkBwdParams<T> b{};
+  set_inputs(b);
   b.grad_loss = gl.data();
-  b.student = s.data();
-  b.idx = idx.data();
-  b.val = val.data();
-  b.target = p.target;
   b.stats = stats.data();
   b.grad = grad.data();
-  b.rows = rows;
-  b.cols = cols;
-  b.k = k;
-  b.ignore_index = -100;
   b.ks = alpha != 0 ? static_cast<A>(alpha * temp) : A(0);
   b.kce = target && alpha != 1 ? static_cast<A>(1 - alpha) : A(0);
-  b.args = p.args;
   b.tile = static_cast<int64_t>(kTileThreads) * kVec<T> * 4;
   emu_row_sweep<TopkBwdVisitor<T>>(b, kTileThreads);
   if (alpha != 0)

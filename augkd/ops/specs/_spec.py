@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from ..reference import compute_dtype
+
 
 @dataclass(frozen=True)
 class OpSpec:
@@ -50,11 +52,29 @@ class OpSpec:
         return tuple(re.split(r"\s+", a.strip())[-1] for a in args.split(",") if a.strip())
 
     def reference_function(self) -> Callable:
-        module, name = self.reference.split(":")
-        return getattr(importlib.import_module(module), name)
+        return resolve(self.reference)
+
+
+def resolve(reference: str) -> Callable:
+    """The function a "module:function" string names (imported on use: no import cycle with the ops)."""
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------- helpers the backward formulas share
+
+def loss_and_stats(student: torch.Tensor, n_stats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fake forward of the row KD ops: loss (B,) and stats (B, n_stats) in the compute dtype."""
+    acc, rows = compute_dtype(student.dtype), student.shape[0]
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, n_stats), dtype=acc)
+
+
+def student_teacher_target(grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample inputs of the KD ops: student and teacher logits (5, 13), targets with one ignored row."""
+    s = torch.randn(5, 13, requires_grad=grad)
+    t = torch.randn(5, 13, requires_grad=grad)
+    return s, t, torch.tensor([0, 3, -100, 12, 7])
+
 
 def zeros_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.zeros((rows,), dtype=like.dtype, device=like.device)
@@ -89,3 +109,25 @@ def graph_grads(compute, inputs, wanted, grad_outputs):
             g = next(found)
             result[i] = torch.zeros_like(inputs[i]) if g is None else g
     return result
+
+
+def student_teacher_backward(bwd, n_inputs: int, reference: str, graph_grad_outputs, run_bwd):
+    """backward(ctx, grad_loss, grad_stats) of an op (student, teacher, target, *args) -> (loss, stats) whose
+    setup_context saved (student, teacher, target, stats) and ctx.args, with gradients for student and
+    teacher only. Under grad mode (double backward) the graph of the torch formula `reference`
+    ("module:function", called on the saved inputs and ctx.args), weighted by
+    graph_grad_outputs(grad_loss, grad_stats); else run_bwd(bwd, ctx, grad_loss, grad_stats, need_student,
+    need_teacher) -> (grad_student, grad_teacher) calls the kernels' bwd op."""
+    def backward(ctx, grad_loss, grad_stats):
+        if grad_loss is None and grad_stats is None:
+            return (None,) * n_inputs
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            student, teacher, target, _ = ctx.saved_tensors
+            formula = resolve(reference)
+            gs, gt = graph_grads(lambda: formula(student, teacher, target, *ctx.args), (student, teacher),
+                                 (need_s, need_t), graph_grad_outputs(grad_loss, grad_stats))
+        else:
+            gs, gt = run_bwd(bwd, ctx, grad_loss, grad_stats, need_s, need_t)
+        return (gs if need_s else None, gt if need_t else None) + (None,) * (n_inputs - 2)
+    return backward

@@ -3,10 +3,7 @@ the hard-label CE; per-row statistics carry both parts (docs/ops-design.md, "KD 
 
 from __future__ import annotations
 
-import torch
-
-from ..reference import compute_dtype
-from ._spec import OpSpec, grad_or_empty, graph_grads, zeros_rows
+from ._spec import OpSpec, grad_or_empty, loss_and_stats, student_teacher_backward, student_teacher_target, zeros_rows
 
 # columns of kd_divergence_fwd's statistics (kernels/kd_divergence_math.h): the divergence D and the CE are the
 # per-row parts the front-end returns and differentiates; the other columns carry no gradient
@@ -14,9 +11,7 @@ STATS, STATS_D, STATS_CE = 11, 5, 6
 
 
 def fake_fwd(student, teacher, target, temperature, alpha, ignore_index, t2_scale, divergence, beta):
-    acc = compute_dtype(student.dtype)
-    rows = student.shape[0]
-    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, STATS), dtype=acc)
+    return loss_and_stats(student, STATS)
 
 
 def fake_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, ignore_index, divergence, beta,
@@ -46,39 +41,29 @@ def _row_grads(ctx, grad_loss, grad_stats, has_target):
     return g_div, g_ce
 
 
-def _graph_backward(ctx, grad_loss, grad_stats):
-    from ..divergence_reference import kd_divergence_rows
+def _graph_grad_outputs(grad_loss, grad_stats):
+    if grad_stats is None:
+        return grad_loss, None, None
+    return grad_loss, grad_stats[:, STATS_D], grad_stats[:, STATS_CE]
 
-    student, teacher, target, _ = ctx.saved_tensors
-    col = (lambda k: None) if grad_stats is None else (lambda k: grad_stats[:, k])
-    gs, gt = graph_grads(lambda: kd_divergence_rows(student, teacher, target, *ctx.args), (student, teacher),
-                         ctx.needs_input_grad[:2], (grad_loss, col(STATS_D), col(STATS_CE)))
-    return (gs, gt) + (None,) * 7
+
+def _run_bwd(bwd, ctx, grad_loss, grad_stats, need_s, need_t):
+    student, teacher, target, stats = ctx.saved_tensors
+    g_div, g_ce = _row_grads(ctx, grad_loss, grad_stats, target is not None)
+    rows = stats.shape[0]
+    g_div = zeros_rows(stats, rows) if g_div is None else g_div.contiguous()
+    g_ce = zeros_rows(stats, rows) if g_ce is None else g_ce.contiguous()
+    temperature, _, ignore_index, _, divergence, beta = ctx.args
+    return bwd(g_div, g_ce, student, teacher, target, stats, temperature, ignore_index, divergence, beta,
+               need_s, need_t)
 
 
 def backward_for(bwd):
-    def backward(ctx, grad_loss, grad_stats):
-        if grad_loss is None and grad_stats is None:
-            return (None,) * 9
-        if torch.is_grad_enabled():
-            return _graph_backward(ctx, grad_loss, grad_stats)
-        student, teacher, target, stats = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_div, g_ce = _row_grads(ctx, grad_loss, grad_stats, target is not None)
-        rows = stats.shape[0]
-        g_div = zeros_rows(stats, rows) if g_div is None else g_div.contiguous()
-        g_ce = zeros_rows(stats, rows) if g_ce is None else g_ce.contiguous()
-        temperature, _, ignore_index, _, divergence, beta = ctx.args
-        gs, gt = bwd(g_div, g_ce, student, teacher, target, stats, temperature, ignore_index, divergence, beta,
-                     need_s, need_t)
-        return (gs if need_s else None, gt if need_t else None) + (None,) * 7
-    return backward
+    return student_teacher_backward(bwd, 9, SPEC.reference, _graph_grad_outputs, _run_bwd)
 
 
 def samples(grad: bool) -> list:
-    s = torch.randn(5, 13, requires_grad=grad)
-    t = torch.randn(5, 13, requires_grad=grad)
-    y = torch.tensor([0, 3, -100, 12, 7])
+    s, t, y = student_teacher_target(grad)
     return [(s, t, y, 2.0, 0.5, -100, True, 2, 0.3), (s, t, None, 1.0, 1.0, -100, False, 3, 0.5),
             (s, t, y, 0.5, 0.0, -100, True, 1, 0.5)]
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from .. import reference
-from ..reference import compute_dtype
-from ._spec import OpSpec, graph_grads, zeros_rows
+from ._spec import OpSpec, grad_or_empty, loss_and_stats, student_teacher_backward, student_teacher_target, zeros_rows
 
 # Columns of kd_loss_fwd's stats: [M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] (docs/ops-design.md);
 # column 1 (lse_t) is the one the front-end returns (teacher energy) and differentiates.
@@ -15,16 +11,12 @@ KD_STATS_LSE_T = 1
 
 
 def fake_fwd(student, teacher, target, temperature, alpha, ignore_index, t2_scale, teacher_format):
-    acc = compute_dtype(student.dtype)
-    rows = student.shape[0]
-    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, KD_STATS), dtype=acc)
+    return loss_and_stats(student, KD_STATS)
 
 
 def fake_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
              ignore_index, t2_scale, teacher_format, student_grad, teacher_grad):
-    gs = torch.empty_like(student) if student_grad else student.new_empty((0,))
-    gt = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
-    return gs, gt
+    return grad_or_empty(student_grad, student, student), grad_or_empty(teacher_grad, teacher, teacher)
 
 
 def setup_context(ctx, inputs, output):
@@ -33,35 +25,25 @@ def setup_context(ctx, inputs, output):
     ctx.args = (temperature, alpha, ignore_index, t2_scale, teacher_format)
 
 
-def _graph_backward(ctx, grad_loss, grad_stats):
-    student, teacher, target, _ = ctx.saved_tensors
-    grad_lse_t = None if grad_stats is None else grad_stats[:, KD_STATS_LSE_T]
-    gs, gt = graph_grads(lambda: reference.kd_loss_rows(student, teacher, target, *ctx.args), (student, teacher),
-                         ctx.needs_input_grad[:2], (grad_loss, grad_lse_t))
-    return (gs, gt) + (None,) * 6
+def _graph_grad_outputs(grad_loss, grad_stats):
+    return grad_loss, None if grad_stats is None else grad_stats[:, KD_STATS_LSE_T]
+
+
+def _run_bwd(bwd, ctx, grad_loss, grad_stats, need_s, need_t):
+    student, teacher, target, stats = ctx.saved_tensors
+    rows = stats.shape[0]
+    grad_loss = zeros_rows(stats, rows) if grad_loss is None else grad_loss.contiguous()
+    grad_lse_t = (zeros_rows(stats, rows) if grad_stats is None
+                  else grad_stats[:, KD_STATS_LSE_T].contiguous())
+    return bwd(grad_loss, grad_lse_t, student, teacher, target, stats, *ctx.args, need_s, need_t)
 
 
 def backward_for(bwd):
-    def backward(ctx, grad_loss, grad_stats):
-        if grad_loss is None and grad_stats is None:
-            return (None,) * 8
-        if torch.is_grad_enabled():
-            return _graph_backward(ctx, grad_loss, grad_stats)
-        student, teacher, target, stats = ctx.saved_tensors
-        rows = stats.shape[0]
-        grad_loss = zeros_rows(stats, rows) if grad_loss is None else grad_loss.contiguous()
-        grad_lse_t = (zeros_rows(stats, rows) if grad_stats is None
-                      else grad_stats[:, KD_STATS_LSE_T].contiguous())
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gs, gt = bwd(grad_loss, grad_lse_t, student, teacher, target, stats, *ctx.args, need_s, need_t)
-        return (gs if need_s else None, gt if need_t else None) + (None,) * 6
-    return backward
+    return student_teacher_backward(bwd, 8, SPEC.reference, _graph_grad_outputs, _run_bwd)
 
 
 def samples(grad: bool) -> list:
-    s = torch.randn(5, 13, requires_grad=grad)
-    t = torch.randn(5, 13, requires_grad=grad)
-    y = torch.tensor([0, 3, -100, 12, 7])
+    s, t, y = student_teacher_target(grad)
     return [(s, t, y, 2.0, 0.5, -100, True, 0), (s, t, None, 1.0, 1.0, -100, False, 1)]
 
 
