@@ -32,7 +32,8 @@ struct LatentParams {
   const T* __restrict__ psi;       // (rows, cols)
   const T* __restrict__ s;         // (rows,) or nullptr: s_scalar
   // Backward outputs are nullptr when that gradient was not asked for (the *_grad schema flags).
-  T* __restrict__ out;             // forward: the mix; backward: grad_z
+  T* __restrict__ mix;             // forward output
+  T* __restrict__ grad_z;          // backward
   T* __restrict__ grad_psi;        // backward
   T* __restrict__ grad_mask;       // backward, full mask only (nullptr for a (1, L) mask)
   A* __restrict__ ws_mask;         // backward, (1, L) mask: (row chunks, cols) partial column sums
@@ -88,7 +89,7 @@ AUGKD_HD void latent_mixup_fwd_thread(const LatentParams<T>& p, const ThreadPos&
     load_n<VEC>(p.psi + off, psi);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) o[k] = z[k] + one_minus_s * m[k] * (psi[k] - z[k]);  // z + (1-s) m (psi - z)
-    store_n<VEC>(p.out + off, o);
+    store_n<VEC>(p.mix + off, o);
   }
 }
 
@@ -143,7 +144,7 @@ AUGKD_HD void latent_mixup_bwd_thread(const LatentParams<T>& p, const ThreadPos&
         col_acc[k] += gm[k];
         row_acc += g[k] * m[k] * dlt;          // grad_s_i = -sum_j g m dlt (sign applied at the end)
       }
-      if (p.out != nullptr) store_n<VEC>(p.out + off, gz);
+      if (p.grad_z != nullptr) store_n<VEC>(p.grad_z + off, gz);
       if (p.grad_psi != nullptr) store_n<VEC>(p.grad_psi + off, gp);
       if (p.grad_mask != nullptr) store_n<VEC>(p.grad_mask + off, gm);
     }
@@ -174,7 +175,8 @@ struct PixelParams {
   const T* __restrict__ s;           // (rows,) or nullptr: s_scalar
   const float* __restrict__ mean;    // (C,) fp32 or nullptr (0)
   const float* __restrict__ std;     // (C,) fp32 or nullptr (1)
-  T* __restrict__ out;               // forward: the mix; backward: grad_generated (nullptr: not wanted)
+  T* __restrict__ mix;               // forward output
+  T* __restrict__ grad_gen;          // backward (nullptr: not wanted)
   T* __restrict__ grad_real;         // backward (nullptr: not wanted)
   A* __restrict__ ws_s;              // backward, grad_s wanted: (col tiles * warps, rows) partial row sums
   int64_t rows, n, hw, tile;         // tile: columns per blockIdx.x (a multiple of VEC)
@@ -199,7 +201,7 @@ AUGKD_HD void pixel_mixup_fwd_thread(const PixelParams<T>& p, const ThreadPos& t
       load_n<VEC>(p.real + off, r);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) o[k] = (g[k] + s * (r[k] - g[k]) - mean) / sd;  // (g + s (r - g) - mean_c) / std_c
-      store_n<VEC>(p.out + off, o);
+      store_n<VEC>(p.mix + off, o);
     }
   }
 }
@@ -239,7 +241,7 @@ AUGKD_HD void pixel_mixup_bwd_thread(const PixelParams<T>& p, const ThreadPos& t
         gr[k] = go[k] * s / sd;                 // grad_real = go s / std_c
         row_acc += go[k] * (r[k] - g[k]) / sd;  // grad_s += go (r - g) / std_c
       }
-      if (p.out != nullptr) store_n<VEC>(p.out + off, gg);
+      if (p.grad_gen != nullptr) store_n<VEC>(p.grad_gen + off, gg);
       if (p.grad_real != nullptr) store_n<VEC>(p.grad_real + off, gr);
     }
     if (p.ws_s != nullptr) row_sum(slot, row, row_acc);

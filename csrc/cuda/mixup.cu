@@ -58,7 +58,7 @@ at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_
     p.mask = mask.const_data_ptr<scalar_t>();
     p.psi = psi.const_data_ptr<scalar_t>();
     p.s = checks::data_or_null<scalar_t>(s);
-    p.out = out.mutable_data_ptr<scalar_t>();
+    p.mix = out.mutable_data_ptr<scalar_t>();
     p.rows = rows;
     p.cols = cols;
     p.mask_bcast = mask.size(0) == 1 && rows != 1;
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     p.mask = mask.const_data_ptr<scalar_t>();
     p.psi = psi.const_data_ptr<scalar_t>();
     p.s = checks::data_or_null<scalar_t>(s);
-    p.out = z_grad ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_z = z_grad ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_psi = psi_grad ? grad_psi.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_mask = mask_grad && !bcast ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
     p.ws_mask = sum_mask ? ws_mask.mutable_data_ptr<A>() : nullptr;
@@ -184,7 +184,7 @@ at::Tensor pixel_mixup_fwd_cuda(const at::Tensor& generated, const at::Tensor& r
     constexpr int V = kVec<scalar_t>;
     const bool vec = (gen.size(2) * gen.size(3)) % V == 0;  // a vector never straddles two channels
     PixelParams<scalar_t> p = pixel_params<scalar_t>(gen, real, s, s_scalar, mean, std_dev, vec);
-    p.out = out.mutable_data_ptr<scalar_t>();
+    p.mix = out.mutable_data_ptr<scalar_t>();
     const dim3 grid(static_cast<unsigned>(ceil_div(p.n, p.tile)), static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
     if (vec) {
       pixel_mixup_fwd_kernel<scalar_t, V><<<grid, kPixelThreads, 0, scope.stream>>>(p);
@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
     at::Tensor ws_s = has_s ? at::empty({slots, rows}, gen.options().dtype(checks::row_dtype(gen.scalar_type())))
                             : at::Tensor();
     p.grad_out = go.const_data_ptr<scalar_t>();
-    p.out = generated_grad ? grad_gen.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_gen = generated_grad ? grad_gen.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_real = real_grad ? grad_real.mutable_data_ptr<scalar_t>() : nullptr;
     p.ws_s = has_s ? ws_s.mutable_data_ptr<A>() : nullptr;
     const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(std::min(rows, kMaxGridY)));

@@ -57,7 +57,7 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, unsigned wan
   p.mask = mask.data();
   p.psi = psi.data();
   p.s = has_s ? s.data() : nullptr;
-  p.out = out.data();
+  p.mix = out.data();
   p.rows = B;
   p.cols = L;
   p.mask_bcast = bcast;
@@ -81,7 +81,7 @@ void latent_case(int64_t B, int64_t L, bool bcast_mask, bool has_s, unsigned wan
   std::vector<T> gz(B * L, sentinel), gp(B * L, sentinel), gm(mrows * L, sentinel), gs(B, sentinel);
   LatentParams<T> q = p;
   q.grad_out = go.data();
-  q.out = w_z ? gz.data() : nullptr;
+  q.grad_z = w_z ? gz.data() : nullptr;
   q.grad_psi = w_p ? gp.data() : nullptr;
   q.grad_mask = w_m && !bcast ? gm.data() : nullptr;
   q.ws_mask = w_m && bcast ? ws_mask.data() : nullptr;
@@ -160,7 +160,7 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
   const bool w_g = want & 1u, w_r = want & 2u, w_s = (want & 4u) && has_s;
   const T sentinel = from_double<T>(kSentinel);
   std::vector<T> out(B * n), gg(B * n, sentinel), gr(B * n, sentinel), gs(B, sentinel);
-  p.out = out.data();
+  p.mix = out.data();
   const int64_t n_tiles = ceil_div(n, p.tile), gy = std::min<int64_t>(B, 65535);
   for_each_thread(n_tiles, gy, kPixelThreads, [&](const ThreadPos& t) {
     if (vec) pixel_mixup_fwd_thread<T, V>(p, t);
@@ -170,7 +170,7 @@ void pixel_case(int64_t B, int64_t C, int64_t H, int64_t W, bool has_s, bool nor
   std::vector<A> ws(w_s ? slots * B : 0, A(0));
   PixelParams<T> q = p;
   q.grad_out = go.data();
-  q.out = w_g ? gg.data() : nullptr;
+  q.grad_gen = w_g ? gg.data() : nullptr;
   q.grad_real = w_r ? gr.data() : nullptr;
   q.ws_s = w_s ? ws.data() : nullptr;
   HostRowSum<A> rs{&ws, B};
