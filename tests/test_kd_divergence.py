@@ -16,7 +16,7 @@ from augkd import ops
 from augkd.ops import use_backend
 from augkd.ops.divergence_reference import plain_divergence
 
-from .matrix import BACKENDS_HERE, as_leaf, assert_close
+from .matrix import BACKEND_DEVICES, BACKENDS_HERE, as_leaf, assert_close, on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,13 +40,13 @@ def oracle(s, t, y, *, divergence, beta, temperature=1.0, alpha=1.0, ignore_inde
     return loss, soft, hard
 
 
-def run(backend, s, t, y, dtype=torch.float32, t_dtype=None, **cfg):
-    """(loss, soft, hard, grad_s, grad_t) of kd_loss(reduction="none", return_parts=True) on `backend`; the
-    gradients are of sum(loss) + 0.5 sum(soft) (so the parts' gradients are checked too)."""
-    s_ = as_leaf(s, dtype)
-    t_ = as_leaf(t, t_dtype or dtype)
+def run(backend, s, t, y, dtype=torch.float32, t_dtype=None, device="cpu", **cfg):
+    """(loss, soft, hard, grad_s, grad_t) of kd_loss(reduction="none", return_parts=True) on `backend` with
+    `device` tensors; the gradients are of sum(loss) + 0.5 sum(soft) (so the parts' gradients are checked too)."""
+    s_ = as_leaf(s, dtype, device=device)
+    t_ = as_leaf(t, t_dtype or dtype, device=device)
     with use_backend(backend):
-        loss, soft, hard = ops.kd_loss(s_, t_, y, reduction="none", return_parts=True, **cfg)
+        loss, soft, hard = ops.kd_loss(s_, t_, on(device, y), reduction="none", return_parts=True, **cfg)
     (loss.sum() + 0.5 * soft.sum()).backward()
     return loss, soft, hard, s_.grad, t_.grad
 
@@ -58,8 +58,8 @@ def expected(s, t, y, **cfg):
     return loss, soft, hard, s_.grad, t_.grad
 
 
-def check(backend, s, t, y, dtype=torch.float32, what="", **cfg):
-    got = run(backend, s, t, y, dtype, **cfg)
+def check(backend, s, t, y, dtype=torch.float32, what="", device="cpu", **cfg):
+    got = run(backend, s, t, y, dtype, device=device, **cfg)
     want = expected(s, t, y, **cfg)
     for name, g, w in zip(("loss", "soft", "hard", "grad_student", "grad_teacher"), got, want):
         assert_close(g, w, dtype, f"{what} {name}")
@@ -69,15 +69,16 @@ def logits(rows, classes, scale=2.0, dtype=torch.float64):
     return torch.randn(rows, classes, dtype=dtype) * scale
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("divergence,beta", CASES, ids=IDS)
-def test_against_float64(backend, divergence, beta):
+def test_against_float64(backend, device, divergence, beta):
     s, t = logits(7, 37), logits(7, 37)
     y = torch.randint(0, 37, (7,))
     y[2] = -100
     for cfg in (dict(temperature=2.0, alpha=0.7), dict(temperature=1.0, alpha=1.0), dict(temperature=0.5, alpha=0.0)):
-        check(backend, s, t, y, divergence=divergence, beta=beta, what=str(cfg), **cfg)
-    check(backend, s, t, None, divergence=divergence, beta=beta, temperature=3.0, t2_scale=False, what="no target")
+        check(backend, s, t, y, divergence=divergence, beta=beta, what=str(cfg), device=device, **cfg)
+    check(backend, s, t, None, divergence=divergence, beta=beta, temperature=3.0, t2_scale=False, what="no target",
+          device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
@@ -98,9 +99,9 @@ def test_long_rows_and_float64(backend, divergence):
         check(backend, s, t, None, torch.float64, divergence=divergence, beta=0.3, temperature=1.5, what="fp64")
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "tvd"])
-def test_masked_classes(backend, divergence):
+def test_masked_classes(backend, device, divergence):
     """-inf in both rows (vocabulary padding): those classes are absent. -inf in the teacher only (kl, jsd,
     tvd: finite; reverse_kl would be infinite): the student's mass there counts."""
     s, t = logits(5, 29), logits(5, 29)
@@ -110,7 +111,7 @@ def test_masked_classes(backend, divergence):
         t[1, :6] = -math.inf
         t[3, 10] = -math.inf
     y = torch.randint(0, 20, (5,))
-    check(backend, s, t, y, divergence=divergence, beta=0.4, temperature=2.0, alpha=0.5)
+    check(backend, s, t, y, divergence=divergence, beta=0.4, temperature=2.0, alpha=0.5, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)

@@ -28,6 +28,11 @@ class OpSpec:
     setup_context: Callable  # (ctx, inputs, output): what the backward keeps
     backward_for: Callable  # bwd op -> backward(ctx, *grad_outputs) routing to it
     samples: Callable[[bool], list]  # (requires_grad) -> small forward argument tuples for opcheck
+    public: str = ""  # the augkd.ops function users call, when it is not named after the family
+
+    @property
+    def public_name(self) -> str:
+        return self.public or self.family
 
     @property
     def fwd(self) -> str:

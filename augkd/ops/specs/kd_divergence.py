@@ -79,4 +79,5 @@ SPEC = OpSpec(
     reference="augkd.ops.divergence_reference:kd_divergence_rows",
     fake_fwd=fake_fwd, fake_bwd=fake_bwd, setup_context=setup_context, backward_for=backward_for,
     samples=samples,
+    public="kd_loss",  # kd_loss(divergence=...) runs this op
 )
