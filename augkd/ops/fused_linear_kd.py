@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from . import _checks
 from .kd_divergence import divergence_code
 from .kd_loss import kd_loss
+from . import fused_linear_kd_vocab as _vocab
 
 OP = "fused_linear_kd_loss"
 REDUCTIONS = ("none", "sum", "mean", "token_mean", "batchmean")
@@ -46,6 +47,24 @@ def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch
     return max(1, min(rows, max(MIN_CHUNK_ROWS, 1 << int(math.log2(fit)))))
 
 
+# A vocabulary block's elementwise math holds about VOCAB_BLOCK_BUFFERS block-sized temporaries at a time (both
+# heads' logits and probabilities, the soft gradients), against about 3 chunk-sized buffers in the row path; the
+# block is sized so that the two paths hold about the same memory.
+VOCAB_BLOCK_BUFFERS = 6
+
+
+def auto_vocab_chunk(chunk_rows: int, vocab: int, acc_dtype: torch.dtype, device: torch.device) -> int:
+    """Vocabulary entries per block: the whole vocabulary when chunk_rows x vocab logits (compute dtype) fit
+    in CHUNK_LOGIT_BYTES; otherwise the most entries whose VOCAB_BLOCK_BUFFERS block buffers take no more
+    than 3 budgets (a multiple of 128 entries, at least 128)."""
+    budget = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES["cuda"])
+    item = torch.finfo(acc_dtype).bits // 8
+    if max(chunk_rows, 1) * vocab * item <= budget:
+        return max(vocab, 1)
+    block = 3 * budget // (VOCAB_BLOCK_BUFFERS * max(chunk_rows, 1) * item)
+    return max(128, block // 128 * 128)
+
+
 @dataclass(frozen=True)
 class _Config:
     temperature: float
@@ -56,6 +75,7 @@ class _Config:
     beta: float
     reduction: str
     chunk: int
+    vocab_chunk: int  # vocabulary entries per block; >= V: whole rows (the row path)
     acc: torch.dtype
     want: tuple  # needs-grad of (x_s, W_s, b_s, x_t, W_t, b_t)
 
@@ -83,7 +103,7 @@ def _check_linear(role: str, x, weight, bias, lead=None):
 
 
 def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergence, ignore_index, reduction,
-              chunk_size):
+              chunk_size, vocab_chunk_size):
     _check_linear("student", x_s, w_s, b_s)
     _check_linear("teacher", x_t, w_t, b_t, lead=x_s.shape[:-1])
     if x_t.device != x_s.device:
@@ -100,6 +120,10 @@ def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergen
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
+    if vocab_chunk_size is not None and (not isinstance(vocab_chunk_size, int) or isinstance(vocab_chunk_size, bool)
+                                         or vocab_chunk_size < 1):
+        raise ValueError(f"{OP}: vocab_chunk_size must be None (automatic) or an int >= 1, got "
+                         f"{vocab_chunk_size!r}")
     _checks.hard_target(OP, target, alpha, x_s.shape[:-1], x_s.device, what="token ids",
                         hint=" (student_input without the hidden dimension; shift the labels before the call)")
     if target is not None:
@@ -110,7 +134,8 @@ def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergen
 # ---------------------------------------------------------------- the chunked sweep
 
 class _Head:
-    """One linear head (x, W, b) in the compute dtype: chunk logits, and the chain rule back through it."""
+    """One linear head (x, W, b) in the compute dtype: logits of a block of rows x vocabulary entries, and the
+    chain rule back through it into the gradient buffers."""
 
     def __init__(self, x, weight, bias, acc, want_x, want_w, want_b):
         self.x, self.acc = x, acc
@@ -121,38 +146,73 @@ class _Head:
         self.weight = weight if self.native else weight.to(acc)
         self.bias = None if bias is None else bias.to(acc)
         self.grad_x = torch.empty_like(x) if want_x else None
-        self.grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
-        self.grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+        # written by the first row chunk (mm into it), accumulated by the others (addmm_): no zero fill
+        self.grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        self.grad_b = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+        self._plain = self.weight.dtype == acc  # every matmul in the compute dtype, so out= buffers apply
 
     @property
     def wants_grad(self) -> bool:
         return self.grad_x is not None or self.grad_w is not None or self.grad_b is not None
 
-    def _mm(self, a, b):
-        if a.dtype == self.acc and b.dtype == self.acc:
-            return a @ b
-        return torch.mm(a, b, out_dtype=self.acc)
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Input rows [lo, hi) as the logit matmul reads them."""
+        x = self.x[lo:hi]
+        return x if self.native else x.to(self.acc)
 
     @torch.no_grad()
-    def logits(self, lo: int, hi: int) -> torch.Tensor:
-        """A fresh leaf (chunk x V): the loss is differentiated w.r.t. it, the matmuls by hand."""
-        x = self.x[lo:hi]
-        z = self._mm(x if self.native else x.to(self.acc), self.weight.t())
+    def logits(self, xr: torch.Tensor, v0: int, v1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """xr @ W[v0:v1].T + b[v0:v1] in the compute dtype (into `out` when given and the dtypes allow)."""
+        w = self.weight[v0:v1].t()
+        if self._plain:
+            if self.bias is None:
+                return torch.mm(xr, w, out=out) if out is not None else torch.mm(xr, w)
+            b = self.bias[v0:v1]
+            return torch.addmm(b, xr, w, out=out) if out is not None else torch.addmm(b, xr, w)
+        z = torch.mm(xr, w, out_dtype=self.acc)
         if self.bias is not None:
-            z += self.bias
+            z += self.bias[v0:v1]
         return z
 
-    def backward(self, lo: int, hi: int, g: torch.Tensor) -> None:
-        """Accumulate the gradients of rows [lo, hi) given g = dL/dlogits (chunk x V, compute dtype)."""
-        if self.grad_x is not None:
-            gx = g @ self.weight if self.weight.dtype == self.acc else self._mm(g.to(self.weight.dtype),
-                                                                                 self.weight)
-            self.grad_x[lo:hi].copy_(gx)
+    @torch.no_grad()
+    def input_grad(self, g: torch.Tensor, v0: int, v1: int, out: Optional[torch.Tensor] = None,
+                   accumulate: bool = False) -> torch.Tensor:
+        """g @ W[v0:v1] (rows x H, compute dtype); into `out` (added to it with `accumulate`) when given."""
+        w = self.weight[v0:v1]
+        if not self._plain:
+            gx = torch.mm(g.to(w.dtype), w, out_dtype=self.acc)
+            if out is None:
+                return gx
+            return out.add_(gx) if accumulate else out.copy_(gx)
+        if out is None:
+            return torch.mm(g, w)
+        return out.addmm_(g, w) if accumulate else torch.mm(g, w, out=out)
+
+    @torch.no_grad()
+    def weight_grad(self, g: torch.Tensor, xr: torch.Tensor, v0: int, v1: int, first: bool) -> None:
+        """grad W[v0:v1] (+)= g^T xr and grad b[v0:v1] (+)= column sums of g; `first`: the block's first write."""
         if self.grad_w is not None:
-            x = self.x[lo:hi]
-            self.grad_w.addmm_(g.t(), x if x.dtype == self.acc else x.to(self.acc))
+            x = xr if xr.dtype == self.acc else xr.to(self.acc)
+            gw = self.grad_w[v0:v1]
+            if first:
+                torch.mm(g.t(), x, out=gw)
+            else:
+                gw.addmm_(g.t(), x)
         if self.grad_b is not None:
-            self.grad_b += g.sum(0)
+            if first:
+                torch.sum(g, 0, out=self.grad_b[v0:v1])
+            else:
+                self.grad_b[v0:v1] += g.sum(0)
+
+    def backward(self, lo: int, hi: int, g: torch.Tensor, first: bool) -> None:
+        """Accumulate the gradients of rows [lo, hi) given g = dL/dlogits over the whole vocabulary."""
+        if self.grad_x is not None:
+            gx = self.grad_x[lo:hi]
+            if gx.dtype == self.acc:
+                self.input_grad(g, 0, g.shape[1], out=gx)
+            else:
+                gx.copy_(self.input_grad(g, 0, g.shape[1]))
+        self.weight_grad(g, self.x[lo:hi], 0, g.shape[1], first)
 
     def grads(self):
         w = self.grad_w
@@ -180,17 +240,43 @@ def _sweep(cfg: _Config, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad):
 
     row_grad: dL/dloss_i for every row, (N,) or a 0-d tensor (the same for every row); None: no gradients.
     """
-    n = x_s.shape[0]
+    n, vocab = x_s.shape[0], w_s.shape[0]
     want = cfg.want if row_grad is not None else (False,) * 6
     student = _Head(x_s, w_s, b_s, cfg.acc, *want[:3])
     teacher = _Head(x_t, w_t, b_t, cfg.acc, *want[3:])
     rows = torch.empty(n, dtype=cfg.acc, device=x_s.device)
-    for lo in range(0, n, cfg.chunk):
-        hi = min(n, lo + cfg.chunk)
+    if n == 0:
+        for head in (student, teacher):
+            for g in (head.grad_w, head.grad_b):
+                if g is not None:
+                    g.zero_()
+    elif cfg.vocab_chunk < vocab:
+        code, _ = divergence_code(OP, cfg.divergence, cfg.beta)
+        for lo in range(0, n, cfg.chunk):
+            hi = min(n, lo + cfg.chunk)
+            g_rows = None if row_grad is None else (row_grad[lo:hi] if row_grad.dim() else row_grad)
+            rows[lo:hi] = _vocab.sweep_row_chunk(cfg, code, student, teacher, lo, hi, vocab, cfg.vocab_chunk,
+                                                 None if target is None else target[lo:hi], g_rows, lo == 0)
+    else:
+        _sweep_rows(cfg, student, teacher, target, row_grad, rows)
+    return rows, student.grads() + teacher.grads()
+
+
+def _sweep_rows(cfg: _Config, student: _Head, teacher: _Head, target, row_grad, rows) -> None:
+    """Row chunks over the whole vocabulary: each chunk's loss and logit gradients from kd_loss (any backend)."""
+    n, vocab = student.x.shape[0], student.weight.shape[0]
+    chunk = min(cfg.chunk, n)
+    # the chunk logits go into two buffers reused by every chunk (the last chunk takes a leading slice)
+    buf_s = torch.empty(chunk, vocab, dtype=cfg.acc, device=student.x.device) if student._plain else None
+    buf_t = torch.empty(chunk, vocab, dtype=cfg.acc, device=student.x.device) if teacher._plain else None
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
         y = None if target is None else target[lo:hi]
         with torch.enable_grad():
-            zs = student.logits(lo, hi).requires_grad_(student.wants_grad)
-            zt = teacher.logits(lo, hi).requires_grad_(teacher.wants_grad)
+            zs = student.logits(student.rows(lo, hi), 0, vocab, None if buf_s is None else buf_s[:hi - lo])
+            zt = teacher.logits(teacher.rows(lo, hi), 0, vocab, None if buf_t is None else buf_t[:hi - lo])
+            zs = zs.detach().requires_grad_(student.wants_grad)  # leaves: the loss is differentiated w.r.t.
+            zt = zt.detach().requires_grad_(teacher.wants_grad)  # them, the matmuls by hand
             loss = kd_loss(zs, zt, y, temperature=cfg.temperature, alpha=cfg.alpha, ignore_index=cfg.ignore_index,
                            reduction="none", t2_scale=cfg.t2_scale, divergence=cfg.divergence, beta=cfg.beta)
             leaves = [z for z in (zs, zt) if z.requires_grad]
@@ -205,9 +291,9 @@ def _sweep(cfg: _Config, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad):
             for head in (student, teacher):
                 if head.wants_grad:
                     g = grads.pop(0)
-                    head.backward(lo, hi, torch.zeros(shape, dtype=cfg.acc, device=x_s.device) if g is None else g)
+                    g = torch.zeros(shape, dtype=cfg.acc, device=student.x.device) if g is None else g
+                    head.backward(lo, hi, g, lo == 0)
             del grads, g
-    return rows, student.grads() + teacher.grads()
 
 
 def _scale(cfg: _Config, rows: int, batch: int, target) -> torch.Tensor | float:
@@ -258,6 +344,8 @@ class _FusedLinearKD(torch.autograd.Function):
                                "the forward and handed out (scaled in place) by the first backward. Compute the "
                                "loss again for another backward.")
         ctx.grads = None
+        if grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0:
+            return (*grads, None, None, None)  # loss.backward(): nothing to scale (no host sync on a CPU tensor)
         return (*(None if g is None else g.mul_(grad_out) for g in grads), None, None, None)
 
 
@@ -266,7 +354,8 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                          temperature: float = 1.0, alpha: float = 1.0, divergence: str = "kl",
                          ignore_index: int = -100, reduction: str = "batchmean", t2_scale: bool = True,
-                         chunk_size: Optional[int] = None, beta: float = 0.5) -> torch.Tensor:
+                         chunk_size: Optional[int] = None, beta: float = 0.5,
+                         vocab_chunk_size: Optional[int] = None) -> torch.Tensor:
     """KD loss of two linear heads (language-model heads) without holding their N x V logits.
 
     With s = student_input @ student_weight.T + student_bias and t = teacher_input @ teacher_weight.T +
@@ -294,6 +383,13 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
             ``student_input.shape[0]``, as torch's KLDivLoss: N for (N, H) input, B for (B, T, H) input).
         chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 32 MiB (CPU)
             or 128 MiB (CUDA), but at least 128 rows (CPU: 256 rows at V = 32000, 128 at V = 128256).
+        vocab_chunk_size: vocabulary entries per block when a row chunk is swept over the vocabulary in blocks
+            (docs/ops-design.md, "Vocabulary chunks"); None: whole rows while a chunk's logits fit the budget
+            above, else blocks sized from it (CPU, 128 rows at V = 262144: blocks of 16384). Peak extra memory
+            is then O(rows x block), independent of N and V but for the gradients themselves. The blocks'
+            math runs in torch (whatever kd_loss backend is selected) and recomputes the logits once or
+            twice more: kl and reverse_kl take 2 sweeps over the vocabulary with gradients (1 without), jsd
+            and tvd 3 (2).
 
     Gradients flow into every tensor that requires grad, the teacher's too. For the scalar reductions they are
     computed during the forward and the backward only scales them, so a second backward through the same loss
@@ -305,7 +401,7 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
     # an ignore_index outside int64 becomes a sentinel no label holds
     temperature, alpha, ignore_index = _validate(student_input, student_weight, student_bias, teacher_input,
                                                  teacher_weight, teacher_bias, target, temperature, alpha, divergence,
-                                                 ignore_index, reduction, chunk_size)
+                                                 ignore_index, reduction, chunk_size, vocab_chunk_size)
     lead = student_input.shape[:-1]
     vocab = student_weight.shape[0]
     x_s = student_input.reshape(-1, student_input.shape[-1]).contiguous()
@@ -318,8 +414,10 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
     grad_on = torch.is_grad_enabled()
     want = tuple(bool(grad_on and t is not None and t.requires_grad) for t in tensors)
     _, beta = divergence_code(OP, divergence, beta)
-    cfg = _Config(temperature, alpha, int(ignore_index), bool(t2_scale), divergence, beta, reduction, int(min(chunk, max(n, 1))),
-                  acc, want)
+    chunk = int(min(chunk, max(n, 1)))
+    vocab_chunk = vocab_chunk_size or auto_vocab_chunk(chunk, vocab, acc, x_s.device)
+    cfg = _Config(temperature, alpha, int(ignore_index), bool(t2_scale), divergence, beta, reduction, chunk,
+                  int(min(vocab_chunk, max(vocab, 1))), acc, want)
     if torch.compiler.is_compiling():  # the sweep as an opaque op: no graph break
         out = _compiled.call(x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias, flat_target, cfg,
                              student_input.shape[0] if student_input.dim() else 0)
@@ -345,7 +443,7 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "kl",
                  ignore_index: int = -100, reduction: str = "batchmean", t2_scale: bool = True,
-                 chunk_size: Optional[int] = None, beta: float = 0.5):
+                 chunk_size: Optional[int] = None, beta: float = 0.5, vocab_chunk_size: Optional[int] = None):
         super().__init__()
         name = "FusedLinearKDLoss"
         _checks.positive_float(name, "temperature", temperature)
@@ -355,6 +453,7 @@ class FusedLinearKDLoss(nn.Module):
         self.temperature, self.alpha, self.divergence = float(temperature), float(alpha), divergence
         self.ignore_index, self.reduction, self.t2_scale, self.chunk_size = ignore_index, reduction, t2_scale, chunk_size
         self.beta = divergence_code(name, divergence, beta)[1]
+        self.vocab_chunk_size = vocab_chunk_size
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
                 student_bias=None, teacher_bias=None):
@@ -362,11 +461,13 @@ class FusedLinearKDLoss(nn.Module):
                                     student_bias=student_bias, teacher_bias=teacher_bias,
                                     temperature=self.temperature, alpha=self.alpha, divergence=self.divergence,
                                     ignore_index=self.ignore_index, reduction=self.reduction,
-                                    t2_scale=self.t2_scale, chunk_size=self.chunk_size, beta=self.beta)
+                                    t2_scale=self.t2_scale, chunk_size=self.chunk_size, beta=self.beta,
+                                    vocab_chunk_size=self.vocab_chunk_size)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}")
+                f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}, "
+                f"vocab_chunk_size={self.vocab_chunk_size}")
 
 
 from . import fused_linear_kd_compile as _compiled  # noqa: E402  (it builds on the definitions above)

@@ -15,9 +15,11 @@ from .fused_linear_kd import _Config, _scale, _sweep
 NAMESPACE = "augkd_fused"
 
 
-def _config(x_s: Tensor, temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, want):
+def _config(x_s: Tensor, temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk,
+            vocab_chunk, want):
     acc = torch.float64 if x_s.dtype == torch.float64 else torch.float32
-    return _Config(temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, acc, tuple(want))
+    return _Config(temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, vocab_chunk, acc,
+                   tuple(want))
 
 
 def _with_autograd(fn):
@@ -38,10 +40,11 @@ def _or_empty(grads, like: Tensor) -> list:
 def fused_linear_kd_fwd(x_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], x_t: Tensor, w_t: Tensor,
                         b_t: Optional[Tensor], target: Optional[Tensor], temperature: float, alpha: float,
                         ignore_index: int, t2_scale: bool, divergence: str, beta: float, reduction: str, chunk: int,
-                        want: list[bool], batch: int) -> list[Tensor]:
+                        vocab_chunk: int, want: list[bool], batch: int) -> list[Tensor]:
     """[loss, then the gradients of (x_s, w_s, b_s, x_t, w_t, b_t) that `want` asks for (scalar reductions;
     (0,) otherwise)]: the loss is the rows for "none", else their reduction."""
-    cfg = _config(x_s, temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, want)
+    cfg = _config(x_s, temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, vocab_chunk,
+                  want)
     if reduction == "none" or not any(want):
         rows, _ = _sweep(cfg, x_s, w_s, b_s, x_t, w_t, b_t, target, None)
         loss = rows if reduction == "none" else rows.sum() * _scale(cfg, x_s.shape[0], batch, target)
@@ -54,7 +57,7 @@ def fused_linear_kd_fwd(x_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], x_t: Te
 
 @fused_linear_kd_fwd.register_fake
 def _fwd_fake(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, ignore_index, t2_scale, divergence, beta,
-              reduction, chunk, want, batch):
+              reduction, chunk, vocab_chunk, want, batch):
     acc = torch.float64 if x_s.dtype == torch.float64 else torch.float32
     loss = x_s.new_empty((x_s.shape[0],) if reduction == "none" else (), dtype=acc)
     grads = [torch.empty_like(t) if w and t is not None and reduction != "none" else x_s.new_empty((0,))
@@ -66,9 +69,10 @@ def _fwd_fake(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, ignore_i
 def fused_linear_kd_bwd_rows(row_grad: Tensor, x_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], x_t: Tensor,
                              w_t: Tensor, b_t: Optional[Tensor], target: Optional[Tensor], temperature: float,
                              alpha: float, ignore_index: int, t2_scale: bool, divergence: str, beta: float,
-                             reduction: str, chunk: int, want: list[bool]) -> list[Tensor]:
+                             reduction: str, chunk: int, vocab_chunk: int, want: list[bool]) -> list[Tensor]:
     """The gradients that `want` asks for, given dL/dloss_i per row (reduction "none"): the sweep again."""
-    cfg = _config(x_s, temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, want)
+    cfg = _config(x_s, temperature, alpha, ignore_index, t2_scale, divergence, beta, reduction, chunk, vocab_chunk,
+                  want)
     _, grads = _with_autograd(lambda: _sweep(cfg, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad))
     return _or_empty(grads, x_s)
 
@@ -90,12 +94,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grads):
     g = grads[0]
-    want = ctx.args[8]
+    want = ctx.args[9]
     if ctx.args[6] == "none":
-        out = fused_linear_kd_bwd_rows(g.contiguous(), *ctx.saved_tensors, *ctx.args[:9])
+        out = fused_linear_kd_bwd_rows(g.contiguous(), *ctx.saved_tensors, *ctx.args[:10])
     else:
         out = [t * g for t in ctx.saved_tensors]
-    return tuple(o if w else None for o, w in zip(out, want)) + (None,) * 11
+    return tuple(o if w else None for o, w in zip(out, want)) + (None,) * 12
 
 
 fused_linear_kd_fwd.register_autograd(_backward, setup_context=_setup)
@@ -104,5 +108,6 @@ fused_linear_kd_fwd.register_autograd(_backward, setup_context=_setup)
 def call(x_s, w_s, b_s, x_t, w_t, b_t, target, cfg: _Config, batch: int) -> Tensor:
     """The loss of fused_linear_kd_loss (flattened inputs) through the custom op, for traced code."""
     return fused_linear_kd_fwd(x_s, w_s, b_s, x_t, w_t, b_t, target, cfg.temperature, cfg.alpha, cfg.ignore_index,
-                               cfg.t2_scale, cfg.divergence, cfg.beta, cfg.reduction, cfg.chunk, list(cfg.want),
+                               cfg.t2_scale, cfg.divergence, cfg.beta, cfg.reduction, cfg.chunk, cfg.vocab_chunk,
+                               list(cfg.want),
                                batch)[0]

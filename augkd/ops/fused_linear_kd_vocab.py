@@ -1,0 +1,218 @@
+"""Fused linear KD over vocabulary chunks: for vocabularies so large that even a minimal row chunk's full-V
+logits exceed the memory budget, each row chunk is swept over blocks of vocabulary entries (docs/ops-design.md,
+"Fused linear KD", "Vocabulary chunks").
+
+Nothing here holds a row's logits over the whole vocabulary, so the per-row statistics are built online:
+
+  sweep 1   per row: running maxima and sums of exp of u = s / T and v = t / T (and of s for the CE term when
+            T != 1), the target's logit, and for kl / reverse_kl the divergence itself (its online sum)
+  sweep 2   jsd, tvd only: with both normalisers known, the divergence and the per-row sums S_s, S_t that the
+            softmax Jacobian needs (they cannot be formed before the normalisers are)
+  last      (when gradients are wanted) the gradient of the block's logits, then its matmuls
+
+Every sweep recomputes the block's logits (both heads). The elementwise math is torch's, in the compute dtype
+(fp32; fp64 for an fp64 student), whatever kd_loss backend is selected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3  # kd_divergence's codes (jsd at beta 0 / 1 arrives as kl / reverse_kl)
+
+
+def passes(code: int, gradients: bool) -> int:
+    """How many sweeps over the vocabulary a row chunk takes (each recomputes both heads' block logits)."""
+    stats_only = 1 if code in (KL, REVERSE_KL) else 2
+    return stats_only + int(gradients)
+
+
+class _Online:
+    """Running (max, sum of exp from the max) per row: log-sum-exp over the vocabulary blocks seen so far."""
+
+    def __init__(self, rows: int, like: torch.Tensor):
+        self.m = torch.full((rows,), -math.inf, dtype=like.dtype, device=like.device)
+        self.d = torch.zeros(rows, dtype=like.dtype, device=like.device)
+
+    def update(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold in block z (rows x vc); returns (the shift used for this block, the rescale of older sums)."""
+        m = torch.maximum(self.m, z.amax(1))
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row all -inf so far: no shift
+        rescale = torch.exp(self.m - shift)
+        self.d = self.d * rescale + torch.exp(z - shift[:, None]).sum(1)
+        self.m = m
+        return shift, rescale
+
+    def lse(self) -> torch.Tensor:
+        return torch.where(torch.isfinite(self.m), self.m, torch.zeros_like(self.m)) + torch.log(self.d)
+
+
+def _xlogy_terms(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """w * (a - b) where w > 0, else 0 (a class the weighting side lacks adds nothing, even against -inf)."""
+    return torch.where(w > 0, w * (a - b), torch.zeros_like(w))
+
+
+def sweep_row_chunk(cfg, code: int, student, teacher, lo: int, hi: int, vocab: int, vc: int, y, row_grad,
+                    first: bool) -> torch.Tensor:
+    """Loss rows of [lo, hi) (compute dtype) over vocabulary blocks of vc entries; with row_grad (per row
+    dL/dloss_i, or None) the block gradients go straight into the heads' gradient buffers."""
+    temp, alpha, beta = cfg.temperature, cfg.alpha, cfg.beta
+    rows = hi - lo
+    xs, xt = student.rows(lo, hi), teacher.rows(lo, hi)
+    blocks = [(v0, min(vocab, v0 + vc)) for v0 in range(0, vocab, vc)]
+    soft_on, hard_on = alpha != 0.0, y is not None and alpha != 1.0
+    like = torch.empty(0, dtype=cfg.acc, device=xs.device)
+
+    def logits(v0, v1):
+        s = student.logits(xs, v0, v1)
+        t = teacher.logits(xt, v0, v1)
+        return s, t
+
+    # sweep 1: normalisers, the target logit, and kl / reverse_kl accumulated online
+    on_s, on_t = _Online(rows, like), _Online(rows, like)
+    on_1 = _Online(rows, like) if hard_on and temp != 1.0 else on_s
+    target_logit = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
+    acc_d = torch.zeros(rows, dtype=cfg.acc, device=xs.device)  # sum of e^(w - m) (w - other) for kl / rkl
+    for v0, v1 in blocks:
+        s, t = logits(v0, v1)
+        if hard_on:  # CE at temperature 1 reads s before it is tempered in place
+            inside = (y >= v0) & (y < v1)
+            col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
+            target_logit = torch.where(inside, s.gather(1, col)[:, 0], target_logit)
+            if on_1 is not on_s:
+                on_1.update(s)
+        u, v = (s, t) if temp == 1.0 else (s.div_(temp), t.div_(temp))
+        shift_s, rescale_s = on_s.update(u)
+        shift_t, rescale_t = on_t.update(v)
+        if soft_on and code == KL:
+            acc_d = acc_d * rescale_t + _xlogy_terms(torch.exp(v - shift_t[:, None]), v, u).sum(1)
+        elif soft_on and code == REVERSE_KL:
+            acc_d = acc_d * rescale_s + _xlogy_terms(torch.exp(u - shift_s[:, None]), u, v).sum(1)
+        del s, t, u, v
+    lse_s, lse_t = on_s.lse(), on_t.lse()
+    lse_1 = on_1.lse() if on_1 is not on_s else lse_s  # the same sums when T = 1
+
+    # the divergence D per row, and the Jacobian sums S_s, S_t (jsd, tvd: one more sweep)
+    s_sum = t_sum = None
+    if not soft_on:
+        div = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
+    elif code == KL:  # sum p (v - u) - lse_t + lse_s
+        div = acc_d / on_t.d - lse_t + lse_s
+    elif code == REVERSE_KL:
+        div = acc_d / on_s.d - lse_s + lse_t
+    else:
+        s_sum = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
+        t_sum = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
+        half = torch.zeros(rows, dtype=cfg.acc, device=xs.device)  # tvd: sum |p - q|
+        for v0, v1 in blocks:
+            log_q, log_p = _log_probs(*logits(v0, v1), temp, lse_s, lse_t)
+            q, p = torch.exp(log_q), torch.exp(log_p)
+            if code == JSD:
+                log_m = _log_mixture(log_p, log_q, beta)
+                s_sum += _xlogy_terms(q, log_m, log_q).sum(1)  # sum q log(m / q)
+                t_sum += _xlogy_terms(p, log_m, log_p).sum(1)
+            else:
+                sign = torch.sign(p - q)
+                s_sum += (q * sign).sum(1)
+                t_sum += (p * sign).sum(1)
+                half += (p - q).abs().sum(1)
+            del log_q, log_p, q, p
+        div = -beta * t_sum - (1 - beta) * s_sum if code == JSD else 0.5 * half
+
+    scale_soft = temp * temp if cfg.t2_scale else 1.0
+    keep = None if y is None else y != cfg.ignore_index
+    loss = alpha * scale_soft * div if soft_on else torch.zeros_like(div)
+    if hard_on:
+        loss = loss + (1 - alpha) * (lse_1 - target_logit)
+    if keep is not None:
+        loss = torch.where(keep, loss, torch.zeros_like(loss))
+    if row_grad is None:
+        return loss
+
+    # last sweep: dL/ds and dL/dt of each block, then its matmuls
+    weight = (row_grad if row_grad.dim() else row_grad.expand(rows)).to(cfg.acc)
+    if keep is not None:
+        weight = torch.where(keep, weight, torch.zeros_like(weight))
+    a = (weight * (alpha * scale_soft / temp))[:, None] if soft_on else None
+    b = (weight * (1 - alpha))[:, None] if hard_on else None
+    gx_s = _input_grad_buffer(student, lo, hi)
+    gx_t = _input_grad_buffer(teacher, lo, hi)
+    for index, (v0, v1) in enumerate(blocks):
+        s, t = logits(v0, v1)
+        soft1 = None
+        if hard_on and student.wants_grad:  # softmax(s) at T = 1 for the CE gradient
+            soft1 = torch.exp(s - lse_1[:, None]) if temp != 1.0 else None
+        log_q, log_p = _log_probs(s, t, temp, lse_s, lse_t)
+        q, p = torch.exp(log_q), torch.exp(log_p)
+        g_s = g_t = None
+        if soft_on:
+            du, dv = _soft_grads(code, beta, q, p, log_q, log_p, div, s_sum, t_sum,
+                                 student.wants_grad, teacher.wants_grad)
+            g_s = None if du is None else du.mul_(a)
+            g_t = None if dv is None else dv.mul_(a)
+        if hard_on and student.wants_grad:
+            hard = q if soft1 is None else soft1  # q is softmax(s) at T = 1; the soft gradients are formed
+            hard.mul_(b)
+            inside = (y >= v0) & (y < v1)
+            col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
+            hard.scatter_add_(1, col, -(b * inside[:, None].to(b.dtype)))
+            g_s = hard if g_s is None else g_s.add_(hard)
+        del s, t, log_q, log_p, q, p, soft1
+        for head, g, xr, gx in ((student, g_s, xs, gx_s), (teacher, g_t, xt, gx_t)):
+            if not head.wants_grad:
+                continue
+            if g is None:
+                g = torch.zeros(rows, v1 - v0, dtype=cfg.acc, device=xs.device)
+            if gx is not None:
+                head.input_grad(g, v0, v1, out=gx, accumulate=index > 0)
+            head.weight_grad(g, xr, v0, v1, first)
+    for head, gx in ((student, gx_s), (teacher, gx_t)):
+        if gx is not None and gx.dtype != head.grad_x.dtype:
+            head.grad_x[lo:hi].copy_(gx)
+    return loss
+
+
+def _input_grad_buffer(head, lo, hi):
+    """Where the row chunk's input gradient accumulates over the blocks: the gradient itself when it has the
+    compute dtype, else an fp32 buffer copied (rounded) into it at the end."""
+    if head.grad_x is None:
+        return None
+    gx = head.grad_x[lo:hi]
+    return gx if gx.dtype == head.acc else torch.empty(gx.shape, dtype=head.acc, device=gx.device)
+
+
+def _log_probs(s, t, temp, lse_s, lse_t):
+    """(log q, log p) of a block, written over the block's logits s, t."""
+    if temp != 1.0:
+        s, t = s.div_(temp), t.div_(temp)
+    return s.sub_(lse_s[:, None]), t.sub_(lse_t[:, None])
+
+
+def _log_mixture(log_p, log_q, beta):
+    """log(beta p + (1 - beta) q) from the logs (0 < beta < 1): no underflow, -inf only where both are 0."""
+    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+
+
+def _soft_grads(code, beta, q, p, log_q, log_p, div, s_sum, t_sum, want_u, want_v):
+    """(dD/du, dD/dv) for a block (docs/ops-design.md, section 6, "Backward"); None where not wanted."""
+    du = dv = None
+    d = div[:, None]
+    if code == KL:
+        du = q - p if want_u else None
+        dv = _xlogy_terms(p, log_p - log_q, d) if want_v else None
+    elif code == REVERSE_KL:
+        du = _xlogy_terms(q, log_q - log_p, d) if want_u else None
+        dv = p - q if want_v else None
+    elif code == JSD:
+        log_m = _log_mixture(log_p, log_q, beta)
+        if want_u:  # (1 - beta) q (S_s - log(m / q))
+            du = _xlogy_terms(q, s_sum[:, None], log_m - log_q).mul_(1 - beta)
+        if want_v:  # beta p (S_t - log(m / p))
+            dv = _xlogy_terms(p, t_sum[:, None], log_m - log_p).mul_(beta)
+    else:
+        sign = torch.sign(p - q)
+        du = q * (s_sum[:, None] - sign) * 0.5 if want_u else None
+        dv = p * (sign - t_sum[:, None]) * 0.5 if want_v else None
+    return du, dv
