@@ -47,6 +47,11 @@ def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch
     return max(1, min(rows, max(MIN_CHUNK_ROWS, 1 << int(math.log2(fit)))))
 
 
+# Whole rows while a row chunk's logits take at most VOCAB_SPLIT budgets. Vocabulary blocks recompute the logit
+# matmuls and run their elementwise math as torch ops: at 512 x 256 x 128256 (CPU, kl, fwd+bwd) blocks of 32768
+# took about 3x the time of whole 128-row chunks (62.6 MiB each), so whole rows stay up to twice the budget
+# (V <= 131072 at 128 fp32 rows on CPU) and blocks take over beyond (V = 262144 and up).
+VOCAB_SPLIT = 2
 # A vocabulary block's elementwise math holds about VOCAB_BLOCK_BUFFERS block-sized temporaries at a time (both
 # heads' logits and probabilities, the soft gradients), against about 3 chunk-sized buffers in the row path; the
 # block is sized so that the two paths hold about the same memory.
@@ -54,12 +59,12 @@ VOCAB_BLOCK_BUFFERS = 6
 
 
 def auto_vocab_chunk(chunk_rows: int, vocab: int, acc_dtype: torch.dtype, device: torch.device) -> int:
-    """Vocabulary entries per block: the whole vocabulary when chunk_rows x vocab logits (compute dtype) fit
-    in CHUNK_LOGIT_BYTES; otherwise the most entries whose VOCAB_BLOCK_BUFFERS block buffers take no more
-    than 3 budgets (a multiple of 128 entries, at least 128)."""
+    """Vocabulary entries per block: the whole vocabulary when chunk_rows x vocab logits (compute dtype) take at
+    most VOCAB_SPLIT x CHUNK_LOGIT_BYTES; otherwise the most entries whose VOCAB_BLOCK_BUFFERS block buffers
+    take no more than 3 budgets (a multiple of 128 entries, at least 128)."""
     budget = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES["cuda"])
     item = torch.finfo(acc_dtype).bits // 8
-    if max(chunk_rows, 1) * vocab * item <= budget:
+    if max(chunk_rows, 1) * vocab * item <= VOCAB_SPLIT * budget:
         return max(vocab, 1)
     block = 3 * budget // (VOCAB_BLOCK_BUFFERS * max(chunk_rows, 1) * item)
     return max(128, block // 128 * 128)
@@ -384,8 +389,8 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
         chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 32 MiB (CPU)
             or 128 MiB (CUDA), but at least 128 rows (CPU: 256 rows at V = 32000, 128 at V = 128256).
         vocab_chunk_size: vocabulary entries per block when a row chunk is swept over the vocabulary in blocks
-            (docs/ops-design.md, "Vocabulary chunks"); None: whole rows while a chunk's logits fit the budget
-            above, else blocks sized from it (CPU, 128 rows at V = 262144: blocks of 16384). Peak extra memory
+            (docs/ops-design.md, "Vocabulary chunks"); None: whole rows while a chunk's logits take at most twice
+            the budget above, else blocks sized from it (CPU, 128 rows at V = 262144: blocks of 32768). Peak extra memory
             is then O(rows x block), independent of N and V but for the gradients themselves. The blocks'
             math runs in torch (whatever kd_loss backend is selected) and recomputes the logits once or
             twice more: kl and reverse_kl take 2 sweeps over the vocabulary with gradients (1 without), jsd

@@ -23,12 +23,6 @@ import torch
 KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3  # kd_divergence's codes (jsd at beta 0 / 1 arrives as kl / reverse_kl)
 
 
-def passes(code: int, gradients: bool) -> int:
-    """How many sweeps over the vocabulary a row chunk takes (each recomputes both heads' block logits)."""
-    stats_only = 1 if code in (KL, REVERSE_KL) else 2
-    return stats_only + int(gradients)
-
-
 class _Online:
     """Running (max, sum of exp from the max) per row: log-sum-exp over the vocabulary blocks seen so far."""
 
