@@ -5,7 +5,9 @@ Per chunk of rows: logits = x @ W.T (+ b) for student and teacher (fp32 compute;
 the per-row KD loss and its gradient w.r.t. the chunk's logits through the public `kd_loss` (so every backend
 of that op serves here: the CPU C++ kernel on CPU tensors, Triton / CUDA C++ on GPU tensors), then the chain
 rule through the matmuls into the gradients of the inputs, weights and biases. Peak extra memory is a few
-chunk x V buffers plus the gradients themselves, independent of N.
+chunk x V buffers plus the gradients themselves, independent of N. Where V is so large that even a minimal row
+chunk's logits exceed the budget, each row chunk is swept over vocabulary blocks instead
+(fused_linear_kd_vocab.py), so that the memory is a few chunk x block buffers.
 """
 
 from __future__ import annotations
