@@ -51,18 +51,20 @@ def reference(tensors, y, reduction, divergence, beta, temperature, alpha):
 
 
 def compare(tensors, y, dtypes, wants, tol, *, reduction, divergence="kl", beta=0.5, temperature=2.0, alpha=0.4,
-            **kw):
+            backend="auto", **kw):
     """Loss and the gradients of every tensor in `wants` (a random grad_output) against the float64 reference."""
     got = [None if t is None else t.detach().to(d).requires_grad_(w) for t, d, w in zip(tensors, dtypes, wants)]
     ref = [None if t is None else t.detach().to(d).double().requires_grad_(w)
            for t, d, w in zip(tensors, dtypes, wants)]
-    loss = ops.fused_linear_kd_loss(got[0], got[1], got[3], got[4], y, student_bias=got[2], teacher_bias=got[5],
-                                    temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                                    reduction=reduction, **kw)
+    with ops.use_backend(backend):
+        loss = ops.fused_linear_kd_loss(got[0], got[1], got[3], got[4], y, student_bias=got[2],
+                                        teacher_bias=got[5], temperature=temperature, alpha=alpha,
+                                        divergence=divergence, beta=beta, reduction=reduction, **kw)
     want = reference(ref, y, reduction, divergence, beta, temperature, alpha)
     grad_out = torch.rand(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
     leaves = [i for i, t in enumerate(got) if t is not None and t.requires_grad]
-    g_got = torch.autograd.grad(loss, [got[i] for i in leaves], grad_out.to(loss.dtype))
+    with ops.use_backend(backend):  # reduction "none" sweeps again in the backward
+        g_got = torch.autograd.grad(loss, [got[i] for i in leaves], grad_out.to(loss.dtype))
     g_ref = torch.autograd.grad(want, [ref[i] for i in leaves], grad_out)
     assert_close(loss, want, tol, "loss")
     for i, a, b in zip(leaves, g_got, g_ref):
@@ -72,26 +74,30 @@ def compare(tensors, y, dtypes, wants, tol, *, reduction, divergence="kl", beta=
 
 F64 = [torch.float64] * 6
 ALL = [True] * 6
+# the gradient sweep's elementwise math: kd_divergence's C++ backward kernel (auto on CPU tensors) or torch ops
+PATHS = ["auto", "torch"]
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_vocab_blocks_match_reference_float64(divergence, beta, reduction):
+def test_vocab_blocks_match_reference_float64(backend, divergence, beta, reduction):
     """Blocks of 8 over V = 37 (the last block 5 wide), rows in chunks of 4, both heads biased, every tensor
     requiring grad (the teacher's too), two rows ignored."""
     tensors, y = heads()
     compare(tensors, y, F64, ALL, torch.float64, reduction=reduction, divergence=divergence, beta=beta,
-            chunk_size=4, vocab_chunk_size=8)
+            chunk_size=4, vocab_chunk_size=8, backend=backend)
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:4], ids=DIV_IDS[:4])
 @pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (3.0, 0.0), (0.5, 1.0)])
-def test_vocab_blocks_temperatures_and_weights(divergence, beta, temperature, alpha):
+def test_vocab_blocks_temperatures_and_weights(backend, divergence, beta, temperature, alpha):
     """T = 1 (CE shares the soft normaliser), a CE-only loss (alpha = 0), a soft-only loss (alpha = 1)."""
     tensors, y = heads(seed=2)
     compare(tensors, y, F64, [True, True, True, True, False, False], torch.float64, reduction="token_mean",
             divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, chunk_size=5,
-            vocab_chunk_size=6)
+            vocab_chunk_size=6, backend=backend)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:4], ids=DIV_IDS[:4])
@@ -103,30 +109,33 @@ def test_block_widths_down_to_one_and_past_v(divergence, beta, vocab_chunk):
             divergence=divergence, beta=beta, chunk_size=3, vocab_chunk_size=vocab_chunk)
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:4], ids=DIV_IDS[:4])
 @pytest.mark.parametrize("reduction", ["none", "token_mean"])
-def test_vocab_blocks_float32_btH_no_bias(divergence, beta, reduction):
+def test_vocab_blocks_float32_btH_no_bias(backend, divergence, beta, reduction):
     tensors, y = heads(lead=(3, 5), hidden=12, hidden_t=10, vocab=300, seed=4, ignored=(0, 9))
     tensors[2] = tensors[5] = None
     compare(tensors, y, [torch.float32] * 6, ALL, torch.float32, reduction=reduction, divergence=divergence,
-            beta=beta, chunk_size=4, vocab_chunk_size=64)
+            beta=beta, chunk_size=4, vocab_chunk_size=64, backend=backend)
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)], ids=["kl", "jsd", "tvd"])
-def test_teacher_masked_vocabulary(divergence, beta):
+def test_teacher_masked_vocabulary(backend, divergence, beta):
     """-inf teacher bias on entries 1..8: a block of 4 entirely masked for the teacher."""
     tensors, y = heads(vocab=23, seed=5)
     tensors[5][1:9] = -float("inf")
     compare(tensors, y, F64, [True, True, True, True, True, False], torch.float64, reduction="none",
-            divergence=divergence, beta=beta, chunk_size=4, vocab_chunk_size=4)
+            divergence=divergence, beta=beta, chunk_size=4, vocab_chunk_size=4, backend=backend)
 
 
-def test_bf16_student_with_fp32_teacher():
+@pytest.mark.parametrize("backend", PATHS)
+def test_bf16_student_with_fp32_teacher(backend):
     tensors, y = heads(lead=(16,), hidden=32, hidden_t=24, vocab=200, seed=6)
     tensors = [t.to(torch.bfloat16 if i < 3 else torch.float32).double() for i, t in enumerate(tensors)]
     dtypes = [torch.bfloat16] * 3 + [torch.float32] * 3
     compare(tensors, y, dtypes, [True, True, True, False, False, False], torch.bfloat16, reduction="token_mean",
-            divergence="jsd", beta=0.4, chunk_size=8, vocab_chunk_size=48)
+            divergence="jsd", beta=0.4, chunk_size=8, vocab_chunk_size=48, backend=backend)
 
 
 def test_no_target():
@@ -234,3 +243,24 @@ def test_bad_vocab_chunk_size_raises():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="vocab_chunk_size must be None"):
             ops.fused_linear_kd_loss(*args, vocab_chunk_size=bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:4], ids=DIV_IDS[:4])
+def test_ignore_index_that_is_a_token_id(backend, divergence, beta):
+    """ignore_index = 3, a token id that block-relative labels also take: rows whose target is 3 are ignored,
+    a row whose target is 13 (3 within the block [10, 20)) is not."""
+    tensors, y = heads(seed=12, ignored=())
+    y[:4] = torch.tensor([3, 13, 3, 23])
+    got = [t.clone().requires_grad_() for t in tensors]
+    with ops.use_backend(backend):
+        loss = ops.fused_linear_kd_loss(got[0], got[1], got[3], got[4], y, student_bias=got[2],
+                                        teacher_bias=got[5], temperature=2.0, alpha=0.5, divergence=divergence,
+                                        beta=beta, ignore_index=3, reduction="sum", chunk_size=4,
+                                        vocab_chunk_size=10)
+    ref = [t.clone().requires_grad_() for t in tensors]
+    s, t = ref[0] @ ref[1].T + ref[2], ref[3] @ ref[4].T + ref[5]
+    want = oracle(s, t, y, divergence=divergence, beta=beta, temperature=2.0, alpha=0.5, ignore_index=3)[0].sum()
+    assert_close(loss, want, torch.float64, "loss")
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(loss, got), torch.autograd.grad(want, ref))):
+        assert_close(a, b, torch.float64, f"grad of tensor {i}")

@@ -10,8 +10,11 @@ Nothing here holds a row's logits over the whole vocabulary, so the per-row stat
             softmax Jacobian needs (they cannot be formed before the normalisers are)
   last      (when gradients are wanted) the gradient of the block's logits, then its matmuls
 
-Every sweep recomputes the block's logits (both heads). The elementwise math is torch's, in the compute dtype
-(fp32; fp64 for an fp64 student), whatever kd_loss backend is selected.
+Every sweep recomputes the block's logits (both heads). Sweeps 1 and 2 are torch ops in the compute dtype (fp32;
+fp64 for an fp64 student). The last sweep's elementwise gradient is kd_divergence's backward kernel (C++, CPU or
+CUDA) fed with the whole rows' statistics, the flash-attention pattern: its per-class formulas only read the
+row's normalisers, D and S_s, S_t, which the earlier sweeps have built; under the torch or Triton backend the
+same formulas run as torch ops.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import backends
+from .specs.kd_divergence import STATS
 
 KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3  # kd_divergence's codes (jsd at beta 0 / 1 arrives as kl / reverse_kl)
 
@@ -133,27 +139,18 @@ def sweep_row_chunk(cfg, code: int, student, teacher, lo: int, hi: int, vocab: i
     b = (weight * (1 - alpha))[:, None] if hard_on else None
     gx_s = _input_grad_buffer(student, lo, hi)
     gx_t = _input_grad_buffer(teacher, lo, hi)
+    kernel = _bwd_kernel(xs.device)
+    if kernel is not None:
+        stats = _kernel_stats(rows, lse_s, lse_t, lse_1, div, s_sum, t_sum)
+        g_div = (weight * (alpha * scale_soft)) if soft_on else torch.zeros_like(weight)
+        g_ce = (weight * (1 - alpha)) if hard_on else torch.zeros_like(weight)
     for index, (v0, v1) in enumerate(blocks):
-        s, t = logits(v0, v1)
-        soft1 = None
-        if hard_on and student.wants_grad:  # softmax(s) at T = 1 for the CE gradient
-            soft1 = torch.exp(s - lse_1[:, None]) if temp != 1.0 else None
-        log_q, log_p = _log_probs(s, t, temp, lse_s, lse_t)
-        q, p = torch.exp(log_q), torch.exp(log_p)
-        g_s = g_t = None
-        if soft_on:
-            du, dv = _soft_grads(code, beta, q, p, log_q, log_p, div, s_sum, t_sum,
-                                 student.wants_grad, teacher.wants_grad)
-            g_s = None if du is None else du.mul_(a)
-            g_t = None if dv is None else dv.mul_(a)
-        if hard_on and student.wants_grad:
-            hard = q if soft1 is None else soft1  # q is softmax(s) at T = 1; the soft gradients are formed
-            hard.mul_(b)
-            inside = (y >= v0) & (y < v1)
-            col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
-            hard.scatter_add_(1, col, -(b * inside[:, None].to(b.dtype)))
-            g_s = hard if g_s is None else g_s.add_(hard)
-        del s, t, log_q, log_p, q, p, soft1
+        if kernel is not None:
+            g_s, g_t = _kernel_block_grads(kernel, *logits(v0, v1), y, v0, v1, stats, g_div, g_ce, hard_on, cfg,
+                                           code, student.wants_grad, teacher.wants_grad)
+        else:
+            g_s, g_t = _torch_block_grads(*logits(v0, v1), y, v0, v1, lse_s, lse_t, lse_1, div, s_sum, t_sum, a, b,
+                                          soft_on, hard_on, cfg, code, student.wants_grad, teacher.wants_grad)
         for head, g, xr, gx in ((student, g_s, xs, gx_s), (teacher, g_t, xt, gx_t)):
             if not head.wants_grad:
                 continue
@@ -166,6 +163,66 @@ def sweep_row_chunk(cfg, code: int, student, teacher, lo: int, hi: int, vocab: i
         if gx is not None and gx.dtype != head.grad_x.dtype:
             head.grad_x[lo:hi].copy_(gx)
     return loss
+
+
+def _torch_block_grads(s, t, y, v0, v1, lse_s, lse_t, lse_1, div, s_sum, t_sum, a, b, soft_on, hard_on, cfg, code,
+                       want_s, want_t):
+    """(dL/ds, dL/dt) of a block as torch ops; None where not wanted (or, for the teacher, no soft term)."""
+    temp = cfg.temperature
+    soft1 = None
+    if hard_on and want_s and temp != 1.0:  # softmax(s) at T = 1 for the CE gradient
+        soft1 = torch.exp(s - lse_1[:, None])
+    log_q, log_p = _log_probs(s, t, temp, lse_s, lse_t)
+    q, p = torch.exp(log_q), torch.exp(log_p)
+    g_s = g_t = None
+    if soft_on:
+        du, dv = _soft_grads(code, cfg.beta, q, p, log_q, log_p, div, s_sum, t_sum, want_s, want_t)
+        g_s = None if du is None else du.mul_(a)
+        g_t = None if dv is None else dv.mul_(a)
+    if hard_on and want_s:
+        hard = q if soft1 is None else soft1  # q is softmax(s) at T = 1; the soft gradients are formed
+        hard.mul_(b)
+        inside = (y >= v0) & (y < v1)
+        col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
+        hard.scatter_add_(1, col, -(b * inside[:, None].to(b.dtype)))
+        g_s = hard if g_s is None else g_s.add_(hard)
+    return g_s, g_t
+
+
+def _bwd_kernel(device: torch.device):
+    """kd_divergence's backward op of the selected C++ backend (CPU or CUDA), or None (torch formulas)."""
+    backend = backends.select(device)
+    if backend not in ("cpu", "cuda"):
+        return None
+    return backends.load(backend).kd_divergence_bwd
+
+
+def _kernel_stats(rows, lse_s, lse_t, lse_1, div, s_sum, t_sum) -> torch.Tensor:
+    """The kernel's per-row statistics (kernels/kd_divergence_math.h) for whole rows: each maximum column holds
+    the row's log-sum-exp and each log-sum column 0, so that log q = u - lse_s, log p = v - lse_t and the CE's
+    softmax is exp(s - lse_1); L = 0 accordingly."""
+    stats = torch.zeros(rows, STATS, dtype=lse_s.dtype, device=lse_s.device)
+    stats[:, 0], stats[:, 2], stats[:, 9] = lse_s, lse_t, lse_1  # kMs, kMt, kM1
+    stats[:, 5] = div  # kD
+    if s_sum is not None:
+        stats[:, 7], stats[:, 8] = s_sum, t_sum  # kSs, kSt
+    return stats
+
+
+def _kernel_block_grads(kernel, s, t, y, v0, v1, stats, g_div, g_ce, hard_on, cfg, code, want_s, want_t):
+    """(dL/ds, dL/dt) of a block from the backward kernel. The kernel subtracts the CE's onehot at the row's
+    target: rows whose target lies in another block get column 0 as theirs, and that column is given back.
+    Ignored rows get the label -1 and the kernel the ignore_index -1, which no block label equals."""
+    block_y = outside = None
+    if y is not None:
+        inside = (y >= v0) & (y < v1)
+        keep = y != cfg.ignore_index
+        block_y = torch.where(keep, torch.where(inside, y - v0, torch.zeros_like(y)), torch.full_like(y, -1))
+        outside = keep & ~inside
+    g_s, g_t = kernel(g_div, g_ce, s, t, block_y, stats, cfg.temperature, -1, code, cfg.beta, want_s, want_t)
+    if want_s and hard_on:
+        g_s[:, 0] += g_ce * outside.to(g_ce.dtype)
+    return (g_s if want_s else None), (g_t if want_t else None)
 
 
 def _input_grad_buffer(head, lo, hi):
