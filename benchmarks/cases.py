@@ -250,6 +250,12 @@ def llm_cases(*, gpu: bool = False) -> list[Case]:
         providers = _with_compile(flkd_eager, flkd_augkd, {"liger": flkd_liger})
         cases.append(Case("fused_linear_kd", (rows, hidden, vocab), _flkd_inputs(rows, hidden, vocab), providers,
                           rows * vocab))
+    # a vocabulary so large that fused_linear_kd_loss sweeps vocabulary blocks on CPU (128 rows of fp32 logits
+    # exceed twice its 32 MiB budget); two N show its peak memory independent of N
+    for rows, hidden, vocab in [(256, 256, 262144), (512, 256, 262144)]:
+        providers = _with_compile(flkd_eager, flkd_augkd, {"liger": flkd_liger})
+        cases.append(Case("fused_linear_kd-vocab", (rows, hidden, vocab), _flkd_inputs(rows, hidden, vocab),
+                          providers, rows * vocab))
     rows, vocab = (4096 if gpu else 512), 128256
     cases.append(Case("topk_kd_loss", (rows, vocab, TOPK), _topk_inputs(rows, vocab),
                       _with_compile(topk_eager, topk_augkd, {"augkd-dense": topk_dense_augkd}), rows * vocab))

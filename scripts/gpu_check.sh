@@ -23,6 +23,9 @@ timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --out "$OUT/
 # fused_linear_kd vs eager / torch.compile / Liger, topk_kd_loss vs a dense teacher (N = 4096 on the GPU)
 timeout 200 python3 -m benchmarks.report --device cuda --repeats 20 --only fused_linear_kd,topk_kd_loss \
   --out "$OUT/gpu_bench_llm.md" 2>/dev/null
+# V = 262144 (whole 128-row chunks fit CUDA's budget, so this times the row path at that vocabulary)
+timeout 120 python3 -m benchmarks.report --device cuda --repeats 10 --only fused_linear_kd-vocab \
+  --out "$OUT/gpu_bench_llm_vocab.md" 2>/dev/null
 for backend in triton cuda; do
   AUGKD_BACKEND=$backend timeout 60 python3 -m benchmarks.report --device cuda --only kd_loss --repeats 20 \
     --out "$OUT/gpu_bench_kd_$backend.md" 2>/dev/null

@@ -71,6 +71,37 @@ def test_topk_kd_loss_cuda_graph_capture(backend):
     assert torch.isfinite(s_.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_kd_loss_vocab_blocks_on_gpu(dtype, divergence, backend):
+    """Vocabulary blocks on CUDA tensors: the gradient sweep through the CUDA C++ backward kernel (backend
+    "cuda") or as torch formulas (backend "triton", whose kernels the blocks do not use)."""
+    _ready(backend)
+    gen = torch.Generator().manual_seed(1)
+    n, h, v = 200, 64, 3000
+    xs = torch.randn(n, h, generator=gen, dtype=torch.float64).to(dtype).double()
+    ws = (torch.randn(v, h, generator=gen, dtype=torch.float64) / 8).to(dtype).double()
+    xt, wt = torch.randn(n, h, generator=gen, dtype=torch.float64), torch.randn(v, h, generator=gen, dtype=torch.float64) / 8
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[::5] = -100
+
+    def run(device, dt_s, backend_name, **kw):
+        a = xs.to(device, dt_s).requires_grad_()
+        b = ws.to(device, dt_s).requires_grad_()
+        t_dtype = torch.float32 if dt_s != torch.float64 else dt_s
+        with use_backend(backend_name):
+            loss = ops.fused_linear_kd_loss(a, b, xt.to(device, t_dtype), wt.to(device, t_dtype), y.to(device),
+                                            temperature=2.0, alpha=0.5, divergence=divergence, beta=0.3,
+                                            reduction="token_mean", **kw)
+            return (loss, *torch.autograd.grad(loss, [a, b]))
+
+    got = run("cuda", dtype, backend, chunk_size=64, vocab_chunk_size=700)
+    want = run("cpu", torch.float64, "torch")
+    for name, a, b in zip(("loss", "grad x", "grad W"), got, want):
+        _close(a, b, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_kd_loss_on_gpu(dtype):
     gen = torch.Generator().manual_seed(0)

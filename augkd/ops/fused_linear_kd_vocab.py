@@ -71,37 +71,17 @@ def sweep_row_chunk(cfg, code: int, student, teacher, lo: int, hi: int, vocab: i
         return s, t
 
     # sweep 1: normalisers, the target logit, and kl / reverse_kl accumulated online
-    on_s, on_t = _Online(rows, like), _Online(rows, like)
-    on_1 = _Online(rows, like) if hard_on and temp != 1.0 else on_s
-    target_logit = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
-    acc_d = torch.zeros(rows, dtype=cfg.acc, device=xs.device)  # sum of e^(w - m) (w - other) for kl / rkl
-    for v0, v1 in blocks:
-        s, t = logits(v0, v1)
-        if hard_on:  # CE at temperature 1 reads s before it is tempered in place
-            inside = (y >= v0) & (y < v1)
-            col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
-            target_logit = torch.where(inside, s.gather(1, col)[:, 0], target_logit)
-            if on_1 is not on_s:
-                on_1.update(s)
-        u, v = (s, t) if temp == 1.0 else (s.div_(temp), t.div_(temp))
-        shift_s, rescale_s = on_s.update(u)
-        shift_t, rescale_t = on_t.update(v)
-        if soft_on and code == KL:
-            acc_d = acc_d * rescale_t + _xlogy_terms(torch.exp(v - shift_t[:, None]), v, u).sum(1)
-        elif soft_on and code == REVERSE_KL:
-            acc_d = acc_d * rescale_s + _xlogy_terms(torch.exp(u - shift_s[:, None]), u, v).sum(1)
-        del s, t, u, v
-    lse_s, lse_t = on_s.lse(), on_t.lse()
-    lse_1 = on_1.lse() if on_1 is not on_s else lse_s  # the same sums when T = 1
+    fwd_kernel = _kernel(xs.device, "kd_divergence_fwd")
+    sweep1 = _stats_by_kernel if fwd_kernel is not None else _stats_by_torch
+    lse_s, lse_t, lse_1, target_logit, online_div = sweep1(fwd_kernel, blocks, logits, y, rows, like, temp, beta,
+                                                           code if soft_on else None, hard_on)
 
     # the divergence D per row, and the Jacobian sums S_s, S_t (jsd, tvd: one more sweep)
     s_sum = t_sum = None
     if not soft_on:
         div = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
-    elif code == KL:  # sum p (v - u) - lse_t + lse_s
-        div = acc_d / on_t.d - lse_t + lse_s
-    elif code == REVERSE_KL:
-        div = acc_d / on_s.d - lse_s + lse_t
+    elif code in (KL, REVERSE_KL):
+        div = online_div
     else:
         s_sum = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
         t_sum = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
@@ -139,7 +119,7 @@ def sweep_row_chunk(cfg, code: int, student, teacher, lo: int, hi: int, vocab: i
     b = (weight * (1 - alpha))[:, None] if hard_on else None
     gx_s = _input_grad_buffer(student, lo, hi)
     gx_t = _input_grad_buffer(teacher, lo, hi)
-    kernel = _bwd_kernel(xs.device)
+    kernel = _kernel(xs.device, "kd_divergence_bwd")
     if kernel is not None:
         stats = _kernel_stats(rows, lse_s, lse_t, lse_1, div, s_sum, t_sum)
         g_div = (weight * (alpha * scale_soft)) if soft_on else torch.zeros_like(weight)
@@ -189,12 +169,90 @@ def _torch_block_grads(s, t, y, v0, v1, lse_s, lse_t, lse_1, div, s_sum, t_sum, 
     return g_s, g_t
 
 
-def _bwd_kernel(device: torch.device):
-    """kd_divergence's backward op of the selected C++ backend (CPU or CUDA), or None (torch formulas)."""
+def _kernel(device: torch.device, name: str):
+    """An op of kd_divergence from the selected C++ backend (CPU or CUDA), or None (torch formulas)."""
     backend = backends.select(device)
     if backend not in ("cpu", "cuda"):
         return None
-    return backends.load(backend).kd_divergence_bwd
+    return getattr(backends.load(backend), name)
+
+
+def _target_logit(s, y, v0, v1, target_logit):
+    """s[i, y_i] for the rows whose target lies in [v0, v1); the others keep `target_logit`."""
+    inside = (y >= v0) & (y < v1)
+    col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
+    return torch.where(inside, s.gather(1, col)[:, 0], target_logit)
+
+
+def _stats_by_torch(_, blocks, logits, y, rows, like, temp, beta, code, hard_on):
+    """Sweep 1 as torch ops: (lse_s, lse_t, lse_1, target logit, D for kl / reverse_kl else None). code: None
+    without a soft term."""
+    on_s, on_t = _Online(rows, like), _Online(rows, like)
+    on_1 = _Online(rows, like) if hard_on and temp != 1.0 else on_s
+    target_logit = torch.zeros(rows, dtype=like.dtype, device=like.device)
+    acc_d = torch.zeros(rows, dtype=like.dtype, device=like.device)  # sum e^(w - m) (w - other), kl / rkl
+    for v0, v1 in blocks:
+        s, t = logits(v0, v1)
+        if hard_on:  # CE at temperature 1 reads s before it is tempered in place
+            target_logit = _target_logit(s, y, v0, v1, target_logit)
+            if on_1 is not on_s:
+                on_1.update(s)
+        u, v = (s, t) if temp == 1.0 else (s.div_(temp), t.div_(temp))
+        shift_s, rescale_s = on_s.update(u)
+        shift_t, rescale_t = on_t.update(v)
+        if code == KL:
+            acc_d = acc_d * rescale_t + _xlogy_terms(torch.exp(v - shift_t[:, None]), v, u).sum(1)
+        elif code == REVERSE_KL:
+            acc_d = acc_d * rescale_s + _xlogy_terms(torch.exp(u - shift_s[:, None]), u, v).sum(1)
+        del s, t, u, v
+    lse_s, lse_t = on_s.lse(), on_t.lse()
+    lse_1 = on_1.lse() if on_1 is not on_s else lse_s  # the same sums when T = 1
+    div = None
+    if code == KL:  # sum p (v - u) - lse_t + lse_s
+        div = acc_d / on_t.d - lse_t + lse_s
+    elif code == REVERSE_KL:
+        div = acc_d / on_s.d - lse_s + lse_t
+    return lse_s, lse_t, lse_1, target_logit, div
+
+
+def _stats_by_kernel(fwd, blocks, logits, y, rows, like, temp, beta, code, hard_on):
+    """Sweep 1 through kd_divergence's forward kernel, one call per block: its statistics give the block's
+    log-sum-exps (m + log d) of u, v and (label 0 for every row, so that it computes them) s, and its D the
+    block's KL(p' || q') of the block-normalised p', q', from which sum_block p' (v - u) = D' + lse_t' - lse_s';
+    the blocks are merged with logaddexp, the kl sum weighted by e^(lse_t' - lse_t) (reverse KL alike)."""
+    need1 = hard_on and temp != 1.0
+    labels = torch.zeros(rows, dtype=torch.int64, device=like.device) if need1 else None
+    fwd_code = code if code in (KL, REVERSE_KL) else KL
+    neg_inf = torch.full((rows,), -math.inf, dtype=like.dtype, device=like.device)
+    lse_s, lse_t, lse_1 = neg_inf, neg_inf, neg_inf
+    target_logit = torch.zeros(rows, dtype=like.dtype, device=like.device)
+    acc = torch.zeros(rows, dtype=like.dtype, device=like.device)  # sum p (w - other) over the blocks so far
+    for v0, v1 in blocks:
+        s, t = logits(v0, v1)
+        if hard_on:
+            target_logit = _target_logit(s, y, v0, v1, target_logit)
+        _, st = fwd(s, t, labels, temp, 1.0, -1, False, fwd_code, beta)
+        block_s, block_t = st[:, 0] + st[:, 1], st[:, 2] + st[:, 3]  # kMs + kLogDs, kMt + kLogDt
+        if need1:
+            lse_1 = torch.logaddexp(lse_1, st[:, 9] + st[:, 10])  # kM1 + kLogD1
+        if code in (KL, REVERSE_KL):
+            own, other, block_own, block_other = ((lse_t, lse_s, block_t, block_s) if code == KL
+                                                  else (lse_s, lse_t, block_s, block_t))
+            merged = torch.logaddexp(own, block_own)
+            finite = torch.isfinite(merged)
+            keep = torch.where(finite, torch.exp(own - merged), torch.zeros_like(merged))
+            term = torch.exp(block_own - merged) * (st[:, 5] + block_own - block_other)  # kD
+            acc = acc * keep + torch.where(torch.isfinite(block_own) & finite, term, torch.zeros_like(term))
+        lse_s, lse_t = torch.logaddexp(lse_s, block_s), torch.logaddexp(lse_t, block_t)
+        del s, t, st
+    if not need1:
+        lse_1 = lse_s
+    div = None
+    if code == KL:
+        div = acc - lse_t + lse_s
+    elif code == REVERSE_KL:
+        div = acc - lse_s + lse_t
+    return lse_s, lse_t, lse_1, target_logit, div
 
 
 def _kernel_stats(rows, lse_s, lse_t, lse_1, div, s_sum, t_sum) -> torch.Tensor:
