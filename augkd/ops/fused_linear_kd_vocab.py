@@ -10,11 +10,12 @@ Nothing here holds a row's logits over the whole vocabulary, so the per-row stat
             softmax Jacobian needs (they cannot be formed before the normalisers are)
   last      (when gradients are wanted) the gradient of the block's logits, then its matmuls
 
-Every sweep recomputes the block's logits (both heads). Sweeps 1 and 2 are torch ops in the compute dtype (fp32;
-fp64 for an fp64 student). The last sweep's elementwise gradient is kd_divergence's backward kernel (C++, CPU or
-CUDA) fed with the whole rows' statistics, the flash-attention pattern: its per-class formulas only read the
-row's normalisers, D and S_s, S_t, which the earlier sweeps have built; under the torch or Triton backend the
-same formulas run as torch ops.
+Every sweep recomputes the block's logits (both heads). Under the C++ backends (CPU, CUDA) sweep 1 is
+kd_divergence's forward kernel per block (block statistics merged across blocks) and the last sweep's
+elementwise gradient is its backward kernel fed with the whole rows' statistics, the flash-attention pattern: its
+per-class formulas only read the row's normalisers, D and S_s, S_t, which the earlier sweeps have built. Sweep 2,
+and everything under the torch or Triton backend, runs as torch ops in the compute dtype (fp32; fp64 for an fp64
+student).
 """
 
 from __future__ import annotations
