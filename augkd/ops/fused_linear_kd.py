@@ -50,9 +50,9 @@ def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch
 
 
 # Whole rows while a row chunk's logits take at most VOCAB_SPLIT budgets. Vocabulary blocks recompute the logit
-# matmuls and run their elementwise math as torch ops: at 512 x 256 x 128256 (CPU, kl, fwd+bwd) blocks of 32768
-# took about 3x the time of whole 128-row chunks (62.6 MiB each), so whole rows stay up to twice the budget
-# (V <= 131072 at 128 fp32 rows on CPU) and blocks take over beyond (V = 262144 and up).
+# matmuls once or twice more and run part of their elementwise math as torch ops: at 512 x 256 x 128256 (CPU,
+# fwd+bwd) blocks of 32768 took 1.35x (kl) and 3.3x (jsd) the time of whole 128-row chunks (62.6 MiB each), so
+# whole rows stay up to twice the budget (V <= 131072 at 128 fp32 rows on CPU) and blocks take over beyond.
 VOCAB_SPLIT = 2
 # A vocabulary block's elementwise math holds about VOCAB_BLOCK_BUFFERS block-sized temporaries at a time (both
 # heads' logits and probabilities, the soft gradients), against about 3 chunk-sized buffers in the row path; the
