@@ -50,8 +50,8 @@ def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch
 
 
 # Whole rows while a row chunk's logits take at most VOCAB_SPLIT budgets. Vocabulary blocks recompute the logit
-# matmuls once or twice more and run part of their elementwise math as torch ops: at 512 x 256 x 128256 (CPU,
-# fwd+bwd) blocks of 32768 took 1.35x (kl) and 3.3x (jsd) the time of whole 128-row chunks (62.6 MiB each), so
+# matmuls once (kl, reverse_kl) or twice (jsd, tvd) more: at 512 x 256 x 128256 (CPU, fwd+bwd) blocks of 32768
+# took 1.35x (kl) and 2.5x (jsd) the time of whole 128-row chunks (62.6 MiB each), so
 # whole rows stay up to twice the budget (V <= 131072 at 128 fp32 rows on CPU) and blocks take over beyond.
 VOCAB_SPLIT = 2
 # A vocabulary block's elementwise math holds about VOCAB_BLOCK_BUFFERS block-sized temporaries at a time (both

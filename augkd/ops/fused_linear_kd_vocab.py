@@ -11,10 +11,10 @@ Nothing here holds a row's logits over the whole vocabulary, so the per-row stat
   last      (when gradients are wanted) the gradient of the block's logits, then its matmuls
 
 Every sweep recomputes the block's logits (both heads). Under the C++ backends (CPU, CUDA) sweep 1 is
-kd_divergence's forward kernel per block (block statistics merged across blocks) and the last sweep's
-elementwise gradient is its backward kernel fed with the whole rows' statistics, the flash-attention pattern: its
-per-class formulas only read the row's normalisers, D and S_s, S_t, which the earlier sweeps have built. Sweep 2,
-and everything under the torch or Triton backend, runs as torch ops in the compute dtype (fp32; fp64 for an fp64
+kd_divergence's forward kernel per block (block statistics merged across blocks); sweep 2 and the last sweep are
+its backward kernel fed with the whole rows' statistics, the flash-attention pattern: its per-class formulas only
+read the row's normalisers, D and S_s, S_t (sweep 2 passes S = 0 and sums the per-class gradients into S).
+Under the torch or Triton backend every sweep runs as torch ops in the compute dtype (fp32; fp64 for an fp64
 student).
 """
 
@@ -84,23 +84,9 @@ def sweep_row_chunk(cfg, code: int, student, teacher, lo: int, hi: int, vocab: i
     elif code in (KL, REVERSE_KL):
         div = online_div
     else:
-        s_sum = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
-        t_sum = torch.zeros(rows, dtype=cfg.acc, device=xs.device)
-        half = torch.zeros(rows, dtype=cfg.acc, device=xs.device)  # tvd: sum |p - q|
-        for v0, v1 in blocks:
-            log_q, log_p = _log_probs(*logits(v0, v1), temp, lse_s, lse_t)
-            q, p = torch.exp(log_q), torch.exp(log_p)
-            if code == JSD:
-                log_m = _log_mixture(log_p, log_q, beta)
-                s_sum += _xlogy_terms(q, log_m, log_q).sum(1)  # sum q log(m / q)
-                t_sum += _xlogy_terms(p, log_m, log_p).sum(1)
-            else:
-                sign = torch.sign(p - q)
-                s_sum += (q * sign).sum(1)
-                t_sum += (p * sign).sum(1)
-                half += (p - q).abs().sum(1)
-            del log_q, log_p, q, p
-        div = -beta * t_sum - (1 - beta) * s_sum if code == JSD else 0.5 * half
+        bwd_kernel = _kernel(xs.device, "kd_divergence_bwd")
+        sweep2 = _sums_by_kernel if bwd_kernel is not None else _sums_by_torch
+        s_sum, t_sum, div = sweep2(bwd_kernel, blocks, logits, rows, lse_s, lse_t, temp, beta, code)
 
     scale_soft = temp * temp if cfg.t2_scale else 1.0
     keep = None if y is None else y != cfg.ignore_index
@@ -214,6 +200,50 @@ def _stats_by_torch(_, blocks, logits, y, rows, like, temp, beta, code, hard_on)
     elif code == REVERSE_KL:
         div = acc_d / on_s.d - lse_s + lse_t
     return lse_s, lse_t, lse_1, target_logit, div
+
+
+def _sums_by_torch(_, blocks, logits, rows, lse_s, lse_t, temp, beta, code):
+    """Sweep 2 (jsd, tvd) as torch ops: (S_s, S_t, D)."""
+    s_sum = torch.zeros_like(lse_s)
+    t_sum = torch.zeros_like(lse_s)
+    half = torch.zeros_like(lse_s)  # tvd: sum |p - q|
+    for v0, v1 in blocks:
+        log_q, log_p = _log_probs(*logits(v0, v1), temp, lse_s, lse_t)
+        q, p = torch.exp(log_q), torch.exp(log_p)
+        if code == JSD:
+            log_m = _log_mixture(log_p, log_q, beta)
+            s_sum += _xlogy_terms(q, log_m, log_q).sum(1)  # sum q log(m / q)
+            t_sum += _xlogy_terms(p, log_m, log_p).sum(1)
+        else:
+            sign = torch.sign(p - q)
+            s_sum += (q * sign).sum(1)
+            t_sum += (p * sign).sum(1)
+            half += (p - q).abs().sum(1)
+        del log_q, log_p, q, p
+    return s_sum, t_sum, (-beta * t_sum - (1 - beta) * s_sum if code == JSD else 0.5 * half)
+
+
+def _sums_by_kernel(bwd, blocks, logits, rows, lse_s, lse_t, temp, beta, code):
+    """Sweep 2 (jsd, tvd) through kd_divergence's backward kernel: with S_s = S_t = 0 in the statistics and a
+    gradient weight of T on D, its per-class gradients are jsd du = -(1 - beta) q log(m / q),
+    dv = -beta p log(m / p); tvd du = -q sign(p - q) / 2, dv = p sign(p - q) / 2, whose row sums give S_s and
+    S_t; then D = -beta S_t - (1 - beta) S_s (jsd) or (S_t - S_s) / 2 (tvd: sum |p - q| = sum (p - q) sign)."""
+    zeros = torch.zeros_like(lse_s)
+    stats = _kernel_stats(rows, lse_s, lse_t, lse_s, zeros, zeros, zeros)
+    weight = torch.full_like(lse_s, temp)
+    sum_u = torch.zeros_like(lse_s)
+    sum_v = torch.zeros_like(lse_s)
+    for v0, v1 in blocks:
+        s, t = logits(v0, v1)
+        du, dv = bwd(weight, zeros, s, t, None, stats, temp, -1, code, beta, True, True)
+        sum_u += du.sum(1)
+        sum_v += dv.sum(1)
+        del s, t, du, dv
+    if code == JSD:
+        s_sum, t_sum = sum_u / -(1 - beta), sum_v / -beta
+        return s_sum, t_sum, -beta * t_sum - (1 - beta) * s_sum
+    s_sum, t_sum = -2 * sum_u, 2 * sum_v
+    return s_sum, t_sum, 0.5 * (t_sum - s_sum)
 
 
 def _stats_by_kernel(fwd, blocks, logits, y, rows, like, temp, beta, code, hard_on):
