@@ -391,12 +391,12 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
         chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 32 MiB (CPU)
             or 128 MiB (CUDA), but at least 128 rows (CPU: 256 rows at V = 32000, 128 at V = 128256).
         vocab_chunk_size: vocabulary entries per block when a row chunk is swept over the vocabulary in blocks
-            (docs/ops-design.md, "Vocabulary chunks"); None: whole rows while a chunk's logits take at most twice
-            the budget above, else blocks sized from it (CPU, 128 rows at V = 262144: blocks of 32768). Peak extra memory
-            is then O(rows x block), independent of N and V but for the gradients themselves. The blocks'
-            math runs in torch (whatever kd_loss backend is selected) and recomputes the logits once or
-            twice more: kl and reverse_kl take 2 sweeps over the vocabulary with gradients (1 without), jsd
-            and tvd 3 (2).
+            (docs/ops-design.md, "Vocabulary chunks"); None: whole rows while a chunk's logits take at most
+            twice the budget above, else blocks sized from it (CPU, 128 rows at V = 262144: blocks of 32768).
+            Peak extra memory is then O(rows x block), independent of N and V but for the gradients
+            themselves. The blocks recompute the logits once or twice more: kl and reverse_kl take 2 sweeps
+            over the vocabulary with gradients (1 without), jsd and tvd 3 (2); their elementwise work runs
+            kd_divergence's C++ kernels under the cpu / cuda backends, torch formulas under torch / triton.
 
     Gradients flow into every tensor that requires grad, the teacher's too. For the scalar reductions they are
     computed during the forward and the backward only scales them, so a second backward through the same loss
