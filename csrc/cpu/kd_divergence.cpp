@@ -11,7 +11,6 @@
 // grad_t = g_div / T dD/dv (g_div, g_ce: the gradient on D and on CE per row, from the front-end).
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -186,11 +185,8 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& stude
   checks::check_labels("kd_divergence", target, C, ignore_index);
   const bool need1 = has_target && temperature != 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_divergence_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
+  AUGKD_CPU_DISPATCH(student, "kd_divergence_fwd_cpu", {
     using O = VecOps<A>;
-    constexpr int64_t W = V::size();
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     A* loss_ptr = loss.mutable_data_ptr<A>();
@@ -257,11 +253,8 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
   const bool has_target = checks::present(target);
   const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_divergence_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
+  AUGKD_CPU_DISPATCH(student, "kd_divergence_bwd_cpu", {
     using O = VecOps<A>;
-    constexpr int64_t W = V::size();
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     const A* gd_ptr = grad_div.const_data_ptr<A>();

@@ -28,7 +28,6 @@
 // before the single rounding to the output dtype.
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -300,8 +299,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   // (the Python check is skipped for this backend; GPU kernels give a NaN row instead).
   checks::check_labels("kd_loss", target, C, ignore_index);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AUGKD_CPU_DISPATCH(student, "kd_loss_fwd_cpu", {
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     A* loss_ptr = loss.mutable_data_ptr<A>();
@@ -352,8 +350,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, 
   const bool has_target = checks::present(target);
   const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AUGKD_CPU_DISPATCH(student, "kd_loss_bwd_cpu", {
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     scalar_t* gs_ptr = student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;

@@ -34,6 +34,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "op_dispatch.h"
+
 namespace augkd::cpu {
 
 template <typename T>
@@ -278,3 +280,9 @@ inline at::Tensor new_output_like(const at::Tensor& like) {
 }
 
 }  // namespace augkd::cpu
+
+// AUGKD_DISPATCH_FLOATING (op_dispatch.h) with the CPU kernels' vector types as well: V = Vec<A> and
+// W = its lanes.
+#define AUGKD_CPU_DISPATCH(x, name, ...)                                                   \
+  AUGKD_DISPATCH_FLOATING(x, name, using V [[maybe_unused]] = ::augkd::cpu::Vec<A>;        \
+                          [[maybe_unused]] constexpr int64_t W = V::size(); __VA_ARGS__)

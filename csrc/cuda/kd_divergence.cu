@@ -5,7 +5,6 @@
 //   forward:  one block of kDivThreads per row (rows loop by gridDim.x): two sweeps, each with a block reduction.
 //   backward: a 2-D grid of (column tile, row) blocks, each element written once from the row's stats.
 // Everything runs on the current stream, with no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +17,7 @@
 #include "kd_divergence.cuh"
 #include "launch_utils.h"
 #include "op_outputs.h"
+#include "op_dispatch.h"
 #include "op_register.h"
 
 namespace augkd::cuda {
@@ -37,8 +37,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cuda(const at::Tensor& stud
   if (rows == 0) return {loss, stats};
   const auto blocks = static_cast<unsigned>(std::min(rows, kMaxGridX));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_divergence_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_divergence_fwd_cuda", {
     DivFwdParams<scalar_t> p{};
     p.student = s.const_data_ptr<scalar_t>();
     p.teacher = t.const_data_ptr<scalar_t>();
@@ -79,8 +78,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad
   at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : unused_grad(t);
   if (rows == 0 || (!student_grad && !teacher_grad)) return {gs, gt};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_divergence_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_divergence_bwd_cuda", {
     DivBwdParams<scalar_t> p{};
     p.grad_div = grad_div.const_data_ptr<A>();
     p.grad_ce = grad_ce.const_data_ptr<A>();

@@ -13,7 +13,6 @@
 //             block per row.
 //   backward: C <= 1024: one warp per row; larger C: a 2-D grid of (column tile, row) blocks.
 // Everything runs on the current stream, with no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,6 +23,7 @@
 #include "kd_loss.cuh"
 #include "op_checks.h"
 #include "op_outputs.h"
+#include "op_dispatch.h"
 #include "op_register.h"
 #include "row_launch.h"
 
@@ -74,8 +74,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   const bool need1 = has_target && temperature != 1.0;  // the CE needs its own sum d_1
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_loss_fwd_cuda", {
     KdFwdParams<scalar_t> p{};
     set_kd_inputs<scalar_t>(p, s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
     p.loss = loss.mutable_data_ptr<A>();
@@ -111,8 +110,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss,
 
   const double c = t2_scale ? temperature * temperature : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_loss_bwd_cuda", {
     KdBwdParams<scalar_t> p{};
     set_kd_inputs<scalar_t>(p, s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
     p.grad_loss = grad_loss.const_data_ptr<A>();

@@ -7,7 +7,6 @@
 //   backward: a 2-D grid of (column tile, row) blocks writes the dense gradient, then one thread per row
 //             overwrites its k teacher entries (a second launch on the same stream: ordered after the first).
 // Everything runs on the current stream, with no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +15,7 @@
 #include <tuple>
 
 #include "op_outputs.h"
+#include "op_dispatch.h"
 #include "op_register.h"
 #include "row_launch.h"
 #include "topk_checks.h"
@@ -58,8 +58,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& stude
   if (rows == 0) return {loss, stats};
   const double c = t2_scale ? temperature * temperature : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_topk_kd_loss_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_topk_kd_loss_fwd_cuda", {
     TopkFwdParams<scalar_t> p{};
     set_topk_inputs<scalar_t>(p, s, indices, values, target, temperature, ignore_index, tail, divergence);
     p.loss = loss.mutable_data_ptr<A>();
@@ -92,8 +91,7 @@ at::Tensor topk_kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
   if (rows == 0) return grad;
   const double c = t2_scale ? temperature * temperature : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_topk_kd_loss_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_topk_kd_loss_bwd_cuda", {
     TopkBwdParams<scalar_t> p{};
     set_topk_inputs<scalar_t>(p, s, indices, values, target, temperature, ignore_index, tail, divergence);
     p.grad_loss = grad_loss.const_data_ptr<A>();
