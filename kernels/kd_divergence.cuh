@@ -51,27 +51,18 @@ struct DivState {
     }
   }
 
-  AUGKD_HD void merge(const DivState& o) {
-    const A M_s = max_(m_s, o.m_s), M_t = max_(m_t, o.m_t), M_1 = NEED1 ? max_(m_1, o.m_1) : m_1;
-    DivState b = o;
-    b.rebase(M_s, M_t, M_1);
-    rebase(M_s, M_t, M_1);
-    d_s += b.d_s;
-    d_t += b.d_t;
-    gap += b.gap;
-    if constexpr (NEED1) d_1 += b.d_1;
-  }
+  AUGKD_HD void rebase(const DivState& top) { rebase(top.m_s, top.m_t, top.m_1); }
 
-  __device__ __forceinline__ DivState shfl_xor(int m) const {
-    DivState o;
-    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
-    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
-    o.m_t = __shfl_xor_sync(kFullMask, m_t, m);
-    o.d_t = __shfl_xor_sync(kFullMask, d_t, m);
-    o.gap = __shfl_xor_sync(kFullMask, gap, m);
-    o.m_1 = NEED1 ? __shfl_xor_sync(kFullMask, m_1, m) : m_1;
-    o.d_1 = NEED1 ? __shfl_xor_sync(kFullMask, d_1, m) : d_1;
-    return o;
+  // The fields that merges combine and lanes exchange (kernels/reduce.cuh); (m_1, d_1) only with NEED1.
+  template <typename F>
+  AUGKD_HD static void for_each_max(DivState& a, const DivState& b, F&& f) {
+    f(a.m_s, b.m_s), f(a.m_t, b.m_t);
+    if constexpr (NEED1) f(a.m_1, b.m_1);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(DivState& a, const DivState& b, F&& f) {
+    f(a.d_s, b.d_s), f(a.d_t, b.d_t), f(a.gap, b.gap);
+    if constexpr (NEED1) f(a.d_1, b.d_1);
   }
 };
 
@@ -81,13 +72,9 @@ struct DivSums {
   A d, ss, st;
   AUGKD_HD static DivSums identity() { return {A(0), A(0), A(0)}; }
   AUGKD_HD DivSums empty() const { return identity(); }
-  AUGKD_HD void merge(const DivSums& o) {
-    d += o.d;
-    ss += o.ss;
-    st += o.st;
-  }
-  __device__ __forceinline__ DivSums shfl_xor(int m) const {
-    return {__shfl_xor_sync(kFullMask, d, m), __shfl_xor_sync(kFullMask, ss, m), __shfl_xor_sync(kFullMask, st, m)};
+  template <typename F>
+  AUGKD_HD static void for_each_sum(DivSums& a, const DivSums& b, F&& f) {
+    f(a.d, b.d), f(a.ss, b.ss), f(a.st, b.st);
   }
 };
 

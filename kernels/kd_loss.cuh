@@ -68,30 +68,21 @@ struct KdState {
     m_t = M_t;
   }
 
-  // Merging two partial states is the same rescaling applied to both, then a sum.
-  AUGKD_HD void merge(const KdState& o) {
-    const A M_s = max_(m_s, o.m_s);
-    const A M_t = max_(m_t, o.m_t);
-    KdState b = o;
-    b.inv_t = inv_t;
-    b.rebase(M_s, M_t);
-    rebase(M_s, M_t);
-    d_s += b.d_s;
-    d_t += b.d_t;
-    a += b.a;
-    if constexpr (NEED1) d_1 += b.d_1;
+  // A merge re-measures both states from the maxima of `top` with top's 1 / T (merge_state, reduce.cuh).
+  AUGKD_HD void rebase(const KdState& top) {
+    inv_t = top.inv_t;
+    rebase(top.m_s, top.m_t);
   }
 
-  __device__ __forceinline__ KdState shfl_xor(int m) const {
-    KdState o;
-    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
-    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
-    o.m_t = __shfl_xor_sync(kFullMask, m_t, m);
-    o.d_t = __shfl_xor_sync(kFullMask, d_t, m);
-    o.a = __shfl_xor_sync(kFullMask, a, m);
-    o.d_1 = NEED1 ? __shfl_xor_sync(kFullMask, d_1, m) : d_1;
-    o.inv_t = inv_t;
-    return o;
+  // The fields that merges combine and lanes exchange (inv_t is a parameter); d_1 only with NEED1.
+  template <typename F>
+  AUGKD_HD static void for_each_max(KdState& x, const KdState& y, F&& f) {
+    f(x.m_s, y.m_s), f(x.m_t, y.m_t);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(KdState& x, const KdState& y, F&& f) {
+    f(x.d_s, y.d_s), f(x.d_t, y.d_t), f(x.a, y.a);
+    if constexpr (NEED1) f(x.d_1, y.d_1);
   }
 };
 
@@ -250,12 +241,9 @@ struct RefineState {
   A s0, s2;
   AUGKD_HD static RefineState identity() { return {A(0), A(0)}; }
   AUGKD_HD RefineState empty() const { return identity(); }
-  AUGKD_HD void merge(const RefineState& o) {
-    s0 += o.s0;
-    s2 += o.s2;
-  }
-  __device__ __forceinline__ RefineState shfl_xor(int m) const {
-    return {__shfl_xor_sync(kFullMask, s0, m), __shfl_xor_sync(kFullMask, s2, m)};
+  template <typename F>
+  AUGKD_HD static void for_each_sum(RefineState& a, const RefineState& b, F&& f) {
+    f(a.s0, b.s0), f(a.s2, b.s2);
   }
 };
 

@@ -32,28 +32,18 @@ struct LseState {
     }
   }
 
-  AUGKD_HD void merge(const LseState& o) {
-    const A M_s = max_(m_s, o.m_s);
-    const A M_1 = NEED1 ? max_(m_1, o.m_1) : m_1;
-    LseState b = o;
-    b.rebase(M_s, M_1);
-    rebase(M_s, M_1);
-    d_s += b.d_s;
-    if constexpr (NEED1) d_1 += b.d_1;
-  }
+  AUGKD_HD void rebase(const LseState& top) { rebase(top.m_s, top.m_1); }
 
-  __device__ __forceinline__ LseState shfl_xor(int m) const {
-    LseState o;
-    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
-    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
-    if constexpr (NEED1) {
-      o.m_1 = __shfl_xor_sync(kFullMask, m_1, m);
-      o.d_1 = __shfl_xor_sync(kFullMask, d_1, m);
-    } else {
-      o.m_1 = m_1;
-      o.d_1 = d_1;
-    }
-    return o;
+  // The fields that merges combine and lanes exchange (kernels/reduce.cuh); (m_1, d_1) only with NEED1.
+  template <typename F>
+  AUGKD_HD static void for_each_max(LseState& a, const LseState& b, F&& f) {
+    f(a.m_s, b.m_s);
+    if constexpr (NEED1) f(a.m_1, b.m_1);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(LseState& a, const LseState& b, F&& f) {
+    f(a.d_s, b.d_s);
+    if constexpr (NEED1) f(a.d_1, b.d_1);
   }
 };
 

@@ -34,18 +34,16 @@ struct EntropyState {
     m = M;
   }
 
-  AUGKD_HD void merge(const EntropyState& o) {
-    const A M = max_(m, o.m);
-    EntropyState b = o;
-    b.rebase(M);
-    rebase(M);
-    d += b.d;
-    s += b.s;
-  }
+  AUGKD_HD void rebase(const EntropyState& top) { rebase(top.m); }
 
-  __device__ __forceinline__ EntropyState shfl_xor(int lane_mask) const {
-    return {__shfl_xor_sync(kFullMask, m, lane_mask), __shfl_xor_sync(kFullMask, d, lane_mask),
-            __shfl_xor_sync(kFullMask, s, lane_mask)};
+  // The fields that merges combine and lanes exchange (kernels/reduce.cuh).
+  template <typename F>
+  AUGKD_HD static void for_each_max(EntropyState& a, const EntropyState& b, F&& f) {
+    f(a.m, b.m);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(EntropyState& a, const EntropyState& b, F&& f) {
+    f(a.d, b.d), f(a.s, b.s);
   }
 };
 
