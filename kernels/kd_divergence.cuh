@@ -252,26 +252,21 @@ struct DivBwdVisitor : RowVisitor<T, DivBwdParams<T>, void, kDivUnroll, 2> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A gs[N], gt[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      gs[k] = A(0);
-      gt[k] = A(0);
+    store_grad_pair<R::kN>(gs_row, gt_row, j, [&](int k, A& gs, A& gt) {
+      gs = A(0);
+      gt = A(0);
       if (kd != A(0)) {  // a gradient weight of exactly 0 leaves its term out (no 0 * inf)
         A q, p, rho, du, dv;
         row.template at<O>(r.x[k], r.y[k], q, p, rho);
         div::class_grads<O, A, DIV>(q, p, rho, beta, d, ss, st, du, dv);
-        gs[k] = kd * du;
-        gt[k] = kd * dv;
+        gs = kd * du;
+        gt = kd * dv;
       }
       if (kc != A(0)) {
         const A p1 = exp_((r.x[k] - m_1) - log_d1);
-        gs[k] += kc * (j + k == y ? p1 - A(1) : p1);
+        gs += kc * (j + k == y ? p1 - A(1) : p1);
       }
-    }
-    if (gs_row != nullptr) store_n<N>(gs_row + j, gs);
-    if (gt_row != nullptr) store_n<N>(gt_row + j, gt);
+    });
   }
 };
 

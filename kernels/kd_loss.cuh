@@ -390,10 +390,7 @@ struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A gs[N], gt[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
+    store_grad_pair<R::kN>(gs_row, gt_row, j, [&](int k, A& gs, A& gt) {
       const A xs = r.x[k] - cs;
       const A b = xs * p.inv_t;                                      // b = (s - M_s) / T
       const A a = (teacher_logit(r.y[k], p.fmt) - ct) * p.inv_t;     // a = (v - M_t) / T
@@ -418,7 +415,7 @@ struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
           }
           d = bad ? quiet_nan<A>() : g * d;                  // grad_student = g * d loss / d s
         }
-        gs[k] = d;
+        gs = d;
       }
       if (gt_row != nullptr) {
         // grad_lse_t * d lse_t / d w = grad_lse_t p_t; an ignored row without an energy gradient gets 0
@@ -431,14 +428,12 @@ struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
         if (p.fmt == kProbs) {
           // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0 (an absent class) or where nothing
           // flows (an ignored row, whatever t holds)
-          gt[k] = (r.y[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.y[k]);
+          gt = (r.y[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.y[k]);
         } else {
-          gt[k] = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
+          gt = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
         }
       }
-    }
-    if (gs_row != nullptr) store_n<N>(gs_row + j, gs);
-    if (gt_row != nullptr) store_n<N>(gt_row + j, gt);
+    });
   }
 };
 

@@ -178,10 +178,7 @@ struct TopkBwdVisitor : RowVisitor<T, TopkBwdParams<T>, void, kTopkUnroll> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A out[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
+    store_grads<R::kN>(g_row, j, [&](int k) {
       A d = A(0);
       if (ks != A(0)) {
         const A q = exp_((r.x[k] * inv_t - m_s) - log_ds);  // q_j = exp(u - m_s - log d_s)
@@ -191,9 +188,8 @@ struct TopkBwdVisitor : RowVisitor<T, TopkBwdParams<T>, void, kTopkUnroll> {
         const A p1 = exp_((r.x[k] - m_1) - log_d1);         // p1_j = exp(s - m_1 - log d_1)
         d += k1 * (j + k == y ? p1 - A(1) : p1);            // formed in the compute type, rounded once
       }
-      out[k] = bad ? quiet_nan<A>() : d;
-    }
-    store_n<N>(g_row + j, out);
+      return bad ? quiet_nan<A>() : d;
+    });
   }
 };
 
