@@ -79,14 +79,10 @@ struct DivSums {
 };
 
 template <typename T>
-struct DivFwdParams {
+struct DivFwdParams : PairRows<T> {
   using A = acc_type<T>;
-  const T* __restrict__ student;       // (rows, cols)
-  const T* __restrict__ teacher;       // (rows, cols)
-  const int64_t* __restrict__ target;  // (rows,) or nullptr
   A* __restrict__ loss;                // (rows,)
   A* __restrict__ stats;               // (rows, div::kStats)
-  int64_t rows, cols, ignore_index;
   A inv_t, alpha, c, beta;
 };
 
@@ -226,17 +222,14 @@ __global__ void __launch_bounds__(kDivThreads) kd_divergence_fwd_kernel(const Di
 }
 
 template <typename T>
-struct DivBwdParams {
+struct DivBwdParams : PairRows<T> {
   using A = acc_type<T>;
   const A* __restrict__ grad_div;      // (rows,)
   const A* __restrict__ grad_ce;       // (rows,)
-  const T* __restrict__ student;
-  const T* __restrict__ teacher;
-  const int64_t* __restrict__ target;  // (rows,) or nullptr
   const A* __restrict__ stats;
   T* __restrict__ grad_s;              // nullptr when not asked for
   T* __restrict__ grad_t;              // nullptr when not asked for
-  int64_t rows, cols, ignore_index, tile;
+  int64_t tile;
   A inv_t, beta;
 };
 

@@ -97,14 +97,10 @@ AUGKD_HD A teacher_logit(A t, int fmt) {
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename T>
-struct KdFwdParams {
+struct KdFwdParams : PairRows<T> {
   using A = acc_type<T>;
-  const T* __restrict__ student;   // (rows, cols)
-  const T* __restrict__ teacher;   // (rows, cols)
-  const int64_t* __restrict__ target;  // (rows,) or nullptr
   A* __restrict__ loss;            // (rows,)
   A* __restrict__ stats;           // (rows, 8): see KdStat
-  int64_t rows, cols, ignore_index;
   A inv_t;            // 1 / T
   A alpha_c;          // alpha * c, c = T^2 if t2_scale else 1
   A one_minus_alpha;  // 1 - alpha
@@ -333,17 +329,13 @@ struct KdRefineVisitor : RowVisitor<T, KdFwdParams<T>, RefineState<acc_type<T>>,
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename T>
-struct KdBwdParams {
+struct KdBwdParams : PairRows<T> {
   using A = acc_type<T>;
   const A* __restrict__ grad_loss;   // (rows,)
   const A* __restrict__ grad_lse_t;  // (rows,)
-  const T* __restrict__ student;
-  const T* __restrict__ teacher;
-  const int64_t* __restrict__ target;  // or nullptr
   const A* __restrict__ stats;       // (rows, 8): see KdStat
   T* __restrict__ grad_student;      // or nullptr (not requested)
   T* __restrict__ grad_teacher;      // or nullptr
-  int64_t rows, cols, ignore_index;
   int64_t tile;       // columns per block in tile mode
   A temperature;
   A inv_t;            // 1 / T

@@ -136,6 +136,16 @@ AUGKD_HD void sweep_range(const T* ref, int64_t begin, int64_t end, int rank, in
   }
 }
 
+// The inputs of the two-row ops' kernel arguments (kd_loss, kd_divergence: their Fwd / Bwd params derive
+// from it): a student and a teacher matrix of the same shape and the optional labels.
+template <typename T>
+struct PairRows {
+  const T* __restrict__ student;       // (rows, cols)
+  const T* __restrict__ teacher;       // (rows, cols)
+  const int64_t* __restrict__ target;  // (rows,) or nullptr
+  int64_t rows, cols, ignore_index;
+};
+
 // Base of the row visitors (kernels/row_reduce.cuh) over one row x (INPUTS = 1; Regs: x[N]) or two rows
 // x, y of the same width (INPUTS = 2; Regs: x[N], y[N]): the loads as acc_t, and the types the row
 // skeleton reads (T, Params, State: void for a backward visitor, kUnroll). x_row is also the row whose

@@ -172,10 +172,7 @@ struct ClassView {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                         const std::optional<at::Tensor>& target,
-                                                         double temperature, double alpha, int64_t ignore_index,
-                                                         bool t2_scale, int64_t divergence, double beta) {
+std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(AUGKD_KD_DIVERGENCE_FWD_PARAMS) {
   checks::check_divergence_inputs("kd_divergence", student, teacher, target, temperature, divergence, beta);
   const int64_t B = student.size(0), C = student.size(1);
   at::Tensor loss = row_output(student, {B});
@@ -239,12 +236,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& stude
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_div, const at::Tensor& grad_ce,
-                                                         const at::Tensor& student, const at::Tensor& teacher,
-                                                         const std::optional<at::Tensor>& target,
-                                                         const at::Tensor& stats, double temperature,
-                                                         int64_t ignore_index, int64_t divergence, double beta,
-                                                         bool student_grad, bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(AUGKD_KD_DIVERGENCE_BWD_PARAMS) {
   checks::check_divergence_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta);
   const int64_t B = student.size(0), C = student.size(1);
   at::Tensor gs_out = student_grad ? new_output_like(student) : unused_grad(student);

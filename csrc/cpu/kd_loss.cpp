@@ -284,10 +284,7 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& target, double temperature,
-                                                   double alpha, int64_t ignore_index, bool t2_scale,
-                                                   int64_t teacher_format) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(AUGKD_KD_LOSS_FWD_PARAMS) {
   checks::check_kd_loss_fwd(student, teacher, target, temperature, alpha, teacher_format);
   const int64_t B = student.size(0), C = student.size(1);
   at::Tensor loss = row_output(student, {B});
@@ -335,12 +332,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_lse_t,
-                                                   const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& target, const at::Tensor& stats,
-                                                   double temperature, double alpha, int64_t ignore_index,
-                                                   bool t2_scale, int64_t teacher_format, bool student_grad,
-                                                   bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(AUGKD_KD_LOSS_BWD_PARAMS) {
   checks::check_kd_loss_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
                             teacher_format);
   const int64_t B = student.size(0), C = student.size(1);

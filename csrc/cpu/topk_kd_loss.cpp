@@ -67,11 +67,7 @@ inline void topk_sweep_row(const scalar_t* __restrict s, int64_t C, acc_t<scalar
   d_1 = NEED1 ? d1 : A(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& indices,
-                                                        const at::Tensor& values,
-                                                        const std::optional<at::Tensor>& target, double temperature,
-                                                        double alpha, int64_t ignore_index, bool t2_scale,
-                                                        int64_t values_format, int64_t tail, int64_t divergence) {
+std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(AUGKD_TOPK_KD_LOSS_FWD_PARAMS) {
   checks::check_topk_inputs("topk_kd_loss", student, indices, values, target, temperature, alpha, values_format,
                             tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);
@@ -127,10 +123,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& studen
   return {loss, stats};
 }
 
-at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
-                                const at::Tensor& values, const std::optional<at::Tensor>& target,
-                                const at::Tensor& stats, double temperature, double alpha, int64_t ignore_index,
-                                bool t2_scale, int64_t values_format, int64_t tail, int64_t divergence) {
+at::Tensor topk_kd_loss_bwd_cpu(AUGKD_TOPK_KD_LOSS_BWD_PARAMS) {
   checks::check_topk_kd_loss_bwd(grad_loss, student, indices, values, target, stats, temperature, alpha,
                                  values_format, tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);

@@ -14,8 +14,8 @@
 #include "launch_utils.h"
 #include "mixup.cuh"
 #include "op_checks.h"
-#include "op_outputs.h"
 #include "op_dispatch.h"
+#include "op_outputs.h"
 #include "op_register.h"
 
 namespace augkd::cuda {

@@ -10,8 +10,8 @@
 #include <tuple>
 
 #include "op_checks.h"
-#include "op_outputs.h"
 #include "op_dispatch.h"
+#include "op_outputs.h"
 #include "op_register.h"
 #include "row_launch.h"
 #include "uncertainty.cuh"
