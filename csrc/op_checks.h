@@ -137,6 +137,21 @@ inline void check_row_stats(const char* op, const at::Tensor& stats, const at::T
   check_contiguous(op, "stats", stats);
 }
 
+// An upstream gradient of a per-row output, with the name the op gives it.
+struct NamedGrad {
+  const char* name;
+  const at::Tensor& grad;
+};
+
+// The per-row tensors of the backward of a two-output row op (kd_loss, kd_divergence): the two upstream
+// gradients, then the forward's stats (check_row_stats).
+inline void check_pair_bwd_rows(const char* op, const at::Tensor& student, const NamedGrad& g1, const NamedGrad& g2,
+                                const at::Tensor& stats, int64_t width, const char* what) {
+  check_row_grad(op, g1.name, g1.grad, student);
+  check_row_grad(op, g2.name, g2.grad, student);
+  check_row_stats(op, stats, student, width, what);
+}
+
 inline void check_temperature(const char* op, double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
               ": temperature must be a finite number > 0, got ", temperature);
@@ -181,11 +196,23 @@ inline void check_kd_loss_inputs(const char* op, const at::Tensor& student, cons
               ": teacher_format must be 0 (logits), 1 (log_probs) or 2 (probs), got ", teacher_format);
 }
 
+// The parameters of augkd::kd_loss_fwd (csrc/schemas.cpp), as both backends' implementations take them.
+#define AUGKD_KD_LOSS_FWD_PARAMS                                                                 \
+  const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target, \
+  double temperature, double alpha, int64_t ignore_index, bool t2_scale, int64_t teacher_format
+
 inline void check_kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& target, double temperature, double alpha,
                               int64_t teacher_format) {
   check_kd_loss_inputs("kd_loss", student, teacher, target, temperature, alpha, teacher_format);
 }
+
+// The parameters of augkd::kd_loss_bwd (csrc/schemas.cpp), as both backends' implementations take them.
+#define AUGKD_KD_LOSS_BWD_PARAMS                                                                 \
+  const at::Tensor& grad_loss, const at::Tensor& grad_lse_t, const at::Tensor& student,          \
+  const at::Tensor& teacher, const std::optional<at::Tensor>& target, const at::Tensor& stats,   \
+  double temperature, double alpha, int64_t ignore_index, bool t2_scale, int64_t teacher_format, \
+  bool student_grad, bool teacher_grad
 
 // grad_loss, grad_lse_t: (B,) in the row dtype (fp32; fp64 for fp64 input); stats (B, 8) row dtype.
 inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad_lse_t, const at::Tensor& student,
@@ -193,10 +220,8 @@ inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& gra
                               const at::Tensor& stats, double temperature, double alpha, int64_t teacher_format) {
   const char* op = "kd_loss_bwd";
   check_kd_loss_inputs(op, student, teacher, target, temperature, alpha, teacher_format);
-  check_row_grad(op, "grad_loss", grad_loss, student);
-  check_row_grad(op, "grad_lse_t", grad_lse_t, student);
-  check_row_stats(op, stats, student, kKdStats,
-                  "[M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd");
+  check_pair_bwd_rows(op, student, {"grad_loss", grad_loss}, {"grad_lse_t", grad_lse_t}, stats, kKdStats,
+                      "[M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd");
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,12 @@
 
 namespace augkd::checks {
 
+// The parameters of augkd::topk_kd_loss_fwd (csrc/schemas.cpp), as both backends' implementations take them.
+#define AUGKD_TOPK_KD_LOSS_FWD_PARAMS                                                              \
+  const at::Tensor& student, const at::Tensor& indices, const at::Tensor& values,                  \
+  const std::optional<at::Tensor>& target, double temperature, double alpha, int64_t ignore_index, \
+  bool t2_scale, int64_t values_format, int64_t tail, int64_t divergence
+
 // student (B, V) float, V >= 1; indices (B, k) int64, 1 <= k <= V; values (B, k) in the row dtype
 // (fp32, fp64 for fp64 student); target None or (B,) int64.
 inline void check_topk_inputs(const char* op, const at::Tensor& student, const at::Tensor& indices,
@@ -49,6 +55,13 @@ inline void check_topk_indices(const char* op, const at::Tensor& indices, int64_
                       ", outside [0, ", classes, ")");
   }
 }
+
+// The parameters of augkd::topk_kd_loss_bwd (csrc/schemas.cpp), as both backends' implementations take them.
+#define AUGKD_TOPK_KD_LOSS_BWD_PARAMS                                                           \
+  const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,            \
+  const at::Tensor& values, const std::optional<at::Tensor>& target, const at::Tensor& stats,   \
+  double temperature, double alpha, int64_t ignore_index, bool t2_scale, int64_t values_format, \
+  int64_t tail, int64_t divergence
 
 // Everything the backward checks, for the CPU and CUDA launchers alike.
 inline void check_topk_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,

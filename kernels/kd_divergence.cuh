@@ -51,27 +51,18 @@ struct DivState {
     }
   }
 
-  AUGKD_HD void merge(const DivState& o) {
-    const A M_s = max_(m_s, o.m_s), M_t = max_(m_t, o.m_t), M_1 = NEED1 ? max_(m_1, o.m_1) : m_1;
-    DivState b = o;
-    b.rebase(M_s, M_t, M_1);
-    rebase(M_s, M_t, M_1);
-    d_s += b.d_s;
-    d_t += b.d_t;
-    gap += b.gap;
-    if constexpr (NEED1) d_1 += b.d_1;
-  }
+  AUGKD_HD void rebase(const DivState& top) { rebase(top.m_s, top.m_t, top.m_1); }
 
-  __device__ __forceinline__ DivState shfl_xor(int m) const {
-    DivState o;
-    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
-    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
-    o.m_t = __shfl_xor_sync(kFullMask, m_t, m);
-    o.d_t = __shfl_xor_sync(kFullMask, d_t, m);
-    o.gap = __shfl_xor_sync(kFullMask, gap, m);
-    o.m_1 = NEED1 ? __shfl_xor_sync(kFullMask, m_1, m) : m_1;
-    o.d_1 = NEED1 ? __shfl_xor_sync(kFullMask, d_1, m) : d_1;
-    return o;
+  // The fields that merges combine and lanes exchange (kernels/reduce.cuh); (m_1, d_1) only with NEED1.
+  template <typename F>
+  AUGKD_HD static void for_each_max(DivState& a, const DivState& b, F&& f) {
+    f(a.m_s, b.m_s), f(a.m_t, b.m_t);
+    if constexpr (NEED1) f(a.m_1, b.m_1);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(DivState& a, const DivState& b, F&& f) {
+    f(a.d_s, b.d_s), f(a.d_t, b.d_t), f(a.gap, b.gap);
+    if constexpr (NEED1) f(a.d_1, b.d_1);
   }
 };
 
@@ -81,25 +72,17 @@ struct DivSums {
   A d, ss, st;
   AUGKD_HD static DivSums identity() { return {A(0), A(0), A(0)}; }
   AUGKD_HD DivSums empty() const { return identity(); }
-  AUGKD_HD void merge(const DivSums& o) {
-    d += o.d;
-    ss += o.ss;
-    st += o.st;
-  }
-  __device__ __forceinline__ DivSums shfl_xor(int m) const {
-    return {__shfl_xor_sync(kFullMask, d, m), __shfl_xor_sync(kFullMask, ss, m), __shfl_xor_sync(kFullMask, st, m)};
+  template <typename F>
+  AUGKD_HD static void for_each_sum(DivSums& a, const DivSums& b, F&& f) {
+    f(a.d, b.d), f(a.ss, b.ss), f(a.st, b.st);
   }
 };
 
 template <typename T>
-struct DivFwdParams {
+struct DivFwdParams : PairRows<T> {
   using A = acc_type<T>;
-  const T* __restrict__ student;       // (rows, cols)
-  const T* __restrict__ teacher;       // (rows, cols)
-  const int64_t* __restrict__ target;  // (rows,) or nullptr
   A* __restrict__ loss;                // (rows,)
   A* __restrict__ stats;               // (rows, div::kStats)
-  int64_t rows, cols, ignore_index;
   A inv_t, alpha, c, beta;
 };
 
@@ -239,17 +222,14 @@ __global__ void __launch_bounds__(kDivThreads) kd_divergence_fwd_kernel(const Di
 }
 
 template <typename T>
-struct DivBwdParams {
+struct DivBwdParams : PairRows<T> {
   using A = acc_type<T>;
   const A* __restrict__ grad_div;      // (rows,)
   const A* __restrict__ grad_ce;       // (rows,)
-  const T* __restrict__ student;
-  const T* __restrict__ teacher;
-  const int64_t* __restrict__ target;  // (rows,) or nullptr
   const A* __restrict__ stats;
   T* __restrict__ grad_s;              // nullptr when not asked for
   T* __restrict__ grad_t;              // nullptr when not asked for
-  int64_t rows, cols, ignore_index, tile;
+  int64_t tile;
   A inv_t, beta;
 };
 
@@ -265,26 +245,21 @@ struct DivBwdVisitor : RowVisitor<T, DivBwdParams<T>, void, kDivUnroll, 2> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A gs[N], gt[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      gs[k] = A(0);
-      gt[k] = A(0);
+    store_grad_pair<R::kN>(gs_row, gt_row, j, [&](int k, A& gs, A& gt) {
+      gs = A(0);
+      gt = A(0);
       if (kd != A(0)) {  // a gradient weight of exactly 0 leaves its term out (no 0 * inf)
         A q, p, rho, du, dv;
         row.template at<O>(r.x[k], r.y[k], q, p, rho);
         div::class_grads<O, A, DIV>(q, p, rho, beta, d, ss, st, du, dv);
-        gs[k] = kd * du;
-        gt[k] = kd * dv;
+        gs = kd * du;
+        gt = kd * dv;
       }
       if (kc != A(0)) {
         const A p1 = exp_((r.x[k] - m_1) - log_d1);
-        gs[k] += kc * (j + k == y ? p1 - A(1) : p1);
+        gs += kc * (j + k == y ? p1 - A(1) : p1);
       }
-    }
-    if (gs_row != nullptr) store_n<N>(gs_row + j, gs);
-    if (gt_row != nullptr) store_n<N>(gt_row + j, gt);
+    });
   }
 };
 

@@ -68,30 +68,21 @@ struct KdState {
     m_t = M_t;
   }
 
-  // Merging two partial states is the same rescaling applied to both, then a sum.
-  AUGKD_HD void merge(const KdState& o) {
-    const A M_s = max_(m_s, o.m_s);
-    const A M_t = max_(m_t, o.m_t);
-    KdState b = o;
-    b.inv_t = inv_t;
-    b.rebase(M_s, M_t);
-    rebase(M_s, M_t);
-    d_s += b.d_s;
-    d_t += b.d_t;
-    a += b.a;
-    if constexpr (NEED1) d_1 += b.d_1;
+  // A merge re-measures both states from the maxima of `top` with top's 1 / T (merge_state, reduce.cuh).
+  AUGKD_HD void rebase(const KdState& top) {
+    inv_t = top.inv_t;
+    rebase(top.m_s, top.m_t);
   }
 
-  __device__ __forceinline__ KdState shfl_xor(int m) const {
-    KdState o;
-    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
-    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
-    o.m_t = __shfl_xor_sync(kFullMask, m_t, m);
-    o.d_t = __shfl_xor_sync(kFullMask, d_t, m);
-    o.a = __shfl_xor_sync(kFullMask, a, m);
-    o.d_1 = NEED1 ? __shfl_xor_sync(kFullMask, d_1, m) : d_1;
-    o.inv_t = inv_t;
-    return o;
+  // The fields that merges combine and lanes exchange (inv_t is a parameter); d_1 only with NEED1.
+  template <typename F>
+  AUGKD_HD static void for_each_max(KdState& x, const KdState& y, F&& f) {
+    f(x.m_s, y.m_s), f(x.m_t, y.m_t);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(KdState& x, const KdState& y, F&& f) {
+    f(x.d_s, y.d_s), f(x.d_t, y.d_t), f(x.a, y.a);
+    if constexpr (NEED1) f(x.d_1, y.d_1);
   }
 };
 
@@ -106,14 +97,10 @@ AUGKD_HD A teacher_logit(A t, int fmt) {
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename T>
-struct KdFwdParams {
+struct KdFwdParams : PairRows<T> {
   using A = acc_type<T>;
-  const T* __restrict__ student;   // (rows, cols)
-  const T* __restrict__ teacher;   // (rows, cols)
-  const int64_t* __restrict__ target;  // (rows,) or nullptr
   A* __restrict__ loss;            // (rows,)
   A* __restrict__ stats;           // (rows, 8): see KdStat
-  int64_t rows, cols, ignore_index;
   A inv_t;            // 1 / T
   A alpha_c;          // alpha * c, c = T^2 if t2_scale else 1
   A one_minus_alpha;  // 1 - alpha
@@ -250,12 +237,9 @@ struct RefineState {
   A s0, s2;
   AUGKD_HD static RefineState identity() { return {A(0), A(0)}; }
   AUGKD_HD RefineState empty() const { return identity(); }
-  AUGKD_HD void merge(const RefineState& o) {
-    s0 += o.s0;
-    s2 += o.s2;
-  }
-  __device__ __forceinline__ RefineState shfl_xor(int m) const {
-    return {__shfl_xor_sync(kFullMask, s0, m), __shfl_xor_sync(kFullMask, s2, m)};
+  template <typename F>
+  AUGKD_HD static void for_each_sum(RefineState& a, const RefineState& b, F&& f) {
+    f(a.s0, b.s0), f(a.s2, b.s2);
   }
 };
 
@@ -345,17 +329,13 @@ struct KdRefineVisitor : RowVisitor<T, KdFwdParams<T>, RefineState<acc_type<T>>,
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename T>
-struct KdBwdParams {
+struct KdBwdParams : PairRows<T> {
   using A = acc_type<T>;
   const A* __restrict__ grad_loss;   // (rows,)
   const A* __restrict__ grad_lse_t;  // (rows,)
-  const T* __restrict__ student;
-  const T* __restrict__ teacher;
-  const int64_t* __restrict__ target;  // or nullptr
   const A* __restrict__ stats;       // (rows, 8): see KdStat
   T* __restrict__ grad_student;      // or nullptr (not requested)
   T* __restrict__ grad_teacher;      // or nullptr
-  int64_t rows, cols, ignore_index;
   int64_t tile;       // columns per block in tile mode
   A temperature;
   A inv_t;            // 1 / T
@@ -402,10 +382,7 @@ struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A gs[N], gt[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
+    store_grad_pair<R::kN>(gs_row, gt_row, j, [&](int k, A& gs, A& gt) {
       const A xs = r.x[k] - cs;
       const A b = xs * p.inv_t;                                      // b = (s - M_s) / T
       const A a = (teacher_logit(r.y[k], p.fmt) - ct) * p.inv_t;     // a = (v - M_t) / T
@@ -430,7 +407,7 @@ struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
           }
           d = bad ? quiet_nan<A>() : g * d;                  // grad_student = g * d loss / d s
         }
-        gs[k] = d;
+        gs = d;
       }
       if (gt_row != nullptr) {
         // grad_lse_t * d lse_t / d w = grad_lse_t p_t; an ignored row without an energy gradient gets 0
@@ -443,14 +420,12 @@ struct KdBwdVisitor : RowVisitor<T, KdBwdParams<T>, void, kBwdUnroll, 2> {
         if (p.fmt == kProbs) {
           // w = log(t) / T: grad_t = dL/dw / (T t), 0 where t == 0 (an absent class) or where nothing
           // flows (an ignored row, whatever t holds)
-          gt[k] = (r.y[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.y[k]);
+          gt = (r.y[k] == A(0) || dw == A(0)) ? A(0) : dw / (p.temperature * r.y[k]);
         } else {
-          gt[k] = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
+          gt = dw * p.inv_t;                              // w = t / T: grad_t = dL/dw / T
         }
       }
-    }
-    if (gs_row != nullptr) store_n<N>(gs_row + j, gs);
-    if (gt_row != nullptr) store_n<N>(gt_row + j, gt);
+    });
   }
 };
 

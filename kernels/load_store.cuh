@@ -61,6 +61,27 @@ AUGKD_HD void store_n(T* __restrict__ p, const A (&in)[N]) {
   }
 }
 
+// The element loop of a backward visitor's apply: grad(k) is the gradient of element k of the N at j, in the
+// compute type; the N are rounded and stored at g_row + j at once.
+template <int N, typename T, typename F>
+AUGKD_HD void store_grads(T* __restrict__ g_row, int64_t j, F&& grad) {
+  acc_type<T> g[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) g[k] = grad(k);
+  store_n<N>(g_row + j, g);
+}
+
+// The same for the gradients of two inputs: grad(k, gs, gt) sets both of element k; a row that is nullptr
+// (a gradient not asked for) is not stored.
+template <int N, typename T, typename F>
+AUGKD_HD void store_grad_pair(T* __restrict__ gs_row, T* __restrict__ gt_row, int64_t j, F&& grad) {
+  acc_type<T> gs[N], gt[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) grad(k, gs[k], gt[k]);
+  if (gs_row != nullptr) store_n<N>(gs_row + j, gs);
+  if (gt_row != nullptr) store_n<N>(gt_row + j, gt);
+}
+
 // Elements before the first 16-byte boundary at or after p (0 .. kVec<T> - 1). Every tensor that is
 // walked together with p must have the same misalignment: the launchers make each base pointer
 // 16-byte aligned (the caching allocator does; a sliced view is cloned), so that two rows of the same
@@ -114,6 +135,16 @@ AUGKD_HD void sweep_range(const T* ref, int64_t begin, int64_t end, int rank, in
     f.apply(j, r);
   }
 }
+
+// The inputs of the two-row ops' kernel arguments (kd_loss, kd_divergence: their Fwd / Bwd params derive
+// from it): a student and a teacher matrix of the same shape and the optional labels.
+template <typename T>
+struct PairRows {
+  const T* __restrict__ student;       // (rows, cols)
+  const T* __restrict__ teacher;       // (rows, cols)
+  const int64_t* __restrict__ target;  // (rows,) or nullptr
+  int64_t rows, cols, ignore_index;
+};
 
 // Base of the row visitors (kernels/row_reduce.cuh) over one row x (INPUTS = 1; Regs: x[N]) or two rows
 // x, y of the same width (INPUTS = 2; Regs: x[N], y[N]): the loads as acc_t, and the types the row

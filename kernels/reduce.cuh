@@ -90,9 +90,39 @@ AUGKD_HD A center_(A m) {
 // Reductions of a partial state. A state type S provides:
 //   static S identity();                 the empty state
 //   S empty() const;                     the empty state with this state's parameters (e.g. 1 / T)
-//   void merge(const S& other);          *this <- merge(*this, other), commutative bitwise
-//   S shfl_xor(int lane_mask) const;     the state of lane (lane ^ lane_mask)
+//   static void for_each_sum(S& a, const S& b, F&& f);   f(a.x, b.x) for each sum x of the state
+// and an online state (sums measured from running maxima) also:
+//   static void for_each_max(S& a, const S& b, F&& f);   f(a.m, b.m) for each running maximum m
+//   void rebase(const S& top);           re-measure the sums from top's maxima (each >= this state's)
+// The fields those list are the ones merged and exchanged between lanes; any other field is a parameter
+// (e.g. 1 / T), the same in every lane.
 // ---------------------------------------------------------------------------------------------------------
+
+template <typename S>
+concept OnlineState = requires(S& a, const S& top) { a.rebase(top); };
+
+// f(a.x, b.x) for every field x of the state: the maxima (online states), then the sums.
+template <typename S, typename F>
+AUGKD_HD void for_each_field(S& a, const S& b, F&& f) {
+  if constexpr (OnlineState<S>) S::for_each_max(a, b, f);
+  S::for_each_sum(a, b, f);
+}
+
+// a <- merge(a, o), commutative bitwise. Sums add; an online state is first re-measured on both sides
+// from the larger of each maximum (the top of this file): merge(a, o) = rebase(a, M) + rebase(o, M).
+template <typename S>
+AUGKD_HD void merge_state(S& a, const S& o) {
+  if constexpr (OnlineState<S>) {
+    S top = a;
+    S::for_each_max(top, o, [](auto& x, auto y) { x = max_(x, y); });
+    S b = o;
+    b.rebase(top);
+    a.rebase(top);
+    S::for_each_sum(a, b, [](auto& x, auto y) { x += y; });
+  } else {
+    S::for_each_sum(a, o, [](auto& x, auto y) { x += y; });
+  }
+}
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
@@ -101,13 +131,21 @@ constexpr int kMaxRowThreads = 512;   // largest block of a forward row kernel (
                                       // 128 registers per thread, so a block always fits an SM)
 constexpr int kTileThreads = 256;     // block of the backward (column tile, row) kernels
 
+// The state of lane (lane ^ lane_mask): each of its fields shuffled (for_each_field), the parameters kept.
+template <typename S>
+__device__ __forceinline__ S shfl_xor_state(const S& s, int lane_mask) {
+  S o = s;
+  for_each_field(o, s, [lane_mask](auto& x, auto y) { x = __shfl_xor_sync(kFullMask, y, lane_mask); });
+  return o;
+}
+
 // Butterfly over a full warp: every lane ends with the merge of all 32 lanes (the lanes may differ in
 // the last bit where the compiler contracts a*b + c into an fma with the operands swapped, so callers
 // read lane 0). The order of the merges is fixed, so the result is deterministic run to run.
 template <typename S>
 __device__ __forceinline__ S warp_reduce(S s) {
 #pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) s.merge(s.shfl_xor(off));
+  for (int off = kWarp / 2; off > 0; off >>= 1) merge_state(s, shfl_xor_state(s, off));
   return s;
 }
 
@@ -173,8 +211,10 @@ struct SumState {
   A v;
   AUGKD_HD static SumState identity() { return {A(0)}; }
   AUGKD_HD SumState empty() const { return identity(); }
-  AUGKD_HD void merge(const SumState& o) { v = v + o.v; }
-  __device__ SumState shfl_xor(int m) const { return {__shfl_xor_sync(kFullMask, v, m)}; }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(SumState& a, const SumState& b, F&& f) {
+    f(a.v, b.v);
+  }
 };
 
 }  // namespace augkd::cuda

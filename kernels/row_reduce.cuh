@@ -6,7 +6,7 @@
 //   base RowVisitor<T, Params, State, kUnroll, INPUTS> (load_store.cuh), over one input row x or two rows
 //     x, y of the same width: the loads (Regs, load, x_row: its alignment sets the vector head) and the
 //     types: T the storage type; Params the kernel argument, with `int64_t rows, cols` (and `tile` for a
-//     backward op); State a row's partial state (reduce.cuh: identity / empty / merge / shfl_xor), void
+//     backward op); State a row's partial state (reduce.cuh: identity / empty / for_each_sum ...), void
 //     for a backward op; kUnroll the vectors per thread in flight.
 //   static V make(const Params&, int64_t row);    the row's visitor (a forward one with `st` = identity)
 //   template <typename R> void apply(int64_t j, const R& r);   elements [j, j + R::kN): forward, the
@@ -70,7 +70,7 @@ AUGKD_HD V row_sweep_thread(const typename V::Params& p, int64_t row, int64_t be
 template <typename V>
 AUGKD_HD typename V::State row_merge_parts(int64_t row, int64_t parts, const typename V::State* ws) {
   typename V::State st = ws[row * parts];
-  for (int64_t k = 1; k < parts; ++k) st.merge(ws[row * parts + k]);
+  for (int64_t k = 1; k < parts; ++k) merge_state(st, ws[row * parts + k]);
   return st;
 }
 

@@ -32,28 +32,18 @@ struct LseState {
     }
   }
 
-  AUGKD_HD void merge(const LseState& o) {
-    const A M_s = max_(m_s, o.m_s);
-    const A M_1 = NEED1 ? max_(m_1, o.m_1) : m_1;
-    LseState b = o;
-    b.rebase(M_s, M_1);
-    rebase(M_s, M_1);
-    d_s += b.d_s;
-    if constexpr (NEED1) d_1 += b.d_1;
-  }
+  AUGKD_HD void rebase(const LseState& top) { rebase(top.m_s, top.m_1); }
 
-  __device__ __forceinline__ LseState shfl_xor(int m) const {
-    LseState o;
-    o.m_s = __shfl_xor_sync(kFullMask, m_s, m);
-    o.d_s = __shfl_xor_sync(kFullMask, d_s, m);
-    if constexpr (NEED1) {
-      o.m_1 = __shfl_xor_sync(kFullMask, m_1, m);
-      o.d_1 = __shfl_xor_sync(kFullMask, d_1, m);
-    } else {
-      o.m_1 = m_1;
-      o.d_1 = d_1;
-    }
-    return o;
+  // The fields that merges combine and lanes exchange (kernels/reduce.cuh); (m_1, d_1) only with NEED1.
+  template <typename F>
+  AUGKD_HD static void for_each_max(LseState& a, const LseState& b, F&& f) {
+    f(a.m_s, b.m_s);
+    if constexpr (NEED1) f(a.m_1, b.m_1);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(LseState& a, const LseState& b, F&& f) {
+    f(a.d_s, b.d_s);
+    if constexpr (NEED1) f(a.d_1, b.d_1);
   }
 };
 
@@ -188,10 +178,7 @@ struct TopkBwdVisitor : RowVisitor<T, TopkBwdParams<T>, void, kTopkUnroll> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A out[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
+    store_grads<R::kN>(g_row, j, [&](int k) {
       A d = A(0);
       if (ks != A(0)) {
         const A q = exp_((r.x[k] * inv_t - m_s) - log_ds);  // q_j = exp(u - m_s - log d_s)
@@ -201,9 +188,8 @@ struct TopkBwdVisitor : RowVisitor<T, TopkBwdParams<T>, void, kTopkUnroll> {
         const A p1 = exp_((r.x[k] - m_1) - log_d1);         // p1_j = exp(s - m_1 - log d_1)
         d += k1 * (j + k == y ? p1 - A(1) : p1);            // formed in the compute type, rounded once
       }
-      out[k] = bad ? quiet_nan<A>() : d;
-    }
-    store_n<N>(g_row + j, out);
+      return bad ? quiet_nan<A>() : d;
+    });
   }
 };
 

@@ -34,18 +34,16 @@ struct EntropyState {
     m = M;
   }
 
-  AUGKD_HD void merge(const EntropyState& o) {
-    const A M = max_(m, o.m);
-    EntropyState b = o;
-    b.rebase(M);
-    rebase(M);
-    d += b.d;
-    s += b.s;
-  }
+  AUGKD_HD void rebase(const EntropyState& top) { rebase(top.m); }
 
-  __device__ __forceinline__ EntropyState shfl_xor(int lane_mask) const {
-    return {__shfl_xor_sync(kFullMask, m, lane_mask), __shfl_xor_sync(kFullMask, d, lane_mask),
-            __shfl_xor_sync(kFullMask, s, lane_mask)};
+  // The fields that merges combine and lanes exchange (kernels/reduce.cuh).
+  template <typename F>
+  AUGKD_HD static void for_each_max(EntropyState& a, const EntropyState& b, F&& f) {
+    f(a.m, b.m);
+  }
+  template <typename F>
+  AUGKD_HD static void for_each_sum(EntropyState& a, const EntropyState& b, F&& f) {
+    f(a.d, b.d), f(a.s, b.s);
   }
 };
 
@@ -141,17 +139,13 @@ struct UncBwdVisitor : RowVisitor<T, UncBwdParams<T>, void, kUncBwdUnroll> {
 
   template <typename R>
   AUGKD_HD void apply(int64_t j, const R& r) const {
-    constexpr int N = R::kN;
-    A gz[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
+    store_grads<R::kN>(gz_row, j, [&](int k) {
       const A u = r.x[k] * inv_t;          // u = z / T
       const A p = exp_(u - lse);           // p = exp(u - lse)
       // grad_z = -gE p - gH p (u - lse + H) / T; the entropy term is 0 where p == 0 (u may be -inf)
       const A dh = p == A(0) ? A(0) : g_h * p * (u - lse + h) * inv_t;
-      gz[k] = -g_e * p - dh;
-    }
-    store_n<N>(gz_row + j, gz);
+      return -g_e * p - dh;
+    });
   }
 };
 

@@ -11,7 +11,6 @@
 // grad_t = g_div / T dD/dv (g_div, g_ce: the gradient on D and on CE per row, from the front-end).
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -173,10 +172,7 @@ struct ClassView {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                         const std::optional<at::Tensor>& target,
-                                                         double temperature, double alpha, int64_t ignore_index,
-                                                         bool t2_scale, int64_t divergence, double beta) {
+std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(AUGKD_KD_DIVERGENCE_FWD_PARAMS) {
   checks::check_divergence_inputs("kd_divergence", student, teacher, target, temperature, divergence, beta);
   const int64_t B = student.size(0), C = student.size(1);
   at::Tensor loss = row_output(student, {B});
@@ -186,11 +182,8 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& stude
   checks::check_labels("kd_divergence", target, C, ignore_index);
   const bool need1 = has_target && temperature != 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_divergence_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
+  AUGKD_CPU_DISPATCH(student, "kd_divergence_fwd_cpu", {
     using O = VecOps<A>;
-    constexpr int64_t W = V::size();
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     A* loss_ptr = loss.mutable_data_ptr<A>();
@@ -243,12 +236,7 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cpu(const at::Tensor& stude
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_div, const at::Tensor& grad_ce,
-                                                         const at::Tensor& student, const at::Tensor& teacher,
-                                                         const std::optional<at::Tensor>& target,
-                                                         const at::Tensor& stats, double temperature,
-                                                         int64_t ignore_index, int64_t divergence, double beta,
-                                                         bool student_grad, bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(AUGKD_KD_DIVERGENCE_BWD_PARAMS) {
   checks::check_divergence_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta);
   const int64_t B = student.size(0), C = student.size(1);
   at::Tensor gs_out = student_grad ? new_output_like(student) : unused_grad(student);
@@ -257,11 +245,8 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cpu(const at::Tensor& grad_
   const bool has_target = checks::present(target);
   const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_divergence_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
+  AUGKD_CPU_DISPATCH(student, "kd_divergence_bwd_cpu", {
     using O = VecOps<A>;
-    constexpr int64_t W = V::size();
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     const A* gd_ptr = grad_div.const_data_ptr<A>();

@@ -28,7 +28,6 @@
 // before the single rounding to the output dtype.
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -285,10 +284,7 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& target, double temperature,
-                                                   double alpha, int64_t ignore_index, bool t2_scale,
-                                                   int64_t teacher_format) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(AUGKD_KD_LOSS_FWD_PARAMS) {
   checks::check_kd_loss_fwd(student, teacher, target, temperature, alpha, teacher_format);
   const int64_t B = student.size(0), C = student.size(1);
   at::Tensor loss = row_output(student, {B});
@@ -300,8 +296,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   // (the Python check is skipped for this backend; GPU kernels give a NaN row instead).
   checks::check_labels("kd_loss", target, C, ignore_index);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AUGKD_CPU_DISPATCH(student, "kd_loss_fwd_cpu", {
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     A* loss_ptr = loss.mutable_data_ptr<A>();
@@ -337,12 +332,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_lse_t,
-                                                   const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& target, const at::Tensor& stats,
-                                                   double temperature, double alpha, int64_t ignore_index,
-                                                   bool t2_scale, int64_t teacher_format, bool student_grad,
-                                                   bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(AUGKD_KD_LOSS_BWD_PARAMS) {
   checks::check_kd_loss_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
                             teacher_format);
   const int64_t B = student.size(0), C = student.size(1);
@@ -352,8 +342,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(const at::Tensor& grad_loss, 
   const bool has_target = checks::present(target);
   const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AUGKD_CPU_DISPATCH(student, "kd_loss_bwd_cpu", {
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const scalar_t* t_ptr = teacher.const_data_ptr<scalar_t>();
     scalar_t* gs_ptr = student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;

@@ -12,7 +12,6 @@
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 #include "cpu/stream_store.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -53,10 +52,7 @@ at::Tensor latent_mixup_fwd_cpu(const at::Tensor& z, const at::Tensor& mask, con
   const int64_t B = z.size(0), L = z.size(1);
   const bool row_mask = mask.size(0) == B;
   at::Tensor out = new_output_like(z);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "latent_mixup_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
-    constexpr int64_t W = V::size();
+  AUGKD_CPU_DISPATCH(z, "latent_mixup_fwd_cpu", {
     const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
     const scalar_t* m_ptr = mask.const_data_ptr<scalar_t>();
     const scalar_t* p_ptr = psi.const_data_ptr<scalar_t>();
@@ -98,10 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cpu(
       shared_sum ? std::clamp<int64_t>(B * L / 65536, 1, std::min<int64_t>(64, std::max<int64_t>(B, 1))) : 1;
   const int64_t chunk_rows = (B + n_chunks - 1) / std::max<int64_t>(n_chunks, 1);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "latent_mixup_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
-    constexpr int64_t W = V::size();
+  AUGKD_CPU_DISPATCH(z, "latent_mixup_bwd_cpu", {
     const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
     const scalar_t* m_ptr = mask.const_data_ptr<scalar_t>();
@@ -221,10 +214,7 @@ at::Tensor pixel_mixup_fwd_cpu(const at::Tensor& generated, const at::Tensor& re
   const int64_t HW = generated.size(2) * generated.size(3);
   at::Tensor out = new_output_like(generated);
   const ChannelNorm norm = channel_norm(mean, std_dev);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, generated.scalar_type(), "pixel_mixup_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
-    constexpr int64_t W = V::size();
+  AUGKD_CPU_DISPATCH(generated, "pixel_mixup_fwd_cpu", {
     const scalar_t* g_ptr = generated.const_data_ptr<scalar_t>();
     const scalar_t* r_ptr = real.const_data_ptr<scalar_t>();
     scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
@@ -262,10 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cpu(
   at::Tensor grad_r = real_grad ? new_output_like(real) : unused_grad(real);
   at::Tensor grad_s = want_s ? at::empty_like(*s) : unused_grad(generated);
   const ChannelNorm norm = channel_norm(mean, std_dev);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, generated.scalar_type(), "pixel_mixup_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
-    constexpr int64_t W = V::size();
+  AUGKD_CPU_DISPATCH(generated, "pixel_mixup_bwd_cpu", {
     const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* g_ptr = generated.const_data_ptr<scalar_t>();
     const scalar_t* r_ptr = real.const_data_ptr<scalar_t>();

@@ -10,7 +10,6 @@
 //   dD/du_j = q_j c_tail off the k indices (0 where q_j == 0), the entry formula of topk_kd.h on them.
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -68,11 +67,7 @@ inline void topk_sweep_row(const scalar_t* __restrict s, int64_t C, acc_t<scalar
   d_1 = NEED1 ? d1 : A(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& indices,
-                                                        const at::Tensor& values,
-                                                        const std::optional<at::Tensor>& target, double temperature,
-                                                        double alpha, int64_t ignore_index, bool t2_scale,
-                                                        int64_t values_format, int64_t tail, int64_t divergence) {
+std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(AUGKD_TOPK_KD_LOSS_FWD_PARAMS) {
   checks::check_topk_inputs("topk_kd_loss", student, indices, values, target, temperature, alpha, values_format,
                             tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);
@@ -86,8 +81,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& studen
   checks::check_labels("topk_kd_loss", target, C, ignore_index);
   const bool need1 = has_target && temperature != 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "topk_kd_loss_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AUGKD_CPU_DISPATCH(student, "topk_kd_loss_fwd_cpu", {
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const A* v_ptr = values.const_data_ptr<A>();
     A* loss_ptr = loss.mutable_data_ptr<A>();
@@ -129,10 +123,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cpu(const at::Tensor& studen
   return {loss, stats};
 }
 
-at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
-                                const at::Tensor& values, const std::optional<at::Tensor>& target,
-                                const at::Tensor& stats, double temperature, double alpha, int64_t ignore_index,
-                                bool t2_scale, int64_t values_format, int64_t tail, int64_t divergence) {
+at::Tensor topk_kd_loss_bwd_cpu(AUGKD_TOPK_KD_LOSS_BWD_PARAMS) {
   checks::check_topk_kd_loss_bwd(grad_loss, student, indices, values, target, stats, temperature, alpha,
                                  values_format, tail, divergence);
   const int64_t B = student.size(0), C = student.size(1), K = indices.size(1);
@@ -142,10 +133,7 @@ at::Tensor topk_kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& s
   const int64_t* idx_ptr = indices.const_data_ptr<int64_t>();
   checks::check_topk_indices("topk_kd_loss_bwd", indices, C);  // the k entries are written at these indices
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "topk_kd_loss_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
-    constexpr int64_t W = V::size();
+  AUGKD_CPU_DISPATCH(student, "topk_kd_loss_bwd_cpu", {
     const scalar_t* s_ptr = student.const_data_ptr<scalar_t>();
     const A* v_ptr = values.const_data_ptr<A>();
     const A* g_ptr = grad_loss.const_data_ptr<A>();

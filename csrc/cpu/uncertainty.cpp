@@ -9,7 +9,6 @@
 //   grad_z = p (-gE - gH (u - lse + H) / T)                 (0 where p == 0)
 #include "cpu/vec_utils.h"  // first: see the note on warnings there
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -67,8 +66,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cpu(const at::Tensor& logits,
   const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor energy = row_output(logits, {B});
   at::Tensor entropy = row_output(logits, {B});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "uncertainty_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
+  AUGKD_CPU_DISPATCH(logits, "uncertainty_fwd_cpu", {
     const scalar_t* z_ptr = logits.const_data_ptr<scalar_t>();
     A* e_ptr = energy.mutable_data_ptr<A>();
     A* h_ptr = entropy.mutable_data_ptr<A>();
@@ -90,10 +88,7 @@ at::Tensor uncertainty_bwd_cpu(const at::Tensor& grad_energy, const at::Tensor& 
   checks::check_uncertainty_bwd(grad_energy, grad_entropy, logits, energy, entropy, temperature);
   const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor grad = new_output_like(logits);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "uncertainty_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    using V = Vec<A>;
-    constexpr int64_t W = V::size();
+  AUGKD_CPU_DISPATCH(logits, "uncertainty_bwd_cpu", {
     const scalar_t* z_ptr = logits.const_data_ptr<scalar_t>();
     scalar_t* g_ptr = grad.mutable_data_ptr<scalar_t>();
     const A* ge_ptr = grad_energy.const_data_ptr<A>();

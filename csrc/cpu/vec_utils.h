@@ -34,6 +34,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "op_dispatch.h"
+
 namespace augkd::cpu {
 
 template <typename T>
@@ -213,17 +215,6 @@ inline A rescale(A m_old, A m_new) {
   return m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
 }
 
-// Calls f(std::true_type{}) or f(std::false_type{}): turns a runtime flag into a template argument
-// (`decltype(flag)::value` inside f).
-template <typename F>
-inline void with_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 // Calls f(std::integral_constant<unsigned, bits>{}) for a runtime bits < N: a small set of runtime flags
 // (one bit each) becomes one template argument, so each combination compiles to its own loop.
 template <unsigned N, typename F>
@@ -278,3 +269,9 @@ inline at::Tensor new_output_like(const at::Tensor& like) {
 }
 
 }  // namespace augkd::cpu
+
+// AUGKD_DISPATCH_FLOATING (op_dispatch.h) with the CPU kernels' vector types as well: V = Vec<A> and
+// W = its lanes.
+#define AUGKD_CPU_DISPATCH(x, name, ...)                                                   \
+  AUGKD_DISPATCH_FLOATING(x, name, using V [[maybe_unused]] = ::augkd::cpu::Vec<A>;        \
+                          [[maybe_unused]] constexpr int64_t W = V::size(); __VA_ARGS__)

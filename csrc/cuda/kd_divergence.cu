@@ -5,7 +5,6 @@
 //   forward:  one block of kDivThreads per row (rows loop by gridDim.x): two sweeps, each with a block reduction.
 //   backward: a 2-D grid of (column tile, row) blocks, each element written once from the row's stats.
 // Everything runs on the current stream, with no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,60 +16,45 @@
 #include "divergence_checks.h"
 #include "kd_divergence.cuh"
 #include "launch_utils.h"
+#include "op_dispatch.h"
 #include "op_outputs.h"
 #include "op_register.h"
 
 namespace augkd::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                          const std::optional<at::Tensor>& target,
-                                                          double temperature, double alpha, int64_t ignore_index,
-                                                          bool t2_scale, int64_t divergence, double beta) {
+std::tuple<at::Tensor, at::Tensor> kd_divergence_fwd_cuda(AUGKD_KD_DIVERGENCE_FWD_PARAMS) {
   checks::check_divergence_inputs("kd_divergence", student, teacher, target, temperature, divergence, beta);
   const CudaScope scope("kd_divergence", "student", student);
   const bool has_target = checks::present(target);
   const at::Tensor s = aligned_input(student), t = aligned_input(teacher);
-  const int64_t rows = s.size(0), cols = s.size(1);
+  const int64_t rows = s.size(0);
   at::Tensor loss = row_output(s, {rows});
   at::Tensor stats = row_output(s, {rows, div::kStats});
   if (rows == 0) return {loss, stats};
   const auto blocks = static_cast<unsigned>(std::min(rows, kMaxGridX));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_divergence_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_divergence_fwd_cuda", {
     DivFwdParams<scalar_t> p{};
-    p.student = s.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.target = checks::data_or_null<int64_t>(target);
+    set_pair_rows<scalar_t>(p, s, t, target, ignore_index);
     p.loss = loss.mutable_data_ptr<A>();
     p.stats = stats.mutable_data_ptr<A>();
-    p.rows = rows;
-    p.cols = cols;
-    p.ignore_index = ignore_index;
     p.inv_t = static_cast<A>(1.0 / temperature);
     p.alpha = static_cast<A>(alpha);
     p.c = static_cast<A>(t2_scale ? temperature * temperature : 1.0);
     p.beta = static_cast<A>(beta);
     div::with_divergence(divergence, [&](auto code) {
-      constexpr int DIV = decltype(code)::value;
-      if (has_target && temperature != 1.0) {
-        kd_divergence_fwd_kernel<scalar_t, DIV, true><<<blocks, kDivThreads, 0, scope.stream>>>(p);
-      } else {
-        kd_divergence_fwd_kernel<scalar_t, DIV, false><<<blocks, kDivThreads, 0, scope.stream>>>(p);
-      }
+      with_bool(has_target && temperature != 1.0, [&](auto n1) {
+        kd_divergence_fwd_kernel<scalar_t, decltype(code)::value, decltype(n1)::value>
+            <<<blocks, kDivThreads, 0, scope.stream>>>(p);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce,
-                                                          const at::Tensor& student, const at::Tensor& teacher,
-                                                          const std::optional<at::Tensor>& target,
-                                                          const at::Tensor& stats, double temperature,
-                                                          int64_t ignore_index, int64_t divergence, double beta,
-                                                          bool student_grad, bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(AUGKD_KD_DIVERGENCE_BWD_PARAMS) {
   checks::check_divergence_bwd(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta);
   const CudaScope scope("kd_divergence_bwd", "student", student);
   const at::Tensor s = aligned_input(student), t = aligned_input(teacher);
@@ -79,20 +63,14 @@ std::tuple<at::Tensor, at::Tensor> kd_divergence_bwd_cuda(const at::Tensor& grad
   at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : unused_grad(t);
   if (rows == 0 || (!student_grad && !teacher_grad)) return {gs, gt};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_divergence_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_divergence_bwd_cuda", {
     DivBwdParams<scalar_t> p{};
     p.grad_div = grad_div.const_data_ptr<A>();
     p.grad_ce = grad_ce.const_data_ptr<A>();
-    p.student = s.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.target = checks::data_or_null<int64_t>(target);
+    set_pair_rows<scalar_t>(p, s, t, target, ignore_index);
     p.stats = stats.const_data_ptr<A>();
     p.grad_s = student_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_t = teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
-    p.rows = rows;
-    p.cols = cols;
-    p.ignore_index = ignore_index;
     p.tile = static_cast<int64_t>(kTileThreads) * kVec<scalar_t> * 4;
     p.inv_t = static_cast<A>(1.0 / temperature);
     p.beta = static_cast<A>(beta);

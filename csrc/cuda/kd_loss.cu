@@ -13,7 +13,6 @@
 //             block per row.
 //   backward: C <= 1024: one warp per row; larger C: a 2-D grid of (column tile, row) blocks.
 // Everything runs on the current stream, with no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +22,7 @@
 
 #include "kd_loss.cuh"
 #include "op_checks.h"
+#include "op_dispatch.h"
 #include "op_outputs.h"
 #include "op_register.h"
 #include "row_launch.h"
@@ -38,28 +38,23 @@ void launch_kd_fwd(const KdFwdParams<T>& p, const FwdLayout& lay, const at::Tens
   launch_row_reduce<KdRefineVisitor<T>>(p, refine, like, stream);
 }
 
-// The inputs and scalars that KdFwdParams and KdBwdParams share, set alike for the forward and backward.
-template <typename T, typename P>
-void set_kd_inputs(P& p, const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& target,
-                   double temperature, double alpha, int64_t ignore_index, bool t2_scale, int64_t teacher_format) {
+// KdFwdParams or KdBwdParams (P) with the inputs and scalars they share, set alike for the forward and
+// backward; the rest zero.
+template <typename T, template <typename> class P>
+P<T> kd_params(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& target,
+               double temperature, double alpha, int64_t ignore_index, bool t2_scale, int64_t teacher_format) {
   using A = acc_type<T>;
-  p.student = s.const_data_ptr<T>();
-  p.teacher = t.const_data_ptr<T>();
-  p.target = checks::data_or_null<int64_t>(target);
-  p.rows = s.size(0);
-  p.cols = s.size(1);
-  p.ignore_index = ignore_index;
+  P<T> p{};
+  set_pair_rows<T>(p, s, t, target, ignore_index);
   p.inv_t = static_cast<A>(1.0 / temperature);
   p.alpha_c = static_cast<A>(alpha * (t2_scale ? temperature * temperature : 1.0));
   p.use_kl = alpha != 0.0;
   p.use_ce = checks::present(target) && alpha != 1.0;
   p.fmt = static_cast<int>(teacher_format);
+  return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& target, double temperature,
-                                                    double alpha, int64_t ignore_index, bool t2_scale,
-                                                    int64_t teacher_format) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(AUGKD_KD_LOSS_FWD_PARAMS) {
   checks::check_kd_loss_fwd(student, teacher, target, temperature, alpha, teacher_format);
   const CudaScope scope("kd_loss", "student", student);
   const bool has_target = checks::present(target);
@@ -74,29 +69,18 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
   const bool need1 = has_target && temperature != 1.0;  // the CE needs its own sum d_1
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
-    KdFwdParams<scalar_t> p{};
-    set_kd_inputs<scalar_t>(p, s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_loss_fwd_cuda", {
+    auto p = kd_params<scalar_t, KdFwdParams>(s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
     p.loss = loss.mutable_data_ptr<A>();
     p.stats = stats.mutable_data_ptr<A>();
     p.one_minus_alpha = static_cast<A>(1.0 - alpha);
     const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, sm_count);
-    if (need1) {
-      launch_kd_fwd<scalar_t, true>(p, lay, s, scope.stream);
-    } else {
-      launch_kd_fwd<scalar_t, false>(p, lay, s, scope.stream);
-    }
+    with_bool(need1, [&](auto n1) { launch_kd_fwd<scalar_t, decltype(n1)::value>(p, lay, s, scope.stream); });
   });
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_lse_t,
-                                                    const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& target, const at::Tensor& stats,
-                                                    double temperature, double alpha, int64_t ignore_index,
-                                                    bool t2_scale, int64_t teacher_format, bool student_grad,
-                                                    bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(AUGKD_KD_LOSS_BWD_PARAMS) {
   checks::check_kd_loss_bwd(grad_loss, grad_lse_t, student, teacher, target, stats, temperature, alpha,
                             teacher_format);
   const CudaScope scope("kd_loss_bwd", "student", student);
@@ -111,10 +95,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(const at::Tensor& grad_loss,
 
   const double c = t2_scale ? temperature * temperature : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_kd_loss_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
-    KdBwdParams<scalar_t> p{};
-    set_kd_inputs<scalar_t>(p, s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
+  AUGKD_DISPATCH_FLOATING(s, "augkd_kd_loss_bwd_cuda", {
+    auto p = kd_params<scalar_t, KdBwdParams>(s, t, target, temperature, alpha, ignore_index, t2_scale, teacher_format);
     p.grad_loss = grad_loss.const_data_ptr<A>();
     p.grad_lse_t = grad_lse_t.const_data_ptr<A>();
     p.stats = stats.const_data_ptr<A>();

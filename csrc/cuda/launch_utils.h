@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "reduce.cuh"  // RowMode
+#include "load_store.cuh"  // PairRows
+#include "op_checks.h"     // checks::data_or_null
+#include "reduce.cuh"      // RowMode
 
 namespace augkd::cuda {
 
@@ -65,6 +67,19 @@ inline FwdLayout choose_fwd_layout(int64_t rows, int64_t cols, int64_t vec, int6
   const int64_t want = next_pow2(ceil_div(part_cols, vec * 4));
   const int threads = static_cast<int>(std::clamp<int64_t>(want, 128, kMaxRowThreads));
   return {parts > 1 ? RowMode::kSplit : RowMode::kBlock, threads, std::max<int64_t>(parts, 1), part_cols};
+}
+
+// The inputs of a two-row op's kernel argument (kd_loss, kd_divergence): s and t (aligned_input) and the
+// optional labels.
+template <typename T>
+void set_pair_rows(PairRows<T>& p, const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& target,
+                   int64_t ignore_index) {
+  p.student = s.const_data_ptr<T>();
+  p.teacher = t.const_data_ptr<T>();
+  p.target = checks::data_or_null<int64_t>(target);
+  p.rows = s.size(0);
+  p.cols = s.size(1);
+  p.ignore_index = ignore_index;
 }
 
 inline const at::Tensor& check_cuda(const char* op, const char* name, const at::Tensor& x) {

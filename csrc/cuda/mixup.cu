@@ -4,7 +4,6 @@
 // Launch layout: 2-D grids, blockIdx.x a tile of columns, blockIdx.y a row (forward, pixel backward) or
 // a chunk of rows (latent backward). Reductions go through small fp32 (fp64) workspaces and a second
 // kernel that sums the partials in a fixed order: deterministic, no atomics, no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +14,7 @@
 #include "launch_utils.h"
 #include "mixup.cuh"
 #include "op_checks.h"
+#include "op_dispatch.h"
 #include "op_outputs.h"
 #include "op_register.h"
 
@@ -51,8 +51,7 @@ at::Tensor latent_mixup_fwd_cuda(const at::Tensor& z_in, const at::Tensor& mask_
   at::Tensor out = at::empty(z.sizes(), z.options());
   if (z.numel() == 0) return out;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_latent_mixup_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(z, "augkd_latent_mixup_fwd_cuda", {
     LatentParams<scalar_t> p{};
     p.z = z.const_data_ptr<scalar_t>();
     p.mask = mask.const_data_ptr<scalar_t>();
@@ -104,8 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_mixup_bwd_cuda
     return {grad_z, grad_mask, grad_psi, grad_s};
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_latent_mixup_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(z, "augkd_latent_mixup_bwd_cuda", {
     constexpr int V = kVec<scalar_t>;
     const bool vec = cols % V == 0;
     const int64_t n_tiles = ceil_div(cols, static_cast<int64_t>(kMixThreads) * (vec ? V : 1));
@@ -180,7 +178,7 @@ at::Tensor pixel_mixup_fwd_cuda(const at::Tensor& generated, const at::Tensor& r
   at::Tensor out = at::empty(gen.sizes(), gen.options());
   if (gen.numel() == 0) return out;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gen.scalar_type(), "augkd_pixel_mixup_fwd_cuda", [&] {
+  AUGKD_DISPATCH_FLOATING(gen, "augkd_pixel_mixup_fwd_cuda", {
     constexpr int V = kVec<scalar_t>;
     const bool vec = (gen.size(2) * gen.size(3)) % V == 0;  // a vector never straddles two channels
     PixelParams<scalar_t> p = pixel_params<scalar_t>(gen, real, s, s_scalar, mean, std_dev, vec);
@@ -215,8 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_mixup_bwd_cuda(
     return {grad_gen, grad_real, grad_s};
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gen.scalar_type(), "augkd_pixel_mixup_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(gen, "augkd_pixel_mixup_bwd_cuda", {
     constexpr int V = kVec<scalar_t>;
     const bool vec = (gen.size(2) * gen.size(3)) % V == 0;
     PixelParams<scalar_t> p = pixel_params<scalar_t>(gen, real, s, s_scalar, mean, std_dev, vec);

@@ -7,7 +7,6 @@
 //   backward: a 2-D grid of (column tile, row) blocks writes the dense gradient, then one thread per row
 //             overwrites its k teacher entries (a second launch on the same stream: ordered after the first).
 // Everything runs on the current stream, with no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "op_dispatch.h"
 #include "op_outputs.h"
 #include "op_register.h"
 #include "row_launch.h"
@@ -24,12 +24,14 @@
 namespace augkd::cuda {
 namespace {
 
-// The inputs that TopkFwdParams and TopkBwdParams share, set alike for the forward and backward.
-template <typename T, typename P>
-void set_topk_inputs(P& p, const at::Tensor& s, const at::Tensor& indices, const at::Tensor& values,
-                     const std::optional<at::Tensor>& target, double temperature, int64_t ignore_index, int64_t tail,
-                     int64_t divergence) {
+// TopkFwdParams or TopkBwdParams (P) with the inputs they share, set alike for the forward and backward; the
+// rest zero.
+template <typename T, template <typename> class P>
+P<T> topk_params(const at::Tensor& s, const at::Tensor& indices, const at::Tensor& values,
+                 const std::optional<at::Tensor>& target, double temperature, int64_t ignore_index, int64_t tail,
+                 int64_t divergence) {
   using A = acc_type<T>;
+  P<T> p{};
   p.student = s.const_data_ptr<T>();
   p.idx = indices.const_data_ptr<int64_t>();
   p.val = values.const_data_ptr<A>();
@@ -39,14 +41,10 @@ void set_topk_inputs(P& p, const at::Tensor& s, const at::Tensor& indices, const
   p.k = indices.size(1);
   p.ignore_index = ignore_index;
   p.args = {static_cast<A>(1.0 / temperature), p.k, p.cols, static_cast<int>(tail), static_cast<int>(divergence)};
+  return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& indices,
-                                                         const at::Tensor& values,
-                                                         const std::optional<at::Tensor>& target,
-                                                         double temperature, double alpha, int64_t ignore_index,
-                                                         bool t2_scale, int64_t values_format, int64_t tail,
-                                                         int64_t divergence) {
+std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(AUGKD_TOPK_KD_LOSS_FWD_PARAMS) {
   checks::check_topk_inputs("topk_kd_loss", student, indices, values, target, temperature, alpha, values_format,
                             tail, divergence);
   const CudaScope scope("topk_kd_loss", "student", student);
@@ -58,10 +56,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& stude
   if (rows == 0) return {loss, stats};
   const double c = t2_scale ? temperature * temperature : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_topk_kd_loss_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
-    TopkFwdParams<scalar_t> p{};
-    set_topk_inputs<scalar_t>(p, s, indices, values, target, temperature, ignore_index, tail, divergence);
+  AUGKD_DISPATCH_FLOATING(s, "augkd_topk_kd_loss_fwd_cuda", {
+    auto p = topk_params<scalar_t, TopkFwdParams>(s, indices, values, target, temperature, ignore_index, tail,
+                                                   divergence);
     p.loss = loss.mutable_data_ptr<A>();
     p.stats = stats.mutable_data_ptr<A>();
     p.alpha_c = static_cast<A>(alpha * c);
@@ -69,19 +66,14 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_loss_fwd_cuda(const at::Tensor& stude
     p.use_kl = alpha != 0.0;
     p.use_ce = has_target && alpha != 1.0;
     const FwdLayout lay = choose_fwd_layout(rows, cols, kVec<scalar_t>, 0, /*split=*/false);
-    if (has_target && temperature != 1.0) {
-      launch_row_reduce<TopkFwdVisitor<scalar_t, true>>(p, lay, s, scope.stream);
-    } else {
-      launch_row_reduce<TopkFwdVisitor<scalar_t, false>>(p, lay, s, scope.stream);
-    }
+    with_bool(has_target && temperature != 1.0, [&](auto n1) {
+      launch_row_reduce<TopkFwdVisitor<scalar_t, decltype(n1)::value>>(p, lay, s, scope.stream);
+    });
   });
   return {loss, stats};
 }
 
-at::Tensor topk_kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
-                                 const at::Tensor& values, const std::optional<at::Tensor>& target,
-                                 const at::Tensor& stats, double temperature, double alpha, int64_t ignore_index,
-                                 bool t2_scale, int64_t values_format, int64_t tail, int64_t divergence) {
+at::Tensor topk_kd_loss_bwd_cuda(AUGKD_TOPK_KD_LOSS_BWD_PARAMS) {
   checks::check_topk_kd_loss_bwd(grad_loss, student, indices, values, target, stats, temperature, alpha,
                                  values_format, tail, divergence);
   const CudaScope scope("topk_kd_loss_bwd", "student", student);
@@ -92,10 +84,9 @@ at::Tensor topk_kd_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
   if (rows == 0) return grad;
   const double c = t2_scale ? temperature * temperature : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "augkd_topk_kd_loss_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
-    TopkBwdParams<scalar_t> p{};
-    set_topk_inputs<scalar_t>(p, s, indices, values, target, temperature, ignore_index, tail, divergence);
+  AUGKD_DISPATCH_FLOATING(s, "augkd_topk_kd_loss_bwd_cuda", {
+    auto p = topk_params<scalar_t, TopkBwdParams>(s, indices, values, target, temperature, ignore_index, tail,
+                                                   divergence);
     p.grad_loss = grad_loss.const_data_ptr<A>();
     p.stats = stats.const_data_ptr<A>();
     p.grad = grad.mutable_data_ptr<scalar_t>();

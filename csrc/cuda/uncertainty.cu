@@ -3,7 +3,6 @@
 // kernels/row_reduce.cuh). Same launch layout as csrc/cuda/kd_loss.cu: a warp per row for C <= 1024,
 // else a block per row (forward) or a 2-D grid of (column tile, row) blocks (backward). Current stream,
 // no host synchronisation.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +10,7 @@
 #include <tuple>
 
 #include "op_checks.h"
+#include "op_dispatch.h"
 #include "op_outputs.h"
 #include "op_register.h"
 #include "row_launch.h"
@@ -40,8 +40,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_fwd_cuda(const at::Tensor& logits
   if (rows == 0) return {energy, entropy};
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_uncertainty_fwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(z, "augkd_uncertainty_fwd_cuda", {
     UncFwdParams<scalar_t> p{};
     set_unc_inputs<scalar_t>(p, z, temperature);
     p.energy = energy.mutable_data_ptr<A>();
@@ -63,8 +62,7 @@ at::Tensor uncertainty_bwd_cuda(const at::Tensor& grad_energy, const at::Tensor&
   at::Tensor grad = at::empty(z.sizes(), z.options());
   if (rows == 0) return grad;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "augkd_uncertainty_bwd_cuda", [&] {
-    using A = acc_type<scalar_t>;
+  AUGKD_DISPATCH_FLOATING(z, "augkd_uncertainty_bwd_cuda", {
     UncBwdParams<scalar_t> p{};
     set_unc_inputs<scalar_t>(p, z, temperature);
     p.grad_energy = grad_energy.const_data_ptr<A>();

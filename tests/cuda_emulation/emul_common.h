@@ -59,12 +59,21 @@ inline int report_failures() {
     return report_failures();                \
   }
 
+// The exchange of shfl_xor_state on the host: lane `mine`'s state with every field that for_each_field
+// lists taken from lane `theirs` (a field it leaves out keeps this lane's value, as on the device).
+template <typename S>
+S emu_shfl(const S& mine, const S& theirs) {
+  S o = mine;
+  augkd::cuda::for_each_field(o, theirs, [](auto& x, auto y) { x = y; });
+  return o;
+}
+
 // Emulated butterfly over 32 lanes: lane i merges lane i ^ off, all lanes in lock step.
 template <typename S>
 void emu_warp_reduce(std::vector<S>& lanes) {
   for (int off = 16; off > 0; off >>= 1) {
     std::vector<S> prev = lanes;
-    for (int i = 0; i < 32; ++i) lanes[i].merge(prev[i ^ off]);
+    for (int i = 0; i < 32; ++i) augkd::cuda::merge_state(lanes[i], emu_shfl(prev[i], prev[i ^ off]));
   }
 }
 

@@ -105,6 +105,18 @@ def scalar(hi, lo, ACC: tl.constexpr):
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
+@triton.jit
+def load_softmax_stats(st, S_AT: tl.constexpr, T_AT: tl.constexpr, ACC: tl.constexpr):
+    """A row's saved student and teacher softmax statistics as ACC: (max, log of the sum) of the student at
+    st + S_AT, st + S_AT + 1 and of the teacher at st + T_AT, st + T_AT + 1 (the backward kernels rebuild the
+    probabilities from them)."""
+    m_s = tl.load(st + S_AT).to(ACC)
+    log_ds = tl.load(st + S_AT + 1).to(ACC)
+    m_t = tl.load(st + T_AT).to(ACC)
+    log_dt = tl.load(st + T_AT + 1).to(ACC)
+    return m_s, log_ds, m_t, log_dt
+
+
 # Numerics shared with the other backends (augkd/ops/reference.py, docs/ops-design.md "Precision").
 REFINE_RATIO: tl.constexpr = tl.constexpr(1.0 / 64)
 PHI_SERIES_MAX: tl.constexpr = tl.constexpr(0.25)

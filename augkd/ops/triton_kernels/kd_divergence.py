@@ -255,10 +255,7 @@ def _div_bwd_kernel(
     temp = cm.scalar(temperature, temperature_lo, ACC)
     bw = cm.scalar(beta, beta_lo, ACC)
     st = stats_ptr + row * 11
-    m_s = tl.load(st + 0).to(ACC)
-    log_ds = tl.load(st + 1).to(ACC)
-    m_t = tl.load(st + 2).to(ACC)
-    log_dt = tl.load(st + 3).to(ACC)
+    m_s, log_ds, m_t, log_dt = cm.load_softmax_stats(st, 0, 2, ACC)
     ell = tl.load(st + 4).to(ACC)
     d = tl.load(st + 5).to(ACC)
     ss = tl.load(st + 7).to(ACC)

@@ -201,10 +201,7 @@ def _topk_bwd_entries_kernel(
     temp = cm.scalar(temperature, temperature_lo, ACC)
     a_w = cm.scalar(alpha, alpha_lo, ACC)
     st = stats_ptr + row * 8
-    m_s = tl.load(st + 0).to(ACC)
-    log_ds = tl.load(st + 1).to(ACC)
-    m_t = tl.load(st + 4).to(ACC)
-    log_dt = tl.load(st + 5).to(ACC)
+    m_s, log_ds, m_t, log_dt = cm.load_softmax_stats(st, 0, 4, ACC)
     div = tl.load(st + 6).to(ACC)
     ks = tl.arange(0, KBLOCK)
     km = ks < K
