@@ -116,6 +116,16 @@ class AnchorConfig:
     scheduler_step: Literal["epoch", "batch"] = "epoch"
     # B7: the released anchor evaluation feeds E normalised images although training feeds raw ones.
     eval_encoder_input: Literal["raw", "normalized"] = "raw"
+    # The energy the anchor minimises (docs/anchor-diagnostics.md, "Switches"). "logsumexp": the teacher's
+    # free energy -T logsumexp(z/T) (paper), lowered by confidence in ANY class. "class": the energy of
+    # the labelled class, -z_y (= free energy + T * CE at temperature T), lowered only by that class.
+    energy: Literal["logsumexp", "class"] = "logsumexp"
+    # Weight of a collapse penalty: sum_c p_bar_c log10 p_bar_c of the teacher's mean prediction on the
+    # batch's anchor images (Module 1's class-balance term). 0: not added.
+    balance_weight: float = 0.0
+    # Best anchor epoch: "loss" = lowest validation anchor loss; "anchored_acc" = highest teacher accuracy
+    # on the validation anchor images (ties: lower loss).
+    select: Literal["loss", "anchored_acc"] = "loss"
 
 
 @dataclass
@@ -141,6 +151,9 @@ class MixupConfig:
     normalize_real: bool = True
     use_anchor: bool = True  # False: the no-anchor ablation (z_a = z, Module 2 skipped)
     mix_samples: bool = True  # False: the no-mixup ablation (see docs/fidelity.md)
+    # Per-row weight of the KD term. "none": 1. "confidence": the teacher's top softmax probability on
+    # that row's image (at temperature 1), divided by its batch mean (uncertainty-guided, per sample).
+    teacher_weighting: Literal["none", "confidence"] = "none"
     # The released code wraps the optimiser in ConstantLR (lr/3 for the first 5 steps) stepped per
     # batch (B8). "epoch" applies the same warm-up to the first 5 epochs.
     warmup_steps: int = 5

@@ -27,7 +27,7 @@ FLOAT_RANGES: dict[str, tuple] = {
     "df.adv_weight": NON_NEGATIVE, "df.pseudo_ce_weight": NON_NEGATIVE, "df.balance_weight": NON_NEGATIVE,
     "df.bn_weight": NON_NEGATIVE, "df.cvae_kl_weight": NON_NEGATIVE,
     "anchor.lr": POSITIVE, "anchor.invariant": UNIT, "anchor.energy_temperature": POSITIVE,
-    "anchor.ce_weight": NON_NEGATIVE,
+    "anchor.ce_weight": NON_NEGATIVE, "anchor.balance_weight": NON_NEGATIVE,
     "mixup.lr": POSITIVE, "mixup.weight_decay": NON_NEGATIVE, "mixup.a": POSITIVE, "mixup.b": UNIT,
     "mixup.temperature": KD_TEMPERATURE, "mixup.u": UNIT, "mixup.warmup_factor": UNIT,
     "baseline.kd_u": UNIT,

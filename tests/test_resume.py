@@ -74,6 +74,40 @@ def test_resume_after_kills_is_bit_exact_with_plots(reference, tmp_path, monkeyp
     assert (out / "plots" / "anchor.png").is_file()
 
 
+# Every Module 2 / Module 3 switch away from its default (docs/anchor-diagnostics.md, "Switches"), with
+# enough anchor epochs for the selection rule to matter.
+SWITCHES = ["anchor.energy=class", "anchor.balance_weight=2", "anchor.select=anchored_acc",
+            "mixup.teacher_weighting=confidence", "anchor.epochs=4", "plots=false"]
+
+
+@pytest.fixture(scope="module")
+def switched(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("switched") / "run"
+    assert _run(ref, *SWITCHES) == 0
+    return ref
+
+
+def test_resume_with_the_switches_set_is_bit_exact(switched, reference, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    killed_after(monkeypatch, "anchor:1", _run, out, *SWITCHES)
+    killed_after(monkeypatch, "mixup:0", _run, out, "--resume", *SWITCHES)
+    assert _run(out, "--resume", *SWITCHES) == 0
+    assert_same_weights(switched / "student.pt", out / "student.pt")
+    for stage in ("anchor", "mixup"):
+        assert _metrics(switched, stage) == _metrics(out, stage), stage
+    # the best anchor epoch is the one with the highest anchored accuracy (first of equals: lowest loss)
+    rows = _metrics(switched, "anchor")
+    best = min(range(len(rows)), key=lambda i: (-float(rows[i]["anchored_teacher_acc"]),
+                                                 float(rows[i]["val_anchor_loss"]), i))
+    summary = json.loads((switched / "metrics" / "summary.json").read_text())
+    assert summary["stages"]["anchor"]["best_epoch"] == best
+    # the switches act: the anchor's training loss and the student differ from the default run's
+    assert _metrics(switched, "anchor")[0]["train_loss"] != _metrics(reference, "anchor")[0]["train_loss"]
+    a = torch.load(switched / "student.pt", weights_only=True)
+    b = torch.load(reference / "student.pt", weights_only=True)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_a_different_config(tmp_path, monkeypatch):
     out = tmp_path / "r"
     killed_after(monkeypatch, "teacher:0", _run, out)

@@ -68,7 +68,8 @@ class Anchor:
     def loss(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> AnchorLossTerms:
         c = self.cfg
         return anchor_loss(logits, y, mask, invariant=c.invariant, temperature=c.energy_temperature,
-                           ce_weight=c.ce_weight, penalty=c.mask_penalty)
+                           ce_weight=c.ce_weight, penalty=c.mask_penalty, energy=c.energy,
+                           balance_weight=c.balance_weight)
 
 
 def setup(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, anchor: nn.Module) -> Anchor:
@@ -122,7 +123,7 @@ def train_epoch(st: Anchor, epoch: int) -> dict:
             st.sched.step()
         b = y.shape[0]
         for k, v in (("loss", terms.total), ("energy", terms.energy), ("ce", terms.ce),
-                     ("penalty", terms.penalty), ("mask_mass", terms.mask_mass)):
+                     ("penalty", terms.penalty), ("mask_mass", terms.mask_mass), ("balance", terms.balance)):
             steps.add(k, v, b)
     if cfg.scheduler_step == "epoch":
         st.sched.step()
@@ -160,13 +161,24 @@ def describe(r: dict) -> str:
             f"energy {r['anchored_energy']:.2f} max share {r['anchored_max_share']:.2f}")
 
 
+def select_key(select: str):
+    """The best-epoch key to MINIMISE for ``anchor.select``: the validation anchor loss, or the teacher's
+    accuracy on the validation anchor images (higher first; ties go to the lower loss, then the earlier
+    epoch)."""
+    if select == "loss":
+        return lambda r: (r["val_anchor_loss"],)
+    if select == "anchored_acc":
+        return lambda r: (-r["anchored_teacher_acc"], r["val_anchor_loss"])
+    raise ValueError(f"anchor.select: expected 'loss' or 'anchored_acc', got {select!r}")
+
+
 def run_anchor(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Module, anchor: nn.Module) -> LoopResult:
-    """Train ``anchor`` in place; on return it holds the epoch with the lowest validation anchor loss."""
+    """Train ``anchor`` in place; on return it holds the best epoch by ``anchor.select``."""
     st = setup(ctx, teacher, generator, encoder, anchor)
     result = run_stage_epochs(
         ctx, STAGE, st.cfg.epochs, {"anchor": anchor}, st.opt, st.sched, st.rnd,
         train_epoch=partial(train_epoch, st), evaluate=partial(eval_epoch, st),
-        select_key=lambda r: (r["val_anchor_loss"],), describe=describe,
+        select_key=select_key(st.cfg.select), describe=describe,
     )
     anchor.eval()
     return result

@@ -142,10 +142,29 @@ def cvae_loss(z_hat, z, mu, logvar, kl_weight: float = 0.00025) -> tuple[torch.T
 @dataclass
 class AnchorLossTerms:
     total: torch.Tensor
-    energy: torch.Tensor  # mean teacher energy on the anchor-decoded images
+    energy: torch.Tensor  # mean teacher energy on the anchor-decoded images (the kind ``energy`` names)
     ce: torch.Tensor  # mean teacher CE against the true labels
     penalty: torch.Tensor  # the mask term, as it enters ``total``
     mask_mass: torch.Tensor  # mean per-sample mask mass sum_j m_ij
+    balance: torch.Tensor  # sum_c p_bar_c log10 p_bar_c of the batch (enters ``total`` times balance_weight)
+
+
+ANCHOR_ENERGIES = ("logsumexp", "class")
+
+
+def anchor_energies(teacher_logits: torch.Tensor, labels: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """Per-sample energy of the teacher on anchor images.
+
+    ``logsumexp``: the free energy -T logsumexp(z / T) (paper), lowered by confidence in any class.
+    ``class``: the labelled class's energy -z_y, the class-conditional energy whose Boltzmann density
+    exp(z_y / T) is the joint p(x, y) of a classifier read as an energy model. It equals the free energy
+    plus T * CE(softmax(z / T), y), so it is lowered only by raising the labelled class (no temperature).
+    """
+    if kind == "logsumexp":
+        return ops.energy(teacher_logits, temperature=temperature)
+    if kind == "class":
+        return -teacher_logits.gather(1, labels.reshape(-1, 1).to(torch.int64)).squeeze(1)
+    raise ValueError(f"energy: expected one of {ANCHOR_ENERGIES}, got {kind!r}")
 
 
 def anchor_loss(
@@ -157,16 +176,21 @@ def anchor_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.1,
     penalty: str = "per_sample",
+    energy: str = "logsumexp",
+    balance_weight: float = 0.0,
 ) -> AnchorLossTerms:
-    """L_A = energy + ce_weight * CE + mask penalty.
+    """L_A = energy + ce_weight * CE + mask penalty (+ balance_weight * balance).
 
     ``per_sample`` (paper-faithful reading): mean_i E_i + w * mean_i CE_i + mean_i |sum_j m_ij - L(1-a)|.
     ``batch_sum`` (released AnchorLoss, B6): sum_i E_i + w * sum_i CE_i + |sum_ij m_ij - L(1-a)|, i.e. the
     energy and CE are SUMMED over the batch and the mask target applies to the whole batch's mask mass.
+    E_i is the energy ``energy`` names (``anchor_energies``). The balance term sum_c p_bar_c log10 p_bar_c
+    (p_bar: the batch mean of softmax(z)) is one number per batch in either reading; it is added only
+    when ``balance_weight`` is not 0, so that the default loss is computed exactly as without it.
     """
     latent = mask.shape[1]
     target_mass = latent * (1.0 - invariant)
-    energies = ops.energy(teacher_logits, temperature=temperature)
+    energies = anchor_energies(teacher_logits, labels, energy, temperature)
     ces = F.cross_entropy(teacher_logits, labels, reduction="none")
     per_sample_mass = mask.sum(dim=1)
     if penalty == "per_sample":
@@ -177,7 +201,10 @@ def anchor_loss(
         total = energies.sum() + ce_weight * ces.sum() + pen
     else:
         raise ValueError(f"penalty: expected 'per_sample' or 'batch_sum', got {penalty!r}")
-    return AnchorLossTerms(total, energies.mean(), ces.mean(), pen, per_sample_mass.mean())
+    balance = class_balance_term(teacher_logits)
+    if balance_weight != 0.0:
+        total = total + balance_weight * balance
+    return AnchorLossTerms(total, energies.mean(), ces.mean(), pen, per_sample_mass.mean(), balance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +225,34 @@ def distill_loss(
     return ops.kd_loss(
         student_logits, target_logits, labels, temperature=temperature, alpha=1.0 - u, reduction="mean"
     )
+
+
+def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row weights: the teacher's top softmax probability (temperature 1) over its batch mean (mean 1).
+
+    A row where the teacher is unsure of its own answer (an image far from its domain) then counts less
+    in the KD term, one where it is sure counts more; the batch's total KD weight is unchanged."""
+    conf = F.softmax(teacher_logits.detach().float(), dim=1).amax(dim=1)
+    return conf / conf.mean()
+
+
+def distill_loss_weighted(
+    student_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    labels: torch.Tensor,
+    kd_weight: torch.Tensor,
+    *,
+    u: float,
+    temperature: float = 10.0,
+) -> torch.Tensor:
+    """mean_i [u * CE(S_i, y_i) + (1 - u) * w_i * T^2 * KL(softmax(t_i/T) || softmax(S_i/T))]: ``distill_loss``
+    with a per-row weight w on the KD term only (the labels' term keeps weight 1)."""
+    ce = F.cross_entropy(student_logits, labels)
+    if u == 1.0:  # the KD term's weight is 0 (as kd_loss leaves out a term of weight 0)
+        return u * ce
+    kd = ops.kd_loss(student_logits, target_logits, temperature=temperature, sample_weight=kd_weight,
+                     reduction="mean")
+    return u * ce + (1.0 - u) * kd
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 3, 5)) -> dict[int, int]:

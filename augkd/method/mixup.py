@@ -7,7 +7,8 @@ Each student-domain batch (x, y) is paired with a mixed sample built from its an
 
 f = f(epoch) grows from b to 1 (schedules.mixup_factor), so training moves progressively from
 teacher-domain-like anchor images to the real student images. The student sees [x, x_mix], both labelled
-y, and learns from u * CE(labels) + (1-u) * T^2 * KL(teacher || student) with T = 10.
+y, and learns from u * CE(labels) + (1-u) * T^2 * KL(teacher || student) with T = 10; with
+``mixup.teacher_weighting = "confidence"`` each row's KD term is weighted by the teacher's confidence on it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .anchor import freeze
 from .context import Context
 from .evaluation import accuracy_key, minibatches, validation_row
 from .loop import LoopResult, run_stage_epochs
-from .losses import distill_loss
+from .losses import confidence_weights, distill_loss, distill_loss_weighted
 from .schedules import adam, ce_weight, constant_warmup, mixup_factor
 from .step_sums import StepSums
 
@@ -117,7 +118,11 @@ def train_epoch(st: Mixup, epoch: int) -> dict:
         inputs = torch.cat([ctx.normalize(x) if cfg.normalize_real else x, x_mix])
         logits = st.student_ddp(inputs)
         target = kd_target(st, inputs)
-        loss = distill_loss(logits, target, torch.cat([y, y]), u=u, temperature=cfg.temperature)
+        if cfg.teacher_weighting == "confidence":
+            loss = distill_loss_weighted(logits, target, torch.cat([y, y]), confidence_weights(target), u=u,
+                                         temperature=cfg.temperature)
+        else:
+            loss = distill_loss(logits, target, torch.cat([y, y]), u=u, temperature=cfg.temperature)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         st.opt.step()
