@@ -91,3 +91,17 @@ def on(device, x):
 def interpreted(backend: str, device: str) -> bool:
     """The Triton interpreter runs this case (numpy: float32 only, one program at a time)."""
     return backend == "triton" and device == "cpu"
+
+
+def assert_fullgraph_matches_eager(step, make_inputs, n_grad: int) -> None:
+    """``torch.compile(step, fullgraph=True)`` gives eager's value and the gradients of the first
+    ``n_grad`` inputs; ``make_inputs()`` returns a fresh list of leaves for each of the two runs."""
+    torch._dynamo.reset()
+    eager_in, compiled_in = make_inputs(), make_inputs()
+    eager = step(*eager_in)
+    eager.backward()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_in)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(eager_in[:n_grad], compiled_in[:n_grad]):
+        torch.testing.assert_close(b.grad, a.grad)

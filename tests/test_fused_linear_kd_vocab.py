@@ -13,7 +13,7 @@ from augkd.ops import fused_linear_kd as flkd
 from augkd.ops import fused_linear_kd_vocab as vocab_sweep
 from augkd.ops.fused_linear_kd import auto_vocab_chunk
 
-from .matrix import assert_close
+from .matrix import assert_close, assert_fullgraph_matches_eager
 from .test_kd_divergence import oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,16 +166,7 @@ def test_compile_fullgraph_with_vocab_blocks(divergence, reduction):
                                        vocab_chunk_size=8)
         return out.sum()
 
-    torch._dynamo.reset()
-    eager_in = [t.clone().requires_grad_(i < 3) for i, t in enumerate(f32[:5])]
-    compiled_in = [t.clone().requires_grad_(i < 3) for i, t in enumerate(f32[:5])]
-    eager = step(*eager_in)
-    eager.backward()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_in)
-    compiled.backward()
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(eager_in[:3], compiled_in[:3]):
-        torch.testing.assert_close(b.grad, a.grad)
+    assert_fullgraph_matches_eager(step, lambda: [t.clone().requires_grad_(i < 3) for i, t in enumerate(f32[:5])], 3)
 
 
 def test_module_takes_vocab_chunk_size():

@@ -16,7 +16,7 @@ from augkd import ops
 from augkd.ops import use_backend
 from augkd.ops.divergence_reference import plain_divergence
 
-from .matrix import BACKEND_DEVICES, BACKENDS_HERE, as_leaf, assert_close, on
+from .matrix import BACKEND_DEVICES, BACKENDS_HERE, as_leaf, assert_close, assert_fullgraph_matches_eager, on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -372,13 +372,4 @@ def test_fused_linear_compile_fullgraph(divergence, reduction):
                                        divergence=divergence, beta=0.3, reduction=reduction, chunk_size=4)
         return out.sum()
 
-    torch._dynamo.reset()
-    leaves1 = [as_leaf(t, torch.float32, i < 3) for i, t in enumerate(tensors[:5])]
-    leaves2 = [as_leaf(t, torch.float32, i < 3) for i, t in enumerate(tensors[:5])]
-    eager = step(*leaves1)
-    eager.backward()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves2)
-    compiled.backward()
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(leaves1[:3], leaves2[:3]):
-        torch.testing.assert_close(b.grad, a.grad)
+    assert_fullgraph_matches_eager(step, lambda: [as_leaf(t, torch.float32, i < 3) for i, t in enumerate(tensors[:5])], 3)

@@ -21,9 +21,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _checks
+from . import fused_linear_kd_vocab as _vocab
 from .kd_divergence import divergence_code
 from .kd_loss import kd_loss
-from . import fused_linear_kd_vocab as _vocab
 
 OP = "fused_linear_kd_loss"
 REDUCTIONS = ("none", "sum", "mean", "token_mean", "batchmean")
