@@ -149,9 +149,8 @@ def _torch_block_grads(s, t, y, v0, v1, lse_s, lse_t, lse_1, div, s_sum, t_sum, 
     if hard_on and want_s:
         hard = q if soft1 is None else soft1  # q is softmax(s) at T = 1; the soft gradients are formed
         hard.mul_(b)
-        inside = (y >= v0) & (y < v1)
-        col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
-        hard.scatter_add_(1, col, -(b * inside[:, None].to(b.dtype)))
+        inside, col = _block_column(y, v0, v1)
+        hard.scatter_add_(1, col[:, None], -(b * inside[:, None].to(b.dtype)))
         g_s = hard if g_s is None else g_s.add_(hard)
     return g_s, g_t
 
@@ -164,10 +163,16 @@ def _kernel(device: torch.device, name: str):
     return getattr(backends.load(backend), name)
 
 
+def _block_column(y, v0, v1):
+    """(whether row i's target lies in [v0, v1), its column in the block: 0 for the rows whose target is elsewhere)."""
+    inside = (y >= v0) & (y < v1)
+    return inside, torch.where(inside, y - v0, torch.zeros_like(y))
+
+
 def _target_logit(s, y, v0, v1, target_logit):
     """s[i, y_i] for the rows whose target lies in [v0, v1); the others keep `target_logit`."""
-    inside = (y >= v0) & (y < v1)
-    col = torch.where(inside, y - v0, torch.zeros_like(y))[:, None]
+    inside, col = _block_column(y, v0, v1)
+    col = col[:, None]
     return torch.where(inside, s.gather(1, col)[:, 0], target_logit)
 
 
@@ -304,9 +309,9 @@ def _kernel_block_grads(kernel, s, t, y, v0, v1, stats, g_div, g_ce, hard_on, cf
     Ignored rows get the label -1 and the kernel the ignore_index -1, which no block label equals."""
     block_y = outside = None
     if y is not None:
-        inside = (y >= v0) & (y < v1)
+        inside, col = _block_column(y, v0, v1)
         keep = y != cfg.ignore_index
-        block_y = torch.where(keep, torch.where(inside, y - v0, torch.zeros_like(y)), torch.full_like(y, -1))
+        block_y = torch.where(keep, col, torch.full_like(y, -1))
         outside = keep & ~inside
     g_s, g_t = kernel(g_div, g_ce, s, t, block_y, stats, cfg.temperature, -1, code, cfg.beta, want_s, want_t)
     if want_s and hard_on:
