@@ -124,13 +124,9 @@ def _validate(x_s, w_s, b_s, x_t, w_t, b_t, target, temperature, alpha, divergen
     _checks.choice(OP, "divergence", divergence, DIVERGENCES)
     _checks.choice(OP, "reduction", reduction, REDUCTIONS)
     kernel_ignore, _ = _checks.ignore_index(OP, ignore_index)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
-    if vocab_chunk_size is not None and (not isinstance(vocab_chunk_size, int) or isinstance(vocab_chunk_size, bool)
-                                         or vocab_chunk_size < 1):
-        raise ValueError(f"{OP}: vocab_chunk_size must be None (automatic) or an int >= 1, got "
-                         f"{vocab_chunk_size!r}")
+    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"{OP}: {name} must be None (automatic) or an int >= 1, got {size!r}")
     _checks.hard_target(OP, target, alpha, x_s.shape[:-1], x_s.device, what="token ids",
                         hint=" (student_input without the hidden dimension; shift the labels before the call)")
     if target is not None:
