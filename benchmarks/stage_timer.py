@@ -1,7 +1,8 @@
 """Per-stage and per-epoch wall time of an ``augkd run``, split into training, evaluation and the epoch
 loop's bookkeeping (finiteness check, CSV, best-weights copy, checkpoint).
 
-It wraps the ``run_epochs`` every stage module calls, so the method code itself carries no timers.
+It wraps ``run_epochs`` where the stages reach it (the loop module's, which ``run_stage_epochs`` calls,
+and each stage module's own import of it), so the method code itself carries no timers.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-STAGE_MODULES = ("augkd.method.data_free", "augkd.method.anchor", "augkd.method.mixup", "augkd.method.supervised")
+# Every module whose global ``run_epochs`` a stage calls: the loop's (through ``run_stage_epochs``) and
+# the stage modules that import it directly.
+STAGE_MODULES = ("augkd.method.loop", "augkd.method.data_free", "augkd.method.anchor", "augkd.method.mixup",
+                 "augkd.method.supervised")
 
 
 @dataclass
@@ -40,7 +44,7 @@ def timed_stages(times: JobTimes, annotate: bool = False):
     and evaluation callbacks are also torch.profiler ranges ("<stage>/train", "<stage>/eval")."""
     import importlib
 
-    modules = [importlib.import_module(m) for m in STAGE_MODULES]
+    modules = [m for m in map(importlib.import_module, STAGE_MODULES) if hasattr(m, "run_epochs")]
     originals = {m: m.run_epochs for m in modules}
 
     def wrap(stage: str, what: str, fn):

@@ -57,6 +57,67 @@ def test_snapshot_is_not_reached_by_later_in_place_changes():
     assert snap["history"] == [{"loss": 1.0}]
 
 
+def _rebuilt(obj):
+    """The snapshot rule without shortcuts: every container rebuilt, every tensor copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _rebuilt(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebuilt(v) for v in obj)
+    return obj
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_snapshot_of_plain_containers_equals_a_full_rebuild_and_stays_apart():
+    """The one-step copies of flat containers (metrics rows, RNG tuples, index lists) give what rebuilding
+    every element gives, and later changes to the live containers do not reach them."""
+    import random
+
+    live = {
+        "row": {"epoch": 3, "loss": 0.25, "name": "x", "flag": True, "none": None},
+        "rows": [{"a": 1.5}, {"a": 2.5}],
+        "indices": list(range(50)),
+        "python_rng": random.getstate(),  # (version, 625 ints, gauss)
+        "mixed": (1, [2, 3], torch.ones(2)),
+        "tensors": [torch.arange(3.0), {"w": torch.zeros(2)}],
+    }
+    want = _rebuilt(live)
+    snap = snapshot(live)
+    assert _same(snap, want)
+    assert snap["row"] is not live["row"] and snap["indices"] is not live["indices"]
+    assert snap["rows"][0] is not live["rows"][0]
+    live["row"]["loss"] = 9.0
+    live["rows"][0]["a"] = 9.0
+    live["indices"].append(50)
+    live["mixed"][1].append(4)
+    live["tensors"][0].add_(1)
+    live["tensors"][1]["w"].add_(1)
+    assert _same(snap, want)
+
+
+def test_loop_snapshot_shares_only_what_the_loop_keeps_unchanged():
+    from augkd.method.loop import _snapshot_state
+
+    splits, rows = {"student": [1, 2, 3]}, [{"epoch": 0}]
+    state = {"epoch": 0, "objects": {"w": torch.ones(2)}, "history": rows, "splits": splits}
+    snap = _snapshot_state(state, {"splits": splits, "history": rows})
+    assert list(snap) == list(state)
+    assert snap["splits"] is splits and snap["history"] is rows
+    state["objects"]["w"].add_(1)
+    assert torch.equal(snap["objects"]["w"], torch.ones(2))
+    assert _snapshot_state(None, {}) is None
+
+
 def test_background_writer_runs_jobs_in_order_and_one_at_a_time(tmp_path):
     writer = BackgroundWriter()
     order, running = [], []

@@ -15,17 +15,33 @@ from typing import Any, Callable
 import torch
 
 
+# Values that are immutable and hold no tensor: shared by a snapshot instead of rebuilt.
+_ATOMS = (int, float, bool, str, bytes, type(None))
+
+
 def snapshot(obj: Any) -> Any:
     """A copy of ``obj`` that later in-place changes to the live tensors and containers cannot reach:
-    tensors are copied to the CPU (a checkpoint is loaded with ``map_location``), dicts, lists and tuples
-    are rebuilt, anything else (numbers, strings, None) is immutable and shared."""
+    tensors are copied to the CPU (a checkpoint is loaded with ``map_location``), dicts and lists are
+    rebuilt, tuples rebuilt when they hold a tensor or a container, anything else (numbers, strings,
+    None) is immutable and shared."""
+    kind = type(obj)
+    if kind in _ATOMS:
+        return obj
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
+    # Flat containers of plain values (metrics rows, RNG state tuples, index lists) in one step each:
+    # an epoch's checkpoint holds thousands of such values, and visiting each costs more than its copy.
     if isinstance(obj, dict):
+        if all(type(v) in _ATOMS for v in obj.values()):
+            return dict(obj)
         return {k: snapshot(v) for k, v in obj.items()}
     if isinstance(obj, list):
+        if all(type(v) in _ATOMS for v in obj):
+            return list(obj)
         return [snapshot(v) for v in obj]
     if isinstance(obj, tuple):
+        if all(type(v) in _ATOMS for v in obj):
+            return obj
         return tuple(snapshot(v) for v in obj)
     return obj
 

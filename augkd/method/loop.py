@@ -119,6 +119,15 @@ def _write_job(csv_path: str, history: list[dict[str, Any]], state_path: str, st
     return job
 
 
+def _snapshot_state(state: dict | None, shared: dict[str, Any]) -> dict | None:
+    """``snapshot(state)``, except for the keys in ``shared``, whose values are taken from there as they are:
+    what the loop knows cannot change while the stage runs (the data splits, snapshotted once per stage;
+    the history's rows, never changed once appended, in a new list)."""
+    if state is None:
+        return None
+    return {k: shared[k] if k in shared else snapshot(v) for k, v in state.items()}
+
+
 def run_epochs(
     ctx: Context,
     stage: str,
@@ -173,6 +182,7 @@ def run_epochs(
     # The CSV and checkpoint are written while the next epoch trains (from snapshots); with several
     # processes synchronously, since the barrier after a checkpoint promises that it is on disk.
     writer = BackgroundWriter(enabled=not dist.enabled)
+    splits = snapshot(ctx.data.splits)
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
@@ -206,13 +216,15 @@ def run_epochs(
                         "best": {"key": best_key, "epoch": best_epoch, "row": best_row, "states": best_states},
                         "history": history,
                         "seconds": elapsed,
-                        "splits": ctx.data.splits,
+                        "splits": splits,
                         "config_digest": expected_digest,
                     }
                     if dist.enabled:
                         state.update(processes=dist.world, rng_by_rank=rngs)
             if dist.is_main:
-                writer.submit(_write_job(csv_path, list(history), state_path, snapshot(state)))
+                rows = list(history)
+                writer.submit(_write_job(csv_path, rows, state_path,
+                                         _snapshot_state(state, {"splits": splits, "history": rows})))
             if checkpoint:
                 last_saved = epoch
                 dist.barrier()  # the checkpoint is on disk before any process moves on (or is killed)

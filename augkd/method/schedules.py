@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .flat_adam import FlatAdam
+
 
 def mixup_factor(epoch: int, total_epochs: int, a: float, b: float, kind: str = "linear") -> float:
     """linear: min(1, b + (1-b) e/(aE));  step: min(1, b + (1-b) trunc(10 e/(aE))/10)  (utils/scheduler.py)."""
@@ -34,9 +36,10 @@ def ce_weight(f: float, schedule: str = "tied", constant: float = 0.5) -> float:
 
 
 def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
-    """Adam as every stage uses it, in its multi-tensor (foreach) form: on CPU torch picks the per-tensor
-    loop by default, which computes the same numbers bit for bit (tested) with more Python per step."""
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    """Adam as every stage uses it: ``FlatAdam``, torch's foreach Adam with a one-pass CPU step over each
+    group's tensors. Both compute the numbers of torch's CPU default, the per-tensor loop, bit for bit
+    (tested), with fewer operator calls per step."""
+    return FlatAdam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def cosine(optimizer: torch.optim.Optimizer, t_max: int) -> torch.optim.lr_scheduler.LRScheduler:
