@@ -9,6 +9,9 @@ Per iteration: one G step, then ``student_steps`` steps of S and of E, each on a
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +28,7 @@ from .schedules import adam, cosine
 from .step_sums import StepSums
 
 STAGE = "df"
+SERIAL_ENV = "AUGKD_DF_SERIAL"  # 1: the student and encoder steps one after the other (see encoder_worker)
 
 
 def generated_class_balance(teacher_logits: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -76,6 +80,7 @@ class DataFree:
     noise: torch.Generator  # synthetic batches: each process draws its own (DDP averages their gradients)
     val_z: torch.Tensor
     seed: int
+    worker: ThreadPoolExecutor | None = None  # runs the encoder steps beside the student's (encoder_worker)
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -106,8 +111,28 @@ def setup(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Mo
     opt_e = adam(encoder.parameters(), cfg.e_lr)
     return DataFree(
         ctx, cfg, teacher, generator, encoder, student, *wrapped, opt_g, opt_s, opt_e, cosine(opt_g, cfg.epochs), cosine(opt_s, cfg.epochs), cosine(opt_e, cfg.epochs),
-        hooks, tuple(t.detach() for t in hooks.running_stats()), rnd.local, val_z, rnd.seed,
+        hooks, tuple(t.detach() for t in hooks.running_stats()), rnd.local, val_z, rnd.seed, encoder_worker(ctx),
     )
+
+
+def encoder_worker(ctx: Context) -> ThreadPoolExecutor | None:
+    """A thread for the encoder steps, or None to run them after the student's.
+
+    Given G's batch and the teacher's logits, a student step and an encoder step share nothing: other
+    networks, optimisers and BN buffers, and only the encoder draws random numbers (from the stage's
+    noise stream, which nothing else reads until both are done). On a CPU with a core to spare beyond
+    the intra-op threads the two run side by side; each operator still runs on one thread's data with
+    the same intra-op thread count, so every number is what the serial order computes (tested). Not with
+    several processes (each DDP backward is a collective; two in flight could interleave differently
+    across processes), not on GPUs (one stream serialises them anyway), not with AUGKD_DF_SERIAL=1.
+    """
+    threads = torch.get_num_threads()
+    if (ctx.device.type != "cpu" or ctx.dist.enabled or os.environ.get(SERIAL_ENV) == "1"
+            or (os.cpu_count() or 1) <= threads):
+        return None
+    # the worker's own intra-op thread count, set explicitly: a new thread may start from the default
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="augkd-df-encoder",
+                              initializer=torch.set_num_threads, initargs=(threads,))
 
 
 def generator_step(st: DataFree) -> dict[str, torch.Tensor]:
@@ -131,23 +156,41 @@ def generator_step(st: DataFree) -> dict[str, torch.Tensor]:
 
 
 def student_encoder_step(st: DataFree) -> dict[str, torch.Tensor]:
-    """One S step (distil the teacher on a fresh G batch) and one E step (recover that batch's z)."""
+    """One S step (distil the teacher on a fresh G batch) and one E step (recover that batch's z); the E
+    step in ``st.worker`` while the S step runs, when there is one (``encoder_worker``)."""
     z = torch.randn(st.cfg.batch_size, st.cfg.latent_size, generator=st.noise, device=st.ctx.device)
     with torch.no_grad():
         x = st.generator(z)  # train mode: batch statistics, as released
         xn = st.ctx.normalize(x)
         t_logits = st.teacher(xn)
+    labels = t_logits.argmax(1)
+    if st.worker is None:
+        return {**_student_step(st, xn, t_logits), **_encoder_step(st, x, labels, z)}
+    encoder = st.worker.submit(_encoder_step, st, x, labels, z)
+    try:
+        student = _student_step(st, xn, t_logits)
+    except BaseException:
+        wait_for([encoder])  # nothing of this step is left running when the error leaves
+        raise
+    return {**student, **encoder.result()}
+
+
+def _student_step(st: DataFree, xn: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     loss_s = student_df_loss(st.student_ddp(xn), t_logits)
     st.opt_s.zero_grad(set_to_none=True)
     loss_s.backward()
     st.opt_s.step()
+    return {"s_kl": loss_s}
+
+
+def _encoder_step(st: DataFree, x: torch.Tensor, labels: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
     # E sees G's raw [0,1] output and the teacher's label, and must recover z.
-    z_hat, mu, logvar = st.encoder_ddp(x, t_logits.argmax(1), return_dist=True, generator=st.noise)
+    z_hat, mu, logvar = st.encoder_ddp(x, labels, return_dist=True, generator=st.noise)
     loss_e, mse, kl = cvae_loss(z_hat, z, mu, logvar, st.cfg.cvae_kl_weight)
     st.opt_e.zero_grad(set_to_none=True)
     loss_e.backward()
     st.opt_e.step()
-    return {"s_kl": loss_s, "e_loss": loss_e, "e_mse": mse, "e_kl": kl}
+    return {"e_loss": loss_e, "e_mse": mse, "e_kl": kl}
 
 
 def train_epoch(st: DataFree, epoch: int) -> dict:
@@ -219,5 +262,7 @@ def run_data_free(
         )
     finally:
         st.hooks.remove()  # B14: the released code leaves the hooks on for the rest of the run
+        if st.worker is not None:
+            st.worker.shutdown(wait=True)
     result.load_best(st.modules())
     return result
