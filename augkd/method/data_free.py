@@ -9,9 +9,7 @@ Per iteration: one G step, then ``student_steps`` steps of S and of E, each on a
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,10 +23,10 @@ from .evaluation import accuracy_key, evaluate
 from .loop import LoopResult, run_epochs
 from .losses import BNStatsHook, cvae_loss, entropy_nats, generator_loss_terms, student_df_loss
 from .schedules import adam, cosine
+from .side_thread import beside, side_worker
 from .step_sums import StepSums
 
 STAGE = "df"
-SERIAL_ENV = "AUGKD_DF_SERIAL"  # 1: the student and encoder steps one after the other (see encoder_worker)
 
 
 def generated_class_balance(teacher_logits: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -80,7 +78,7 @@ class DataFree:
     noise: torch.Generator  # synthetic batches: each process draws its own (DDP averages their gradients)
     val_z: torch.Tensor
     seed: int
-    worker: ThreadPoolExecutor | None = None  # runs the encoder steps beside the student's (encoder_worker)
+    worker: ThreadPoolExecutor | None = None  # runs the encoder steps beside the student's (side_thread)
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -111,28 +109,8 @@ def setup(ctx: Context, teacher: nn.Module, generator: nn.Module, encoder: nn.Mo
     opt_e = adam(encoder.parameters(), cfg.e_lr)
     return DataFree(
         ctx, cfg, teacher, generator, encoder, student, *wrapped, opt_g, opt_s, opt_e, cosine(opt_g, cfg.epochs), cosine(opt_s, cfg.epochs), cosine(opt_e, cfg.epochs),
-        hooks, tuple(t.detach() for t in hooks.running_stats()), rnd.local, val_z, rnd.seed, encoder_worker(ctx),
+        hooks, tuple(t.detach() for t in hooks.running_stats()), rnd.local, val_z, rnd.seed, side_worker(ctx, "df-encoder"),
     )
-
-
-def encoder_worker(ctx: Context) -> ThreadPoolExecutor | None:
-    """A thread for the encoder steps, or None to run them after the student's.
-
-    Given G's batch and the teacher's logits, a student step and an encoder step share nothing: other
-    networks, optimisers and BN buffers, and only the encoder draws random numbers (from the stage's
-    noise stream, which nothing else reads until both are done). On a CPU with a core to spare beyond
-    the intra-op threads the two run side by side; each operator still runs on one thread's data with
-    the same intra-op thread count, so every number is what the serial order computes (tested). Not with
-    several processes (each DDP backward is a collective; two in flight could interleave differently
-    across processes), not on GPUs (one stream serialises them anyway), not with AUGKD_DF_SERIAL=1.
-    """
-    threads = torch.get_num_threads()
-    if (ctx.device.type != "cpu" or ctx.dist.enabled or os.environ.get(SERIAL_ENV) == "1"
-            or (os.cpu_count() or 1) <= threads):
-        return None
-    # the worker's own intra-op thread count, set explicitly: a new thread may start from the default
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="augkd-df-encoder",
-                              initializer=torch.set_num_threads, initargs=(threads,))
 
 
 def generator_step(st: DataFree) -> dict[str, torch.Tensor]:
@@ -157,22 +135,18 @@ def generator_step(st: DataFree) -> dict[str, torch.Tensor]:
 
 def student_encoder_step(st: DataFree) -> dict[str, torch.Tensor]:
     """One S step (distil the teacher on a fresh G batch) and one E step (recover that batch's z); the E
-    step in ``st.worker`` while the S step runs, when there is one (``encoder_worker``)."""
+    step in ``st.worker`` while the S step runs, when there is one (``side_thread``)."""
     z = torch.randn(st.cfg.batch_size, st.cfg.latent_size, generator=st.noise, device=st.ctx.device)
     with torch.no_grad():
         x = st.generator(z)  # train mode: batch statistics, as released
         xn = st.ctx.normalize(x)
         t_logits = st.teacher(xn)
     labels = t_logits.argmax(1)
-    if st.worker is None:
-        return {**_student_step(st, xn, t_logits), **_encoder_step(st, x, labels, z)}
-    encoder = st.worker.submit(_encoder_step, st, x, labels, z)
-    try:
-        student = _student_step(st, xn, t_logits)
-    except BaseException:
-        wait_for([encoder])  # nothing of this step is left running when the error leaves
-        raise
-    return {**student, **encoder.result()}
+    # The two steps share no network, optimiser or buffer, and only E draws random numbers (from
+    # ``st.noise``, which nothing else reads until both are done): side by side, the serial numbers.
+    student, encoder = beside(st.worker, lambda: _student_step(st, xn, t_logits),
+                              lambda: _encoder_step(st, x, labels, z))
+    return {**student, **encoder}
 
 
 def _student_step(st: DataFree, xn: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ y, and learns from u * CE(labels) + (1-u) * T^2 * KL(teacher || student) with T 
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,6 +28,7 @@ from .evaluation import accuracy_key, minibatches, validation_row
 from .loop import LoopResult, run_stage_epochs
 from .losses import confidence_weights, distill_loss, distill_loss_weighted
 from .schedules import adam, ce_weight, constant_warmup, mixup_factor
+from .side_thread import beside, side_worker
 from .step_sums import StepSums
 
 STAGE = "mixup"
@@ -70,6 +72,7 @@ class Mixup:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     rnd: ckpt.StageRandom
+    worker: ThreadPoolExecutor | None = None  # the teacher's forward beside the student's (side_thread)
 
 
 def setup(ctx: Context, teacher: nn.Module, student: nn.Module, generator: nn.Module, encoder: nn.Module,
@@ -83,7 +86,10 @@ def setup(ctx: Context, teacher: nn.Module, student: nn.Module, generator: nn.Mo
     opt = adam(student.parameters(), cfg.lr, cfg.weight_decay)
     # Released: ConstantLR (lr/3 for 5 steps) stepped per batch (B8); "epoch" spreads it over 5 epochs.
     sched = constant_warmup(opt, cfg.warmup_steps, cfg.warmup_factor)
-    return Mixup(ctx, cfg, teacher, student, student_ddp, generator, encoder, anchor, opt, sched, rnd)
+    # The teacher's no-grad forward and the student's share nothing (other networks; neither draws random
+    # numbers); the KD target "student" is a second forward of the student itself and stays in order.
+    worker = side_worker(ctx, "mixup-teacher") if cfg.kd_target == "teacher" else None
+    return Mixup(ctx, cfg, teacher, student, student_ddp, generator, encoder, anchor, opt, sched, rnd, worker)
 
 
 def kd_target(st: Mixup, inputs: torch.Tensor) -> torch.Tensor:
@@ -116,8 +122,7 @@ def train_epoch(st: Mixup, epoch: int) -> dict:
         x_mix = mixed_batch(ctx, x, y, f_mix, st.encoder, st.generator, st.anchor, st.rnd.local)
         # B2: the released code puts the real half in un-normalised.
         inputs = torch.cat([ctx.normalize(x) if cfg.normalize_real else x, x_mix])
-        logits = st.student_ddp(inputs)
-        target = kd_target(st, inputs)
+        logits, target = beside(st.worker, lambda: st.student_ddp(inputs), lambda: kd_target(st, inputs))
         if cfg.teacher_weighting == "confidence":
             loss = distill_loss_weighted(logits, target, torch.cat([y, y]), confidence_weights(target), u=u,
                                          temperature=cfg.temperature)
@@ -155,9 +160,13 @@ def run_mixup(
 ) -> LoopResult:
     """Train ``student`` (initialised from Module 1) in place; on return it holds the best val epoch."""
     st = setup(ctx, teacher, student, generator, encoder, anchor)
-    return run_stage_epochs(
-        ctx, STAGE, st.cfg.epochs, {"student": student}, st.opt, st.sched, st.rnd,
-        train_epoch=partial(train_epoch, st),
-        evaluate=lambda epoch: validation_row(student, ctx.data.student.val, ctx.normalize),
-        select_key=accuracy_key, describe=describe,
-    )
+    try:
+        return run_stage_epochs(
+            ctx, STAGE, st.cfg.epochs, {"student": student}, st.opt, st.sched, st.rnd,
+            train_epoch=partial(train_epoch, st),
+            evaluate=lambda epoch: validation_row(student, ctx.data.student.val, ctx.normalize),
+            select_key=accuracy_key, describe=describe,
+        )
+    finally:
+        if st.worker is not None:
+            st.worker.shutdown(wait=True)

@@ -1,5 +1,6 @@
-"""Module 1's encoder steps beside the student's (data_free.encoder_worker) give the serial order's numbers
-bit for bit: weights, BN buffers, optimiser state, every epoch's metrics and the random stream after."""
+"""The steps' independent halves side by side (method/side_thread.py) give the serial order's numbers bit
+for bit: Module 1's encoder step beside the student's (weights, BN buffers, optimiser state, every
+epoch's metrics, the random stream after) and Module 3's teacher forward beside the student's."""
 import threading
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from augkd import models
 from augkd.config import build_config
-from augkd.method import data_free
+from augkd.method import data_free, mixup, side_thread
 from augkd.method.rundir import finish, prepare
 
 SMALL = {
@@ -17,8 +18,8 @@ SMALL = {
 
 
 def _run(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
-    monkeypatch.setenv(data_free.SERIAL_ENV, "1" if serial else "0")
-    monkeypatch.setattr(data_free.os, "cpu_count", lambda: 4)  # a core to spare, whatever runs the test
+    monkeypatch.setenv(side_thread.SERIAL_ENV, "1" if serial else "0")
+    monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)  # a core to spare, whatever runs the test
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / name), quiet=True)
     try:
@@ -70,16 +71,16 @@ def test_encoder_worker_only_where_it_can_help(tmp_path, monkeypatch):
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / "run"), quiet=True)
     try:
-        monkeypatch.setattr(data_free.os, "cpu_count", lambda: 1)
-        monkeypatch.delenv(data_free.SERIAL_ENV, raising=False)
-        assert data_free.encoder_worker(ctx) is None  # no core to spare
-        monkeypatch.setattr(data_free.os, "cpu_count", lambda: 4)
-        worker = data_free.encoder_worker(ctx)
+        monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 1)
+        monkeypatch.delenv(side_thread.SERIAL_ENV, raising=False)
+        assert side_thread.side_worker(ctx, "df-encoder") is None  # no core to spare
+        monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
+        worker = side_thread.side_worker(ctx, "df-encoder")
         assert worker is not None
         assert worker.submit(torch.get_num_threads).result() == torch.get_num_threads()
         worker.shutdown()
-        monkeypatch.setenv(data_free.SERIAL_ENV, "1")
-        assert data_free.encoder_worker(ctx) is None
+        monkeypatch.setenv(side_thread.SERIAL_ENV, "1")
+        assert side_thread.side_worker(ctx, "df-encoder") is None
     finally:
         finish(ctx)
 
@@ -87,8 +88,8 @@ def test_encoder_worker_only_where_it_can_help(tmp_path, monkeypatch):
 def test_an_error_in_the_student_step_waits_for_the_encoder_step(tmp_path, monkeypatch):
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / "run"), quiet=True)
-    monkeypatch.setattr(data_free.os, "cpu_count", lambda: 4)
-    monkeypatch.delenv(data_free.SERIAL_ENV, raising=False)
+    monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv(side_thread.SERIAL_ENV, raising=False)
     try:
         shape, k, latent = tuple(ctx.data.image_shape), ctx.data.num_classes, cfg.df.latent_size
         T = models.build_classifier(cfg.teacher.arch, k, shape[0], shape[1])
@@ -116,3 +117,41 @@ def test_an_error_in_the_student_step_waits_for_the_encoder_step(tmp_path, monke
         st.hooks.remove()
     finally:
         finish(ctx)
+
+
+def _run_mixup(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
+    monkeypatch.setenv(side_thread.SERIAL_ENV, "1" if serial else "0")
+    monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
+    cfg = build_config({**SMALL, "mixup.epochs": 3})
+    ctx = prepare(cfg, str(tmp_path / name), quiet=True)
+    try:
+        shape, k, latent = tuple(ctx.data.image_shape), ctx.data.num_classes, cfg.df.latent_size
+        torch.manual_seed(0)
+        T = ctx.place(models.build_classifier(cfg.teacher.arch, k, shape[0], shape[1]))
+        G = ctx.place(models.Generator(latent, shape, cfg.df.generator_hidden))
+        E = ctx.place(models.Encoder(shape, k, latent, cfg.df.encoder_hidden))
+        S = ctx.place(models.build_classifier(cfg.student.arch, k, shape[0], shape[1]))
+        A = models.AnchorNet(latent, k, mask=cfg.anchor.mask)
+        T.register_forward_pre_hook(lambda m, a: seen.add(threading.current_thread().name))
+        result = mixup.run_mixup(ctx, T, S, G, E, A)
+        history = [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+        return S.state_dict(), history
+    finally:
+        finish(ctx)
+
+
+def test_mixup_teacher_forward_beside_the_student_keeps_every_number(tmp_path, monkeypatch):
+    serial_threads, worker_threads = set(), set()
+    a = _run_mixup(tmp_path, "serial", True, monkeypatch, serial_threads)
+    b = _run_mixup(tmp_path, "worker", False, monkeypatch, worker_threads)
+    assert any(n.startswith("augkd-mixup-teacher") for n in worker_threads)
+    assert not any(n.startswith("augkd-mixup-teacher") for n in serial_threads)
+    for key, value in a[0].items():
+        assert torch.equal(value, b[0][key]), key
+    assert a[1] == b[1]
+
+
+def test_beside_runs_both_in_order_without_a_worker_and_returns_main_first():
+    order = []
+    assert side_thread.beside(None, lambda: order.append("main") or 1, lambda: order.append("side") or 2) == (1, 2)
+    assert order == ["main", "side"]
