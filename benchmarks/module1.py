@@ -4,6 +4,7 @@ script times two checkouts side by side (alternate them: the machine's load hits
 
     PYTHONPATH=<checkout> python benchmarks/module1.py --iters 20          # one epoch of 20 iterations
     PYTHONPATH=<checkout> python benchmarks/module1.py --iters 5 --profile
+    python benchmarks/module1.py --iters 20 --pairs 3 --trees <before checkout> <after checkout>
 
 The networks are built as the run builds them (``Context.place``, the stage's seeds); the teacher is
 freshly initialised (not trained), which changes no shape or operator, only the numbers. Reported: the
@@ -13,11 +14,40 @@ when a core is free for them), the wall time and the last epoch's metrics row.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+
+
+def alternate(trees: list[str], pairs: int, iters: int, extra: list[str]) -> int:
+    """Run this script against each tree in turn (the order flipped every other round), one subprocess
+    each; print every run and, per tree, the median CPU, training-thread CPU and wall seconds."""
+    runs: dict[str, list[dict]] = {t: [] for t in trees}
+    for r in range(pairs):
+        for tree in trees if r % 2 == 0 else trees[::-1]:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--iters", str(iters), *extra],
+                                 cwd=os.path.abspath(tree), env=env, capture_output=True, text=True, check=True)
+            d = json.loads(out.stdout.splitlines()[0])
+            d["digest"] = hashlib.md5(json.dumps(d["row"], sort_keys=True).encode()).hexdigest()[:12]
+            runs[tree].append(d)
+            print(f"round {r + 1} {tree}: CPU {d['cpu_s']:.2f} s, training thread {d['main_thread_cpu_s']:.2f} s, "
+                  f"wall {d['wall_s']:.2f} s, metrics {d['digest']}", flush=True)
+
+    def med(tree, key):
+        values = sorted(d[key] for d in runs[tree])
+        return values[len(values) // 2]
+
+    for tree in trees:
+        print(f"{tree}: median CPU {med(tree, 'cpu_s'):.2f} s, training thread {med(tree, 'main_thread_cpu_s'):.2f} s, "
+              f"wall {med(tree, 'wall_s'):.2f} s")
+    digests = {d["digest"] for r in runs.values() for d in r}
+    print("the same metrics in every run" if len(digests) == 1 else f"metrics differ: {sorted(digests)}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -27,7 +57,13 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print the top operators by self CPU time")
     p.add_argument("--rows", type=int, default=25, help="rows of the profiler table")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further config overrides")
+    p.add_argument("--trees", nargs="+", default=None, metavar="CHECKOUT",
+                   help="time these checkouts (each with its built extension) in alternating rounds instead")
+    p.add_argument("--pairs", type=int, default=3, help="rounds of --trees")
     args = p.parse_args(argv)
+    if args.trees:
+        extra = ["--seed", str(args.seed)] + (["--set", *args.set] if args.set else [])
+        return alternate(args.trees, args.pairs, args.iters, extra)
 
     import torch
 
