@@ -155,3 +155,16 @@ def test_beside_runs_both_in_order_without_a_worker_and_returns_main_first():
     order = []
     assert side_thread.beside(None, lambda: order.append("main") or 1, lambda: order.append("side") or 2) == (1, 2)
     assert order == ["main", "side"]
+
+
+def test_encoder_with_a_drawn_sample_equals_its_own_draw():
+    torch.manual_seed(0)
+    E = models.Encoder((1, 16, 16), 10, 32, (16, 32, 64))
+    x, y = torch.rand(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    own = E(x, y, return_dist=True, generator=torch.Generator().manual_seed(5))
+    eps = E.sample_noise(8, torch.Generator().manual_seed(5))
+    given = E(x, y, return_dist=True, eps=eps)
+    for a, b in zip(own, given):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="eps: expected shape"):
+        E(x, y, eps=torch.zeros(8, 31))

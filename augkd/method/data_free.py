@@ -9,7 +9,8 @@ Per iteration: one G step, then ``student_steps`` steps of S and of E, each on a
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,7 +24,7 @@ from .evaluation import accuracy_key, evaluate
 from .loop import LoopResult, run_epochs
 from .losses import BNStatsHook, cvae_loss, entropy_nats, generator_loss_terms, student_df_loss
 from .schedules import adam, cosine
-from .side_thread import beside, side_worker
+from .side_thread import side_worker
 from .step_sums import StepSums
 
 STAGE = "df"
@@ -133,20 +134,28 @@ def generator_step(st: DataFree) -> dict[str, torch.Tensor]:
             "g_balance": terms.balance, "g_bn": terms.bn}
 
 
-def student_encoder_step(st: DataFree) -> dict[str, torch.Tensor]:
-    """One S step (distil the teacher on a fresh G batch) and one E step (recover that batch's z); the E
-    step in ``st.worker`` while the S step runs, when there is one (``side_thread``)."""
+def student_encoder_step(st: DataFree) -> list[dict[str, torch.Tensor] | Future]:
+    """One S step (distil the teacher on a fresh G batch) and one E step (recover that batch's z): their
+    metrics, in that order. With ``st.worker`` (``side_thread``) the E step is handed to it and its
+    metrics come as a Future: the training thread goes on with the S step and the next steps while E
+    trains. They share no network, optimiser or buffer; E's only random draw is made here, before the
+    hand-over, so ``st.noise`` is read in the serial order and every number is the serial one."""
     z = torch.randn(st.cfg.batch_size, st.cfg.latent_size, generator=st.noise, device=st.ctx.device)
     with torch.no_grad():
         x = st.generator(z)  # train mode: batch statistics, as released
         xn = st.ctx.normalize(x)
         t_logits = st.teacher(xn)
     labels = t_logits.argmax(1)
-    # The two steps share no network, optimiser or buffer, and only E draws random numbers (from
-    # ``st.noise``, which nothing else reads until both are done): side by side, the serial numbers.
-    student, encoder = beside(st.worker, lambda: _student_step(st, xn, t_logits),
-                              lambda: _encoder_step(st, x, labels, z))
-    return {**student, **encoder}
+    if st.worker is None:
+        return [{**_student_step(st, xn, t_logits), **_encoder_step(st, x, labels, z)}]
+    eps = st.encoder.sample_noise(x.shape[0], st.noise, x.dtype, x.device)
+    encoder = st.worker.submit(_encoder_step, st, x, labels, z, eps)
+    try:
+        student = _student_step(st, xn, t_logits)
+    except BaseException:
+        wait_for([encoder])  # nothing of this step is left running when the error leaves
+        raise
+    return [student, encoder]
 
 
 def _student_step(st: DataFree, xn: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -157,9 +166,10 @@ def _student_step(st: DataFree, xn: torch.Tensor, t_logits: torch.Tensor) -> dic
     return {"s_kl": loss_s}
 
 
-def _encoder_step(st: DataFree, x: torch.Tensor, labels: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+def _encoder_step(st: DataFree, x: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
+                  eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     # E sees G's raw [0,1] output and the teacher's label, and must recover z.
-    z_hat, mu, logvar = st.encoder_ddp(x, labels, return_dist=True, generator=st.noise)
+    z_hat, mu, logvar = st.encoder_ddp(x, labels, return_dist=True, generator=st.noise, eps=eps)
     loss_e, mse, kl = cvae_loss(z_hat, z, mu, logvar, st.cfg.cvae_kl_weight)
     st.opt_e.zero_grad(set_to_none=True)
     loss_e.backward()
@@ -171,13 +181,18 @@ def train_epoch(st: DataFree, epoch: int) -> dict:
     cfg = st.cfg
     lr_g, lr_e = st.opt_g.param_groups[0]["lr"], st.opt_e.param_groups[0]["lr"]  # this epoch's rates
     st.set_mode(True)
+    results: list[dict[str, torch.Tensor] | Future] = []  # every step's metrics, in the serial order
+    try:
+        for _ in st.ctx.bar(range(cfg.iters_per_epoch), desc=f"df {epoch + 1}/{cfg.epochs}"):
+            results.append(generator_step(st))
+            for _ in range(cfg.student_steps):
+                results.extend(student_encoder_step(st))
+    finally:
+        wait_for([r for r in results if isinstance(r, Future)])  # E's last steps, before its scheduler
     steps = StepSums()
-    for _ in st.ctx.bar(range(cfg.iters_per_epoch), desc=f"df {epoch + 1}/{cfg.epochs}"):
-        for k, v in generator_step(st).items():
+    for r in results:
+        for k, v in (r.result() if isinstance(r, Future) else r).items():
             steps.add(k, v)
-        for _ in range(cfg.student_steps):
-            for k, v in student_encoder_step(st).items():
-                steps.add(k, v)
     st.sch_g.step()
     st.sch_s.step()
     if cfg.step_encoder_scheduler:  # B4: the released code never steps E's scheduler

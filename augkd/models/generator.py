@@ -168,6 +168,13 @@ class Encoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def sample_noise(self, rows: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+        """The (rows, latent_size) standard normal draw ``forward`` makes for ``rows`` images (before its
+        clamp), on ``generator``'s device (else ``device``)."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randn((rows, self.latent_size), generator=generator, device=gen_device, dtype=dtype)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -175,11 +182,13 @@ class Encoder(nn.Module):
         return_dist: bool = False,
         sample: bool = True,
         generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
     ):
         """Encode images ``x`` (B, C, H, W) in [0, 1] with labels ``y`` ((B,) ints or (B, K) weights).
 
         Samples z by default, in eval mode too, as the official code does (B11); ``sample=False`` returns
-        mu instead. With ``return_dist`` returns ``(z, mu, logvar)``.
+        mu instead. With ``return_dist`` returns ``(z, mu, logvar)``. The standard normal sample is drawn
+        from ``generator`` (``sample_noise``), or is ``eps`` when given (drawn earlier by the caller).
         """
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
@@ -192,8 +201,10 @@ class Encoder(nn.Module):
         mu = self.fc_mu(feats)
         logvar = self.fc_logvar(feats).clamp(-5.0, 3.0)
         if sample:
-            gen_device = generator.device if generator is not None else mu.device
-            eps = torch.randn(mu.shape, generator=generator, device=gen_device, dtype=mu.dtype)
+            if eps is None:
+                eps = self.sample_noise(x.shape[0], generator, mu.dtype, mu.device)
+            elif tuple(eps.shape) != tuple(mu.shape):
+                raise ValueError(f"eps: expected shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
             eps = eps.to(mu.device).clamp_(-10.0, 10.0)
             z = mu + torch.exp(0.5 * logvar) * eps
         else:
