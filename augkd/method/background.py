@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import torch
 
-
 # Values that are immutable and hold no tensor: shared by a snapshot instead of rebuilt.
 _ATOMS = (int, float, bool, str, bytes, type(None))
 
