@@ -18,7 +18,7 @@ SMALL = {
 
 
 def _run(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
-    monkeypatch.setenv(side_thread.SERIAL_ENV, "1" if serial else "0")
+    monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "0" if serial else "1")
     monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)  # a core to spare, whatever runs the test
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / name), quiet=True)
@@ -71,16 +71,17 @@ def test_encoder_worker_only_where_it_can_help(tmp_path, monkeypatch):
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / "run"), quiet=True)
     try:
+        monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
+        monkeypatch.delenv(side_thread.SIDE_THREAD_ENV, raising=False)
+        assert side_thread.side_worker(ctx, "df-encoder") is None  # off by default
+        monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "1")
         monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 1)
-        monkeypatch.delenv(side_thread.SERIAL_ENV, raising=False)
         assert side_thread.side_worker(ctx, "df-encoder") is None  # no core to spare
         monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
         worker = side_thread.side_worker(ctx, "df-encoder")
         assert worker is not None
         assert worker.submit(torch.get_num_threads).result() == torch.get_num_threads()
         worker.shutdown()
-        monkeypatch.setenv(side_thread.SERIAL_ENV, "1")
-        assert side_thread.side_worker(ctx, "df-encoder") is None
     finally:
         finish(ctx)
 
@@ -89,7 +90,7 @@ def test_an_error_in_the_student_step_waits_for_the_encoder_step(tmp_path, monke
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / "run"), quiet=True)
     monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
-    monkeypatch.delenv(side_thread.SERIAL_ENV, raising=False)
+    monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "1")
     try:
         shape, k, latent = tuple(ctx.data.image_shape), ctx.data.num_classes, cfg.df.latent_size
         T = models.build_classifier(cfg.teacher.arch, k, shape[0], shape[1])
@@ -120,7 +121,7 @@ def test_an_error_in_the_student_step_waits_for_the_encoder_step(tmp_path, monke
 
 
 def _run_mixup(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
-    monkeypatch.setenv(side_thread.SERIAL_ENV, "1" if serial else "0")
+    monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "0" if serial else "1")
     monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
     cfg = build_config({**SMALL, "mixup.epochs": 3})
     ctx = prepare(cfg, str(tmp_path / name), quiet=True)

@@ -8,9 +8,11 @@ thread count (set in the worker explicitly: a new thread may start from the defa
 is what the serial order computes, as long as the two pieces touch disjoint state and only one of them
 draws random numbers (each caller's tests check that bit for bit).
 
-No worker with several processes (each DDP forward/backward may be a collective; two in flight could
-interleave differently across processes), on other devices (one stream serialises them anyway), when
-there is no core to spare, or with AUGKD_SERIAL_STEPS=1.
+Off by default: on this project's 2-core development machine, under other load, Module 1 took 8-16%
+more wall and about 12% more CPU time with the worker than without (docs/profile.md section 7); where
+a core is really free it may pay. AUGKD_SIDE_THREAD=1 turns it on. Never with several processes (each
+DDP forward/backward may be a collective; two in flight could interleave differently across
+processes), on other devices (one stream serialises them anyway) or without a core to spare.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 from .context import Context
 
-SERIAL_ENV = "AUGKD_SERIAL_STEPS"  # 1: no worker thread, every step in the order the code reads
+SIDE_THREAD_ENV = "AUGKD_SIDE_THREAD"  # 1: the worker thread where it is allowed (off by default)
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -32,7 +34,7 @@ B = TypeVar("B")
 def side_worker(ctx: Context, name: str) -> ThreadPoolExecutor | None:
     """A one-thread pool for ``beside``, or None where the work is better done in order (see above)."""
     threads = torch.get_num_threads()
-    if (ctx.device.type != "cpu" or ctx.dist.enabled or os.environ.get(SERIAL_ENV) == "1"
+    if (ctx.device.type != "cpu" or ctx.dist.enabled or os.environ.get(SIDE_THREAD_ENV) != "1"
             or (os.cpu_count() or 1) <= threads):
         return None
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"augkd-{name}",
