@@ -34,8 +34,8 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")  # as kd_loss (docs/ops-design.
 # loss, and 2 where kd_loss_grad_ writes the gradients over the logits (the C++ CPU backend, divergence "kl"):
 # those chunks are 3/2 as tall in the same memory. The call's peak extra memory is these buffers plus the
 # gradients themselves (V x H for each weight). CPU: 120 MiB, i.e. 416-row chunks at V = 32000 with 2 buffers
-# (296 with 3), where MKL's matmuls on 2 threads run faster than at 256 rows while the peak stays below a
-# quarter of what torch.compile's unchunked loss holds at N = 2048; GPU: 384 MiB, fewer launches per call.
+# (296 with 3): fewer, taller matmul calls (each reads all of W) while the peak stays below a quarter of what
+# torch.compile's unchunked loss holds at N = 2048; GPU: 384 MiB, fewer launches per call.
 CHUNK_BUFFER_BYTES = {"cpu": 120 << 20, "cuda": 384 << 20}
 CHUNK_BUFFERS = 3
 # The budget of one chunk x V buffer for the choice between whole rows and vocabulary blocks (VOCAB_SPLIT):
