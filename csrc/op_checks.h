@@ -224,6 +224,23 @@ inline void check_kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& gra
                       "[M_s, lse_t, M_t, log d_s, log d_t, log d_1, mu, L] per row, from kd_loss_fwd");
 }
 
+// The parameters of augkd::kd_loss_grad_ (csrc/schemas.cpp): kd_loss_fwd then kd_loss_bwd of teacher logits,
+// the gradients written over the logits (student_grad / teacher_grad), no teacher-energy gradient.
+#define AUGKD_KD_LOSS_GRAD_PARAMS                                                                               \
+  at::Tensor& student, at::Tensor& teacher, const std::optional<at::Tensor>& target, const at::Tensor& grad_loss, \
+  double temperature, double alpha, int64_t ignore_index, bool t2_scale, bool student_grad, bool teacher_grad
+
+// As kd_loss_fwd with teacher logits, plus grad_loss (B,) in the row dtype; student and teacher distinct.
+inline void check_kd_loss_grad(const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& target, const at::Tensor& grad_loss,
+                               double temperature, double alpha) {
+  const char* op = "kd_loss_grad_";
+  check_kd_loss_inputs(op, student, teacher, target, temperature, alpha, 0);
+  check_row_grad(op, "grad_loss", grad_loss, student);
+  TORCH_CHECK(student.numel() == 0 || student.data_ptr() != teacher.data_ptr(), op,
+              ": student and teacher must be different tensors (each takes its own gradient in place)");
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Uncertainty
 // ---------------------------------------------------------------------------------------------------------

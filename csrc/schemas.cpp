@@ -70,3 +70,13 @@ TORCH_LIBRARY_FRAGMENT(augkd, m) {
       "Tensor stats, float temperature, int ignore_index, int divergence, float beta, bool student_grad, "
       "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
 }
+
+// kd_loss_fwd and kd_loss_bwd of teacher logits in one sweep, the gradients written over the logits they come
+// from (student when student_grad, teacher when teacher_grad): the row chunks of fused_linear_kd_loss, which
+// need no logits after their gradients and so hold one buffer fewer. Not differentiable; CPU only (elsewhere
+// the fused linear loss runs kd_loss_fwd / kd_loss_bwd).
+TORCH_LIBRARY_FRAGMENT(augkd, m) {
+  m.def(
+      "kd_loss_grad_(Tensor(a!) student, Tensor(b!) teacher, Tensor? target, Tensor grad_loss, float temperature, "
+      "float alpha, int ignore_index, bool t2_scale, bool student_grad, bool teacher_grad) -> Tensor loss");
+}

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from augkd.ops import FusedLinearKDLoss, fused_linear_kd_loss, use_backend
+from augkd.ops import fused_linear_kd as flkd
 from augkd.ops.fused_linear_kd import auto_chunk_rows
 
-from .matrix import BACKENDS_HERE, assert_close
+from .matrix import BACKENDS_HERE, assert_close, assert_fullgraph_matches_eager
 
 
 @pytest.fixture(autouse=True)
@@ -207,14 +208,31 @@ def test_no_grad_gives_the_same_value():
 
 
 def test_auto_chunk_rows():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    # 120 MiB over 2 buffers fit 491 rows of 32000: 5 even chunks of 410, rounded up to 416 (the last 384)
+    assert auto_chunk_rows(2048, 32000, f32, cpu, buffers=2) == 416
+    assert auto_chunk_rows(2048, 32000, f32, cpu) == 296  # 3 buffers: 327 fit, 7 chunks of 293 -> 296
+    assert auto_chunk_rows(512, 128256, f32, cpu) == 128  # raised to MIN_CHUNK_ROWS
+    assert auto_chunk_rows(4096, 1000, f32, cpu) == 4096
+    assert auto_chunk_rows(10, 32000, f32, cpu) == 10
+    assert auto_chunk_rows(4096, 10**9, f32, cpu) == 128
+    assert auto_chunk_rows(4096, 32000, torch.float64, cpu) == 160  # 163 fit: 26 chunks of 158 -> 160
+    assert auto_chunk_rows(4096, 32000, f32, torch.device("cuda")) == 1024
+    assert auto_chunk_rows(1000, 32000, f32, cpu, buffers=2) == 336  # 3 chunks of 334 -> 336 (the last 328)
+    assert auto_chunk_rows(492, 32000, f32, cpu, buffers=2) == 248  # one row over the fit: 2 chunks of 246 -> 248
+
+
+@pytest.mark.parametrize("rows,vocab,buffers", [(2048, 32000, 2), (2048, 32000, 3), (1000, 777, 2), (5000, 50257, 2),
+                                                (300, 128256, 2), (4096, 32000, 3)])
+def test_auto_chunks_stay_in_the_budget_and_even(rows, vocab, buffers):
+    """The chosen chunk's buffers fit CHUNK_BUFFER_BYTES (or the chunk is MIN_CHUNK_ROWS or all rows), and no more
+    chunks than the budget needs."""
+    from augkd.ops import fused_linear_kd as flkd
     cpu = torch.device("cpu")
-    assert auto_chunk_rows(2048, 32000, torch.float32, cpu) == 256
-    assert auto_chunk_rows(512, 128256, torch.float32, cpu) == 128  # raised to MIN_CHUNK_ROWS
-    assert auto_chunk_rows(4096, 1000, torch.float32, cpu) == 4096
-    assert auto_chunk_rows(10, 32000, torch.float32, cpu) == 10
-    assert auto_chunk_rows(4096, 10**9, torch.float32, cpu) == 128
-    assert auto_chunk_rows(4096, 32000, torch.float64, cpu) == 128
-    assert auto_chunk_rows(4096, 32000, torch.float32, torch.device("cuda")) == 1024
+    chunk = auto_chunk_rows(rows, vocab, torch.float32, cpu, buffers=buffers)
+    fit = flkd.CHUNK_BUFFER_BYTES["cpu"] // (buffers * vocab * 4)
+    assert chunk == rows or chunk == flkd.MIN_CHUNK_ROWS or chunk <= fit
+    assert -(-rows // chunk) == -(-rows // max(fit, flkd.MIN_CHUNK_ROWS))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -268,6 +286,87 @@ def test_compile_matches_eager(backend, reduction):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- chunks through kd_loss_grad_ (C++ CPU, "kl")
+
+IN_PLACE = pytest.mark.skipif(flkd._grad_in_place_kernel(torch.device("cpu"), "kl") is None,
+                              reason="kd_loss_grad_ needs the compiled extension (built with the op)")
+
+
+def _spied_kernel(monkeypatch):
+    """Count the calls of kd_loss_grad_ that the row sweep makes."""
+    calls = []
+    real = flkd._grad_in_place_kernel
+
+    def spy(device, divergence):
+        kernel = real(device, divergence)
+        if kernel is None:
+            return None
+
+        def counted(*args):
+            calls.append(args[0].shape[0])
+            return kernel(*args)
+        return counted
+    monkeypatch.setattr(flkd, "_grad_in_place_kernel", spy)
+    return calls
+
+
+@IN_PLACE
+def test_in_place_kernel_serves_cpu_kl_only():
+    cpu = torch.device("cpu")
+    assert flkd._grad_in_place_kernel(cpu, "kl") is torch.ops.augkd.kd_loss_grad_
+    assert flkd.row_chunk_buffers(cpu, "kl") == 2
+    for divergence in ("reverse_kl", "jsd", "tvd"):
+        assert flkd._grad_in_place_kernel(cpu, divergence) is None
+        assert flkd.row_chunk_buffers(cpu, divergence) == 3
+    with use_backend("torch"):
+        assert flkd._grad_in_place_kernel(cpu, "kl") is None
+    assert flkd._grad_in_place_kernel(torch.device("meta"), "kl") is None
+
+
+@IN_PLACE
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("teacher_grads", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 5, 24])
+def test_in_place_chunks_equal_the_kd_loss_chunks(monkeypatch, reduction, teacher_grads, chunk_size):
+    """Chunks whose logit buffers take their gradients (kd_loss_grad_) give the values and gradients of the chunks
+    that run kd_loss_fwd / kd_loss_bwd, bit for bit: chunk sizes that do not divide N (37 rows), ignored rows
+    with a non-default ignore_index, biases on both heads."""
+    tensors, target = make((37,), 8, 6, 53, bias_s=True, bias_t=True, seed=11)
+    target[target == -100] = 7
+    wants = [True, True, True] + [teacher_grads] * 3
+    kw = dict(temperature=2.0, alpha=0.6, reduction=reduction, ignore_index=7, chunk_size=chunk_size)
+    ins = leaves(tensors, F32, wants)
+    calls = _spied_kernel(monkeypatch)
+    got = run(fused, ins, target, **kw)
+    assert calls and sum(calls) == 37 * (2 if reduction == "none" else 1), calls  # "none": forward + backward
+    monkeypatch.setattr(flkd, "_grad_in_place_kernel", lambda device, divergence: None)
+    want = run(fused, ins, target, **kw)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        assert torch.equal(a, b)
+
+
+@IN_PLACE
+def test_in_place_chunks_match_the_float64_reference_in_float64(monkeypatch):
+    tensors, target = make((3, 7), 6, 5, 41, seed=12)
+    calls = _spied_kernel(monkeypatch)
+    check("cpu", tensors, target, [torch.float64] * 6, [True] * 6, torch.float64, temperature=3.0, alpha=0.3,
+          reduction="sum", chunk_size=6)
+    assert len(calls) == 4
+
+
+@IN_PLACE
+def test_in_place_chunks_under_compile_fullgraph(monkeypatch):
+    tensors, target = make((11,), 6, 5, 23, seed=13)
+    calls = _spied_kernel(monkeypatch)
+
+    def step(xs, ws, bs, xt, wt):
+        return fused_linear_kd_loss(xs, ws, xt, wt, target, student_bias=bs, temperature=2.0, alpha=0.5,
+                                    reduction="token_mean", chunk_size=4)
+    assert_fullgraph_matches_eager(step, lambda: [t.detach().float().requires_grad_() for t in tensors[:5]], 5)
+    assert calls
 
 
 def test_matches_liger_chunked_forward_kl():

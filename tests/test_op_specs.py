@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from augkd.ops import _extension, backends
-from augkd.ops.specs import OP_NAMES, SCHEMAS, SPECS
+from augkd.ops.specs import OP_NAMES, SCHEMAS, SINGLE_BACKEND_SCHEMAS, SPECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ops of the C++ library that are no kernel op of a spec (a build probe)
@@ -51,7 +51,7 @@ def test_the_parser_reads_concatenated_literals_and_skips_comments():
 def test_csrc_schemas_equal_the_specs():
     with open(os.path.join(ROOT, "csrc", "schemas.cpp")) as f:
         cpp = cpp_schemas(f.read())
-    expected = {name: _normalise(schema) for name, schema in SCHEMAS.items()} | CPP_ONLY
+    expected = {name: _normalise(schema) for name, schema in (SCHEMAS | SINGLE_BACKEND_SCHEMAS).items()} | CPP_ONLY
     assert sorted(cpp) == sorted(expected), "ops in csrc/schemas.cpp and in augkd/ops/specs differ"
     for name, schema in expected.items():
         assert cpp[name] == schema, f"{name}: csrc/schemas.cpp says {cpp[name]!r}, the spec {schema!r}"
@@ -62,6 +62,13 @@ def test_csrc_schemas_equal_the_specs():
 def test_registered_cpp_schemas_equal_the_specs(name):
     registered = str(getattr(torch.ops.augkd, name).default._schema)
     assert _normalise(registered) == f"augkd::{name}" + _normalise(SCHEMAS[name])
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason=f"extension not loaded: {_extension.WHY_NOT_LOADED}")
+@pytest.mark.parametrize("name", SINGLE_BACKEND_SCHEMAS)
+def test_registered_single_backend_schemas_equal_the_specs(name):
+    registered = str(getattr(torch.ops.augkd, name).default._schema)
+    assert _normalise(registered) == f"augkd::{name}" + _normalise(SINGLE_BACKEND_SCHEMAS[name])
 
 
 def test_op_names_are_fwd_and_bwd_of_each_family():

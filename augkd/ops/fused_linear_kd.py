@@ -12,7 +12,6 @@ chunk's logits exceed the budget, each row chunk is swept over vocabulary blocks
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import _checks
+from . import _checks, backends
 from . import fused_linear_kd_vocab as _vocab
 from .kd_divergence import divergence_code
 from .kd_loss import kd_loss
@@ -29,10 +28,18 @@ OP = "fused_linear_kd_loss"
 REDUCTIONS = ("none", "sum", "mean", "token_mean", "batchmean")
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")  # as kd_loss (docs/ops-design.md, section 6)
 
-# One chunk's fp32 logits take at most this many bytes (a chunk holds about 3 such buffers at a time: student
-# and teacher logits, the gradient of the student logits), unless that is fewer than MIN_CHUNK_ROWS rows.
-# CPU: 32 MiB (256 rows at V = 32000) keeps the buffers a small fraction of eager's N x V tensors; GPU:
-# 128 MiB, fewer launches per call.
+# The V-wide buffers of one row chunk (its logits and their gradients, compute dtype) take at most this many
+# bytes together, unless that is fewer than MIN_CHUNK_ROWS rows. A chunk holds 3 such buffers at a time
+# (student and teacher logits, the gradient of the student logits) where kd_loss_fwd / kd_loss_bwd compute its
+# loss, and 2 where kd_loss_grad_ writes the gradients over the logits (the C++ CPU backend, divergence "kl"):
+# those chunks are 3/2 as tall in the same memory. The call's peak extra memory is these buffers plus the
+# gradients themselves (V x H for each weight). CPU: 120 MiB, i.e. 416-row chunks at V = 32000 with 2 buffers
+# (296 with 3): fewer, taller matmul calls (each reads all of W) while the peak stays below a quarter of what
+# torch.compile's unchunked loss holds at N = 2048; GPU: 384 MiB, fewer launches per call.
+CHUNK_BUFFER_BYTES = {"cpu": 120 << 20, "cuda": 384 << 20}
+CHUNK_BUFFERS = 3
+# The budget of one chunk x V buffer for the choice between whole rows and vocabulary blocks (VOCAB_SPLIT):
+# CPU 32 MiB, GPU 128 MiB.
 CHUNK_LOGIT_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}
 # Every chunk reads the whole weight for its logits and its input gradient, and reads and writes the weight
 # gradient: per chunk of c rows that is ~3 x V x H floats against c x V for the logits. Below ~128 rows the
@@ -41,12 +48,18 @@ CHUNK_LOGIT_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}
 MIN_CHUNK_ROWS = 128
 
 
-def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk: the largest power of two whose logits (rows x vocab in the compute dtype) fit in
-    CHUNK_LOGIT_BYTES for the device type, at least MIN_CHUNK_ROWS, at most `rows` (and at least 1)."""
-    budget = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES["cuda"])
-    fit = max(1, budget // (max(vocab, 1) * torch.finfo(acc_dtype).bits // 8))
-    return max(1, min(rows, max(MIN_CHUNK_ROWS, 1 << int(math.log2(fit)))))
+def auto_chunk_rows(rows: int, vocab: int, acc_dtype: torch.dtype, device: torch.device,
+                    buffers: int = CHUNK_BUFFERS) -> int:
+    """Rows per chunk: `buffers` chunk x vocab buffers (compute dtype) take at most CHUNK_BUFFER_BYTES for the
+    device type, the chunks as even as that allows (the fewest chunks, their rows rounded up to a multiple of 8
+    within the budget), at least MIN_CHUNK_ROWS, at most `rows` (and at least 1). Even chunks: a short last
+    chunk would run the matmuls at a lower rate, and the buffers are sized by the tallest chunk anyway."""
+    budget = CHUNK_BUFFER_BYTES.get(device.type, CHUNK_BUFFER_BYTES["cuda"]) // max(buffers, 1)
+    fit = max(MIN_CHUNK_ROWS, budget // (max(vocab, 1) * torch.finfo(acc_dtype).bits // 8))
+    if rows <= fit:
+        return max(1, rows)
+    even = -(-rows // -(-rows // fit))  # ceil(rows / number of chunks)
+    return max(even, min(fit, -(-even // 8) * 8))
 
 
 # Whole rows while a row chunk's logits take at most VOCAB_SPLIT budgets. Vocabulary blocks recompute the logit
@@ -265,13 +278,31 @@ def _sweep(cfg: _Config, x_s, w_s, b_s, x_t, w_t, b_t, target, row_grad):
     return rows, student.grads() + teacher.grads()
 
 
+def _grad_in_place_kernel(device: torch.device, divergence: str):
+    """augkd::kd_loss_grad_ where it serves the row chunks on `device` (the C++ CPU backend, divergence "kl"),
+    else None: the chunks then run kd_loss (kd_loss_fwd / kd_loss_bwd of the selected backend)."""
+    if device.type != "cpu" or divergence != "kl" or backends.select(device) != "cpu":
+        return None
+    return getattr(torch.ops.augkd, "kd_loss_grad_", None)  # None: an extension built before the op
+
+
+def row_chunk_buffers(device: torch.device, divergence: str) -> int:
+    """How many chunk x V buffers a row chunk holds at a time (see CHUNK_LOGIT_BYTES)."""
+    return CHUNK_BUFFERS if _grad_in_place_kernel(device, divergence) is None else CHUNK_BUFFERS - 1
+
+
 def _sweep_rows(cfg: _Config, student: _Head, teacher: _Head, target, row_grad, rows) -> None:
-    """Row chunks over the whole vocabulary: each chunk's loss and logit gradients from kd_loss (any backend)."""
+    """Row chunks over the whole vocabulary: each chunk's loss and logit gradients from kd_loss_grad_ (the
+    gradients over the logits) or from kd_loss (any backend)."""
     n, vocab = student.x.shape[0], student.weight.shape[0]
     chunk = min(cfg.chunk, n)
     # the chunk logits go into two buffers reused by every chunk (the last chunk takes a leading slice)
     buf_s = torch.empty(chunk, vocab, dtype=cfg.acc, device=student.x.device) if student._plain else None
     buf_t = torch.empty(chunk, vocab, dtype=cfg.acc, device=student.x.device) if teacher._plain else None
+    kernel = _grad_in_place_kernel(student.x.device, cfg.divergence)
+    if kernel is not None and buf_s is not None and buf_t is not None:
+        _sweep_rows_in_place(kernel, cfg, student, teacher, target, row_grad, rows, buf_s, buf_t)
+        return
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         y = None if target is None else target[lo:hi]
@@ -297,6 +328,28 @@ def _sweep_rows(cfg: _Config, student: _Head, teacher: _Head, target, row_grad, 
                     g = torch.zeros(shape, dtype=cfg.acc, device=student.x.device) if g is None else g
                     head.backward(lo, hi, g, lo == 0)
             del grads, g
+
+
+def _sweep_rows_in_place(kernel, cfg: _Config, student: _Head, teacher: _Head, target, row_grad, rows, buf_s,
+                         buf_t) -> None:
+    """The row chunks with kd_loss_grad_: per chunk the two logit buffers, each then holding its gradient."""
+    n, vocab = student.x.shape[0], student.weight.shape[0]
+    want_s = row_grad is not None and student.wants_grad
+    want_t = row_grad is not None and teacher.wants_grad
+    if row_grad is None:  # read only for the gradients
+        g_all = torch.zeros(n, dtype=cfg.acc, device=student.x.device)
+    else:
+        g_all = (row_grad if row_grad.dim() else row_grad.expand(n)).to(cfg.acc).contiguous()
+    for lo in range(0, n, buf_s.shape[0]):
+        hi = min(n, lo + buf_s.shape[0])
+        zs = student.logits(student.rows(lo, hi), 0, vocab, buf_s[:hi - lo])
+        zt = teacher.logits(teacher.rows(lo, hi), 0, vocab, buf_t[:hi - lo])
+        rows[lo:hi] = kernel(zs, zt, None if target is None else target[lo:hi], g_all[lo:hi], cfg.temperature,
+                             cfg.alpha, cfg.ignore_index, cfg.t2_scale, want_s, want_t)
+        if want_s:
+            student.backward(lo, hi, zs, lo == 0)
+        if want_t:
+            teacher.backward(lo, hi, zt, lo == 0)
 
 
 def _scale(cfg: _Config, rows: int, batch: int, target) -> torch.Tensor | float:
@@ -384,8 +437,11 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
         reduction: ``"none"`` (per row, shape of the leading dims), ``"sum"``, ``"mean"`` / ``"token_mean"``
             (sum / number of rows not ignored; all rows without a target), ``"batchmean"`` (sum /
             ``student_input.shape[0]``, as torch's KLDivLoss: N for (N, H) input, B for (B, T, H) input).
-        chunk_size: rows per chunk; None picks the largest power of two whose fp32 logits fit in 32 MiB (CPU)
-            or 128 MiB (CUDA), but at least 128 rows (CPU: 256 rows at V = 32000, 128 at V = 128256).
+        chunk_size: rows per chunk; None: as many rows as keep the chunk's V-wide fp32 buffers within 120 MiB
+            (CPU) or 384 MiB (CUDA), evened out over the chunks, but at least 128 rows. A chunk holds 2 such
+            buffers on CPU tensors with the C++ backend and divergence "kl" (its gradients are written over its
+            logits), 3 elsewhere (CPU, N = 2048, V = 32000: 416 rows with 2 buffers, 296 with 3; 128 at
+            V = 128256).
         vocab_chunk_size: vocabulary entries per block when a row chunk is swept over the vocabulary in blocks
             (docs/ops-design.md, "Vocabulary chunks"); None: whole rows while a chunk's logits take at most
             twice the budget above, else blocks sized from it (CPU, 128 rows at V = 262144: blocks of 32768).
@@ -412,7 +468,7 @@ def fused_linear_kd_loss(student_input: torch.Tensor, student_weight: torch.Tens
     n = x_s.shape[0]
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
     acc = torch.float64 if student_input.dtype == torch.float64 else torch.float32
-    chunk = chunk_size or auto_chunk_rows(n, vocab, acc, x_s.device)
+    chunk = chunk_size or auto_chunk_rows(n, vocab, acc, x_s.device, row_chunk_buffers(x_s.device, divergence))
     tensors = (student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
     grad_on = torch.is_grad_enabled()
     want = tuple(bool(grad_on and t is not None and t.requires_grad) for t in tensors)

@@ -103,7 +103,7 @@ inline acc_t<scalar_t> kd_refine_row(const scalar_t* __restrict s, const scalar_
     const V pt = vexp(a - v_ldt);
     const V both = ps + pt;  // == 0: the class is absent from both distributions
     const V rho = (a - b) - v_lh;
-    const V e = (-rho.abs()).expm1();
+    const V e = vexpm1_nonpos(-rho.abs());
     V t0 = V::blendv(-pt * e, ps * e, rho <= v_zero);  // p_t - p_s
     t0 = zero_where_eq(t0, both, v_zero);
     const V big = ps + zero_where_eq(pt * (rho - v_one), pt, v_zero);
@@ -201,15 +201,20 @@ inline acc_t<scalar_t> kd_fwd_row(const scalar_t* __restrict s, const scalar_t* 
   return kl;
 }
 
-// Backward of one row. gs / gt: grad rows (written when SG / TG).
+// Backward of one row. gs / gt: grad rows (written when SG / TG). gs may be s and gt may be t (kd_loss_grad_
+// writes the gradients over the logits): every element is read before the same element is written, and the
+// target entry's inputs are read before the sweep.
 template <typename scalar_t, bool PROBS, bool SG, bool TG, bool P1>
-inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict t, scalar_t* __restrict gs,
-                       scalar_t* __restrict gt, int64_t C, const KdParams<acc_t<scalar_t>>& prm,
-                       acc_t<scalar_t> g, acc_t<scalar_t> g_lse_t, const acc_t<scalar_t>* st, int64_t y) {
+inline void kd_bwd_row(const scalar_t* s, const scalar_t* t, scalar_t* gs, scalar_t* gt, int64_t C,
+                       const KdParams<acc_t<scalar_t>>& prm, acc_t<scalar_t> g, acc_t<scalar_t> g_lse_t,
+                       const acc_t<scalar_t>* st, int64_t y) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
   constexpr int64_t W = V::size();
   const bool ignored = prm.has_target && y == prm.ignore_index;
+  const bool y_valid = y >= 0 && y < C;
+  const A s_y = y_valid ? static_cast<A>(s[y]) : A(0);
+  const A t_y = y_valid ? static_cast<A>(t[y]) : A(1);
   const A cms = center(st[kMs]), cmt = center(st[kMt]);
   const A log_ds = st[kLogDs], log_dt = st[kLogDt], log_d1 = st[kLogD1], mu = st[kMu], lc = st[kL];
   const A ks = ignored ? A(0) : g * prm.alpha * prm.c * prm.inv_t;               // on (p_s - p_t)
@@ -247,7 +252,7 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
     if (SG && student && (y >= 0 || !prm.has_target) && (y < C || !prm.has_target)) {
       V r = v_zero;
       if (kl_term) {
-        const V e = (-rho.abs()).expm1();
+        const V e = vexpm1_nonpos(-rho.abs());
         V diff = V::blendv(pt * e, -ps * e, rho <= v_zero);  // p_s - p_t
         diff = zero_where_eq(diff, ps + pt, v_zero);          // absent from both: 0, not expm1(NaN)
         r = v_ks * diff;
@@ -269,10 +274,10 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
   });
 
   // target entry: recompute in acc precision with the -1 before the single rounding
-  if (SG && student && k1 != A(0) && y >= 0 && y < C) {
-    const A xs = static_cast<A>(s[y]) - cms;
+  if (SG && student && k1 != A(0) && y_valid) {
+    const A xs = s_y - cms;
     const A b = xs * prm.inv_t;
-    const A ty = static_cast<A>(t[y]);
+    const A ty = t_y;
     const A a = ((PROBS ? std::log(ty) : ty) - cmt) * prm.inv_t;
     const A ps = std::exp(b - log_ds);
     const A pt = std::exp(a - log_dt);
@@ -282,6 +287,27 @@ inline void kd_bwd_row(const scalar_t* __restrict s, const scalar_t* __restrict 
     const A p1 = P1 ? std::exp(xs - log_d1) : ps;
     gs[y] = static_cast<scalar_t>((kl_term ? ks * diff : A(0)) + k1 * (p1 - A(1)));
   }
+}
+
+// A row's loss from its KL and forward stats: alpha c KL + (1 - alpha) CE; 0 for an ignored row, NaN for a label
+// outside [0, C). A term whose weight is exactly 0 is left out (an infinite KL or CE must not give 0 * inf).
+template <typename scalar_t>
+inline acc_t<scalar_t> kd_row_loss(acc_t<scalar_t> kl, const acc_t<scalar_t>* st, const scalar_t* s, int64_t C,
+                                   acc_t<scalar_t> a, acc_t<scalar_t> c, int64_t y, bool has_target,
+                                   int64_t ignore_index) {
+  using A = acc_t<scalar_t>;
+  A row_loss = a != A(0) ? a * c * kl : A(0);
+  if (has_target) {
+    if (y == ignore_index) {
+      row_loss = A(0);
+    } else if (y < 0 || y >= C) {
+      row_loss = std::numeric_limits<A>::quiet_NaN();  // invalid label: a NaN row, no OOB read
+    } else if (a != A(1)) {
+      // CE = (M_s - s_y) + log d_1: no rounding of a large logsumexp
+      row_loss += (A(1) - a) * ((st[kMs] - static_cast<A>(s[y])) + st[kLogD1]);
+    }
+  }
+  return row_loss;
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(AUGKD_KD_LOSS_FWD_PARAMS) {
@@ -311,20 +337,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(AUGKD_KD_LOSS_FWD_PARAMS) {
           A* st = stats_ptr + kNumStats * i;
           const A kl =
               kd_fwd_row<scalar_t, decltype(probs)::value, decltype(lse1)::value>(s, t_ptr + i * C, C, inv_t, st);
-          // a term whose weight is exactly 0 is left out (an infinite KL or CE must not give 0 * inf)
-          A row_loss = a != A(0) ? a * c * kl : A(0);
-          if (has_target) {
-            const int64_t y = y_ptr[i];
-            if (y == ignore_index) {
-              row_loss = A(0);
-            } else if (y < 0 || y >= C) {
-              row_loss = std::numeric_limits<A>::quiet_NaN();  // invalid label: a NaN row, no OOB read
-            } else if (a != A(1)) {
-              // CE = (M_s - s_y) + log d_1: no rounding of a large logsumexp
-              row_loss += (A(1) - a) * ((st[kMs] - static_cast<A>(s[y])) + st[kLogD1]);
-            }
-          }
-          loss_ptr[i] = row_loss;
+          loss_ptr[i] = kd_row_loss(kl, st, s, C, a, c, has_target ? y_ptr[i] : int64_t(-1), has_target,
+                                    ignore_index);
         });
       });
     });
@@ -371,7 +385,55 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(AUGKD_KD_LOSS_BWD_PARAMS) {
   return {grad_s, grad_t};
 }
 
+// kd_loss_fwd and kd_loss_bwd of teacher logits in one sweep over the rows, the gradients written over the logits
+// (csrc/schemas.cpp). Each row's backward follows its forward while the row is still in cache, so the logits
+// are read from memory once, and no gradient buffer is allocated. The same row functions as the two ops: the
+// losses and gradients are theirs bit for bit.
+at::Tensor kd_loss_grad_cpu(AUGKD_KD_LOSS_GRAD_PARAMS) {
+  checks::check_kd_loss_grad(student, teacher, target, grad_loss, temperature, alpha);
+  const int64_t B = student.size(0), C = student.size(1);
+  at::Tensor loss = row_output(student, {B});
+  const bool has_target = checks::present(target);
+  const int64_t* y_ptr = checks::data_or_null<int64_t>(target);
+  // before any write: a bad label must not leave half-overwritten logits behind
+  checks::check_labels("kd_loss", target, C, ignore_index);
+  const bool lse1_separate = has_target && temperature != 1.0;
+  const bool p1_separate = lse1_separate && alpha != 1.0 && student_grad;
+
+  AUGKD_CPU_DISPATCH(student, "kd_loss_grad_cpu", {
+    scalar_t* s_ptr = student.mutable_data_ptr<scalar_t>();
+    scalar_t* t_ptr = teacher.mutable_data_ptr<scalar_t>();
+    const A* g_ptr = grad_loss.const_data_ptr<A>();
+    A* loss_ptr = loss.mutable_data_ptr<A>();
+    const KdParams<A> prm{static_cast<A>(1.0 / temperature), static_cast<A>(alpha),
+                          static_cast<A>(t2_scale ? temperature * temperature : 1.0), ignore_index, has_target};
+    with_bool(lse1_separate, [&](auto lse1) {
+      with_bool(student_grad, [&](auto sg) {
+        with_bool(teacher_grad, [&](auto tg) {
+          with_bool(p1_separate, [&](auto p1) {
+            constexpr bool LSE1 = decltype(lse1)::value, SG = decltype(sg)::value, TG = decltype(tg)::value;
+            [[maybe_unused]] constexpr bool P1 = decltype(p1)::value;
+            for_each_row(B, C, [&](int64_t i) {
+              scalar_t* s = s_ptr + i * C;
+              scalar_t* t = t_ptr + i * C;
+              const int64_t y = has_target ? y_ptr[i] : int64_t(-1);
+              A st[kNumStats];
+              const A kl = kd_fwd_row<scalar_t, false, LSE1>(s, t, C, prm.inv_t, st);
+              loss_ptr[i] = kd_row_loss(kl, st, s, C, prm.alpha, prm.c, y, has_target, ignore_index);
+              if constexpr (SG || TG) kd_bwd_row<scalar_t, false, SG, TG, P1>(s, t, s, t, C, prm, g_ptr[i], A(0), st, y);
+            });
+          });
+        });
+      });
+    });
+  });
+  return loss;
+}
+
 }  // namespace
 }  // namespace augkd::cpu
 
-TORCH_LIBRARY_IMPL(augkd, CPU, m) { AUGKD_IMPL_FWD_BWD(m, kd_loss, cpu); }
+TORCH_LIBRARY_IMPL(augkd, CPU, m) {
+  AUGKD_IMPL_FWD_BWD(m, kd_loss, cpu);
+  m.impl("kd_loss_grad_", &augkd::cpu::kd_loss_grad_cpu);
+}

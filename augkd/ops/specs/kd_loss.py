@@ -59,3 +59,10 @@ SPEC = OpSpec(
     fake_fwd=fake_fwd, fake_bwd=fake_bwd, setup_context=setup_context, backward_for=backward_for,
     samples=samples,
 )
+
+# kd_loss_fwd then kd_loss_bwd of teacher logits in one sweep, each gradient written over the logits it belongs to
+# (csrc/schemas.cpp): the row chunks of fused_linear_kd_loss. Not differentiable and implemented by the C++ CPU
+# backend only; where it is absent the chunks run the two ops above.
+GRAD_IN_PLACE_SCHEMA = ("(Tensor(a!) student, Tensor(b!) teacher, Tensor? target, Tensor grad_loss, float temperature, "
+                        "float alpha, int ignore_index, bool t2_scale, bool student_grad, bool teacher_grad) "
+                        "-> Tensor loss")
