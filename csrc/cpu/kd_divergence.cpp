@@ -28,6 +28,32 @@
 namespace augkd::cpu {
 namespace {
 
+// expm1 of z in [-0.35, 0] by its Taylor series to z^9 (truncation < 1e-10 relative).
+inline Vec<float> expm1_series(const Vec<float>& z) {
+  using V = Vec<float>;
+  V p(1.f / 362880.f);
+  p = at::vec::fmadd(p, z, V(1.f / 40320.f));
+  p = at::vec::fmadd(p, z, V(1.f / 5040.f));
+  p = at::vec::fmadd(p, z, V(1.f / 720.f));
+  p = at::vec::fmadd(p, z, V(1.f / 120.f));
+  p = at::vec::fmadd(p, z, V(1.f / 24.f));
+  p = at::vec::fmadd(p, z, V(1.f / 6.f));
+  p = at::vec::fmadd(p, z, V(0.5f));
+  p = at::vec::fmadd(p, z, V(1.f));
+  return z * p;
+}
+
+// expm1 of x <= 0 (every argument here: distances to a maximum, -|rho|), fp32: the series for x > -0.35,
+// exp(x) - 1 below (no cancellation there: |e^x - 1| > 0.29); NaN stays NaN, -inf gives -1. A few times
+// cheaper than Sleef's expm1. fp64: Sleef's.
+inline Vec<float> vexpm1_nonpos(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V small = x > V(-0.35f);
+  return V::blendv(vexp(x) - V(1.f), expm1_series(V::blendv(V(0.f), x, small)), small);
+}
+inline Vec<double> vexpm1_nonpos(const Vec<double>& x) {
+  return x.expm1();
+}
 inline Vec<float> vexpm1_small(const Vec<float>& x) {
   return expm1_series(x);
 }

@@ -103,7 +103,7 @@ inline acc_t<scalar_t> kd_refine_row(const scalar_t* __restrict s, const scalar_
     const V pt = vexp(a - v_ldt);
     const V both = ps + pt;  // == 0: the class is absent from both distributions
     const V rho = (a - b) - v_lh;
-    const V e = vexpm1_nonpos(-rho.abs());
+    const V e = (-rho.abs()).expm1();
     V t0 = V::blendv(-pt * e, ps * e, rho <= v_zero);  // p_t - p_s
     t0 = zero_where_eq(t0, both, v_zero);
     const V big = ps + zero_where_eq(pt * (rho - v_one), pt, v_zero);
@@ -252,7 +252,7 @@ inline void kd_bwd_row(const scalar_t* s, const scalar_t* t, scalar_t* gs, scala
     if (SG && student && (y >= 0 || !prm.has_target) && (y < C || !prm.has_target)) {
       V r = v_zero;
       if (kl_term) {
-        const V e = vexpm1_nonpos(-rho.abs());
+        const V e = (-rho.abs()).expm1();
         V diff = V::blendv(pt * e, -ps * e, rho <= v_zero);  // p_s - p_t
         diff = zero_where_eq(diff, ps + pt, v_zero);          // absent from both: 0, not expm1(NaN)
         r = v_ks * diff;
