@@ -88,6 +88,11 @@ def _run_compare(user, methods, seeds, out, *, quiet, resume, teacher_per_seed, 
     if processes > 1 and "threads" not in user:
         # Each process gets its share of the cores (torch's intra-op threads).
         user = dict(user, threads=max(1, (os.cpu_count() or 1) // processes))
+    if processes > 1:
+        # The jobs already share the cores: a side thread per job would oversubscribe them.
+        from .method.side_thread import SIDE_THREAD_ENV
+
+        os.environ.setdefault(SIDE_THREAD_ENV, "0")
     first = order[:1] if not teacher_per_seed and not shared_teacher else []
     if first:
         # --shared-teacher: the first run trains the teacher; every later run loads that file, so it

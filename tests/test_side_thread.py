@@ -71,17 +71,28 @@ def test_encoder_worker_only_where_it_can_help(tmp_path, monkeypatch):
     cfg = build_config(SMALL)
     ctx = prepare(cfg, str(tmp_path / "run"), quiet=True)
     try:
-        monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
-        monkeypatch.delenv(side_thread.SIDE_THREAD_ENV, raising=False)
-        assert side_thread.side_worker(ctx, "df-encoder") is None  # off by default
-        monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "1")
-        monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 1)
-        assert side_thread.side_worker(ctx, "df-encoder") is None  # no core to spare
-        monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
-        worker = side_thread.side_worker(ctx, "df-encoder")
-        assert worker is not None
-        assert worker.submit(torch.get_num_threads).result() == torch.get_num_threads()
-        worker.shutdown()
+        threads = torch.get_num_threads()
+
+        def worker_with(cores: int, setting: str | None) -> bool:
+            monkeypatch.setattr(side_thread.os, "cpu_count", lambda: cores)
+            if setting is None:
+                monkeypatch.delenv(side_thread.SIDE_THREAD_ENV, raising=False)
+            else:
+                monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, setting)
+            worker = side_thread.side_worker(ctx, "df-encoder")
+            if worker is None:
+                return False
+            assert worker.submit(torch.get_num_threads).result() == threads  # the run's thread count
+            worker.shutdown()
+            return True
+
+        # unset: on where the intra-op threads leave as many cores idle as they use
+        assert worker_with(2 * threads, None) and not worker_with(2 * threads - 1, None)
+        # 1: wherever one core is left; 0: never
+        assert worker_with(threads + 1, "1") and not worker_with(threads, "1")
+        assert not worker_with(64 * threads, "0")
+        with pytest.raises(ValueError, match="AUGKD_SIDE_THREAD"):
+            worker_with(4 * threads, "yes")
     finally:
         finish(ctx)
 
