@@ -17,18 +17,24 @@ SMALL = {
 }
 
 
-def _run(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
+def _start(tmp_path, name: str, serial: bool, monkeypatch, overrides=None):
+    """A prepared run and its four networks (seeded), with the worker forced on or off."""
     monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "0" if serial else "1")
     monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)  # a core to spare, whatever runs the test
-    cfg = build_config(SMALL)
+    cfg = build_config({**SMALL, **(overrides or {})})
     ctx = prepare(cfg, str(tmp_path / name), quiet=True)
+    shape, k, latent = tuple(ctx.data.image_shape), ctx.data.num_classes, cfg.df.latent_size
+    torch.manual_seed(0)
+    T = ctx.place(models.build_classifier(cfg.teacher.arch, k, shape[0], shape[1]))
+    G = ctx.place(models.Generator(latent, shape, cfg.df.generator_hidden))
+    E = ctx.place(models.Encoder(shape, k, latent, cfg.df.encoder_hidden))
+    S = ctx.place(models.build_classifier(cfg.student.arch, k, shape[0], shape[1]))
+    return cfg, ctx, (T, G, E, S)
+
+
+def _run(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
+    cfg, ctx, (T, G, E, S) = _start(tmp_path, name, serial, monkeypatch)
     try:
-        shape, k, latent = tuple(ctx.data.image_shape), ctx.data.num_classes, cfg.df.latent_size
-        torch.manual_seed(0)
-        T = ctx.place(models.build_classifier(cfg.teacher.arch, k, shape[0], shape[1]))
-        G = ctx.place(models.Generator(latent, shape, cfg.df.generator_hidden))
-        E = ctx.place(models.Encoder(shape, k, latent, cfg.df.encoder_hidden))
-        S = ctx.place(models.build_classifier(cfg.student.arch, k, shape[0], shape[1]))
         E.register_forward_pre_hook(lambda m, a: seen.add(threading.current_thread().name))
         states = {}
         original = data_free.setup
@@ -132,18 +138,9 @@ def test_an_error_in_the_student_step_waits_for_the_encoder_step(tmp_path, monke
 
 
 def _run_mixup(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
-    monkeypatch.setenv(side_thread.SIDE_THREAD_ENV, "0" if serial else "1")
-    monkeypatch.setattr(side_thread.os, "cpu_count", lambda: 4)
-    cfg = build_config({**SMALL, "mixup.epochs": 3})
-    ctx = prepare(cfg, str(tmp_path / name), quiet=True)
+    cfg, ctx, (T, G, E, S) = _start(tmp_path, name, serial, monkeypatch, {"mixup.epochs": 3})
     try:
-        shape, k, latent = tuple(ctx.data.image_shape), ctx.data.num_classes, cfg.df.latent_size
-        torch.manual_seed(0)
-        T = ctx.place(models.build_classifier(cfg.teacher.arch, k, shape[0], shape[1]))
-        G = ctx.place(models.Generator(latent, shape, cfg.df.generator_hidden))
-        E = ctx.place(models.Encoder(shape, k, latent, cfg.df.encoder_hidden))
-        S = ctx.place(models.build_classifier(cfg.student.arch, k, shape[0], shape[1]))
-        A = models.AnchorNet(latent, k, mask=cfg.anchor.mask)
+        A = models.AnchorNet(cfg.df.latent_size, ctx.data.num_classes, mask=cfg.anchor.mask)
         T.register_forward_pre_hook(lambda m, a: seen.add(threading.current_thread().name))
         result = mixup.run_mixup(ctx, T, S, G, E, A)
         history = [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
