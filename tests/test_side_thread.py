@@ -55,13 +55,20 @@ def _run(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
         finish(ctx)
 
 
-def test_encoder_worker_keeps_every_number_of_the_serial_order(tmp_path, monkeypatch):
+def _serial_and_worker(run, tmp_path, monkeypatch, thread_prefix: str):
+    """``run`` in the serial order and with the worker; the worker's thread ran a hooked forward only in the
+    second."""
     serial_threads, worker_threads = set(), set()
-    a = _run(tmp_path, "serial", True, monkeypatch, serial_threads)
-    b = _run(tmp_path, "worker", False, monkeypatch, worker_threads)
+    a = run(tmp_path, "serial", True, monkeypatch, serial_threads)
+    b = run(tmp_path, "worker", False, monkeypatch, worker_threads)
+    assert any(n.startswith(thread_prefix) for n in worker_threads)  # the training steps used it
+    assert not any(n.startswith(thread_prefix) for n in serial_threads)
+    return a, b
+
+
+def test_encoder_worker_keeps_every_number_of_the_serial_order(tmp_path, monkeypatch):
+    a, b = _serial_and_worker(_run, tmp_path, monkeypatch, "augkd-df-encoder")
     assert a[4] is None and b[4] is not None
-    assert any(n.startswith("augkd-df-encoder") for n in worker_threads)  # the training steps used it
-    assert not any(n.startswith("augkd-df-encoder") for n in serial_threads)
     for net in a[0]:
         for key, value in a[0][net].items():
             assert torch.equal(value, b[0][net][key]), (net, key)
@@ -150,11 +157,7 @@ def _run_mixup(tmp_path, name: str, serial: bool, monkeypatch, seen: set):
 
 
 def test_mixup_teacher_forward_beside_the_student_keeps_every_number(tmp_path, monkeypatch):
-    serial_threads, worker_threads = set(), set()
-    a = _run_mixup(tmp_path, "serial", True, monkeypatch, serial_threads)
-    b = _run_mixup(tmp_path, "worker", False, monkeypatch, worker_threads)
-    assert any(n.startswith("augkd-mixup-teacher") for n in worker_threads)
-    assert not any(n.startswith("augkd-mixup-teacher") for n in serial_threads)
+    a, b = _serial_and_worker(_run_mixup, tmp_path, monkeypatch, "augkd-mixup-teacher")
     for key, value in a[0].items():
         assert torch.equal(value, b[0][key]), key
     assert a[1] == b[1]
